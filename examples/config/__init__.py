@@ -1,0 +1,1 @@
+"""Packaged default configuration files (installed as ``tensorcast_ray.default_config``)."""
