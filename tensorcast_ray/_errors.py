@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 
 __all__ = [
+    "RETRYABLE_CODES",
     "AbortedError",
     "AlreadyExistsError",
     "ArtifactError",
@@ -41,7 +42,6 @@ __all__ = [
     "ResourceExhaustedError",
     "UnavailableError",
     "UnimplementedError",
-    "RETRYABLE_CODES",
     "error_for_code",
 ]
 

@@ -1,0 +1,149 @@
+"""``DaemonActor``: the Ray shell around one node's daemon.  [daemon]
+
+Created by ``tensorcast_ray.init`` or ``tensorcast-ray daemon start`` as ``daemon:<node_id>``:
+detached, pinned to its node with hard node affinity, ``max_restarts=-1``, ``num_cpus=0``.
+Ray's handle is for lifecycle and discovery only (``info``, ``status``, ``stop``); requests
+go to the gRPC server or the local socket it starts. A restart re-adopts the node's shared
+memory from the journal and takes its old gRPC port back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+from google.protobuf.json_format import MessageToDict
+from tensorcast_ray.daemon.local_store import LocalStore
+from tensorcast_ray.daemon.metrics import DaemonMetrics
+from tensorcast_ray.daemon.server import DaemonServer, default_socket_dir
+from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
+
+from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor
+from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._local_channel import METHODS
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+from tensorcast_ray._shm import segment_prefix
+from tensorcast_ray._version import __version__
+
+logger = logging.getLogger("tensorcast_ray.daemon")
+
+
+class DaemonActor:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        namespace: str,
+        global_store_mode: str = "none",
+        global_store_address: str | None = None,
+        show_logs: bool = False,
+        version_override: str | None = None,
+    ) -> None:
+        self.config = DaemonConfig.model_validate(config)
+        logging.basicConfig(level=self.config.log_level if show_logs else "WARNING")
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.namespace = namespace
+        self.prefix = segment_prefix(namespace, self.node_id)
+        self.global_store_mode = global_store_mode
+        self._gs_address = global_store_address or ""
+        self._gs_version = ""
+        self._gs_handle: Any = None
+        metrics = DaemonMetrics(
+            version=version_override or __version__,
+            node_id=self.node_id,
+            tiers=["stable_dram"],
+            rpc_methods=[*METHODS, "Session"],
+        )
+        self.store = LocalStore(self.config, prefix=self.prefix, metrics=metrics)
+        identity = DaemonIdentity(self.node_id, namespace, version=version_override or __version__)
+        self.service = DaemonService(identity, self.store, metrics, self._global_store_info)
+        socket_dir = self.config.socket_dir or default_socket_dir()
+        socket_path = None
+        if self.config.local_socket:
+            os.makedirs(socket_dir, mode=0o700, exist_ok=True)
+            socket_path = os.path.join(socket_dir, f"{self.prefix}sock")
+        self._port_file = os.path.join(self.config.shm_dir, f"{self.prefix}port")
+        self.server = DaemonServer(self.service, self.config, socket_path)
+        self.server.start(preferred_port=self._read_port())
+        self._write_port()
+        self._connect_global_store()
+        logger.info("daemon %s serving at %s", self.node_id, self.service.address)
+
+    def _read_port(self) -> int | None:
+        try:
+            with open(self._port_file) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _write_port(self) -> None:
+        fd = os.open(self._port_file, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(str(self.server.port))
+
+    def _connect_global_store(self) -> None:
+        if self.global_store_mode == "none":
+            return
+        handle = get_actor(GLOBAL_STORE_NAME, self.namespace)
+        if handle is None:
+            logger.warning("Global Store not found in namespace %s", self.namespace)
+            return
+        self._gs_handle = handle
+        try:
+            info = ray.get(
+                handle.register_daemon.remote(
+                    {
+                        "node_id": self.node_id,
+                        "address": self.service.address,
+                        "version": self.service.identity.version,
+                        "instance_id": self.service.identity.instance_id,
+                    }
+                ),
+                timeout=self.config.global_store_timeout_s,
+            )
+            self._gs_address = info["address"]
+            self._gs_version = info["version"]
+        except Exception:
+            logger.exception("could not register with the Global Store")
+
+    def _global_store_info(self) -> tuple[str, str]:
+        return self._gs_address, self._gs_version
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "namespace": self.namespace,
+            "address": self.service.address,
+            "metrics_address": self.service.metrics_address,
+            "local_socket": self.service.local_socket,
+            "version": self.service.identity.version,
+            "instance_id": self.service.identity.instance_id,
+            "pid": os.getpid(),
+            "global_store_address": self._gs_address,
+            "global_store_version": self._gs_version,
+            "shm_dir": self.config.shm_dir,
+            "segment_prefix": self.prefix,
+        }
+
+    @ray.method(concurrency_group="control")
+    def status(self) -> dict[str, Any]:
+        response = self.service.rpc_Status(daemon_pb2.StatusRequest(), "")
+        return MessageToDict(
+            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+
+    @ray.method(concurrency_group="control")
+    def stop(self) -> None:
+        """A clean stop: close endpoints and free every segment of this node's daemon."""
+        self.server.stop()
+        self.store.close(unlink=True)
+        for path in (
+            self._port_file,
+            os.path.join(self.config.shm_dir, f"{self.prefix}journal.json"),
+        ):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

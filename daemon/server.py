@@ -1,0 +1,217 @@
+"""The daemon's endpoints: gRPC, the local unix socket, and Prometheus /metrics.  [daemon]
+
+The gRPC server is a ``grpc.aio`` server on an event loop of its own thread, so held-open
+``Session`` streams (one per SDK process) cost no thread each. Unary handlers run the
+synchronous :class:`DaemonService` in a small thread pool: a slow segment allocation never
+blocks a health check. The local socket serves the same handlers to same-node processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from tensorcast_ray.daemon.service import DaemonService
+
+from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._error_mapping import abort_with, map_exception
+from tensorcast_ray._errors import ArtifactError, UnavailableError
+from tensorcast_ray._local_channel import METHODS, LocalChannelServer
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "tensorcast_ray.v1.StoreDaemon"
+
+
+def bind_error(what: str, host: str, port: int, exc: BaseException) -> UnavailableError:
+    return UnavailableError(
+        f"cannot bind the {what} to {host}:{port}: {exc}; pick another port in the config "
+        "or PortConfig (0 = any free port)",
+        retryable=False,
+    )
+
+
+class AioServerThread:
+    """[daemon, Global Store] A grpc.aio server running on its own event-loop thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self.server: grpc.aio.Server | None = None
+
+    def start(self, handlers: list[grpc.GenericRpcHandler], host: str, port: int) -> int:
+        async def _start() -> int:
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            server.add_generic_rpc_handlers(handlers)
+            bound = server.add_insecure_port(f"{host}:{port}")
+            await server.start()
+            self.server = server
+            return bound
+
+        try:
+            return asyncio.run_coroutine_threadsafe(_start(), self.loop).result(timeout=30)
+        except Exception as exc:
+            raise bind_error("gRPC server", host, port, exc) from exc
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            server = self.server
+            asyncio.run_coroutine_threadsafe(server.stop(grace), self.loop).result(
+                timeout=grace + 10
+            )
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def unary_handlers(
+    service_name: str,
+    methods: dict[str, tuple[int, type, type]],
+    call: Callable[[str, Any], Any],
+    executor: concurrent.futures.Executor,
+) -> grpc.GenericRpcHandler:
+    """gRPC handlers that run ``call(method, request)`` in ``executor``; errors become statuses."""
+
+    def make(name: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]:
+        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(executor, call, name, request)
+            except ArtifactError as err:
+                await abort_with(context, err)
+            except Exception as exc:
+                logger.exception("%s failed", name)
+                await abort_with(context, map_exception(exc, context=name))
+
+        return handler
+
+    return grpc.method_handlers_generic_handler(
+        service_name,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                make(name),
+                request_deserializer=req.FromString,
+                response_serializer=resp.SerializeToString,
+            )
+            for name, (_, req, resp) in methods.items()
+        },
+    )
+
+
+class DaemonServer:
+    """[daemon] Owns the endpoints and the periodic tick of one daemon."""
+
+    def __init__(
+        self, service: DaemonService, config: DaemonConfig, socket_path: str | None
+    ) -> None:
+        self.service = service
+        self.config = config
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            16, thread_name_prefix="tc-daemon-rpc"
+        )
+        self._aio = AioServerThread("tc-daemon-grpc")
+        self._local: LocalChannelServer | None = None
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="tc-daemon-tick", daemon=True)
+        self.port = 0
+        self.metrics_port = 0
+        self._socket_path = socket_path
+
+    def start(self, preferred_port: int | None = None) -> None:
+        cfg = self.config
+        handlers = [
+            unary_handlers(
+                SERVICE_NAME,
+                METHODS,
+                lambda name, req: self.service.handle(name, req, ""),
+                self._executor,
+            ),
+            grpc.method_handlers_generic_handler(
+                SERVICE_NAME,
+                {
+                    "Session": grpc.unary_stream_rpc_method_handler(
+                        self._session,
+                        request_deserializer=daemon_pb2.SessionRequest.FromString,
+                        response_serializer=daemon_pb2.SessionEvent.SerializeToString,
+                    )
+                },
+            ),
+        ]
+        port = cfg.listen_port
+        if port == 0 and preferred_port:
+            # A restarted daemon takes its old port back so address= clients reconnect.
+            try:
+                self.port = self._aio.start(handlers, cfg.listen_host, preferred_port)
+            except UnavailableError:
+                self._aio.stop()
+                self._aio = AioServerThread("tc-daemon-grpc")
+                self.port = self._aio.start(handlers, cfg.listen_host, 0)
+        else:
+            self.port = self._aio.start(handlers, cfg.listen_host, port)
+        self.service.address = f"{_host_for_clients(cfg.listen_host)}:{self.port}"
+        try:
+            self.metrics_port = self.service.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+        except OSError as exc:
+            self._aio.stop()
+            raise bind_error("metrics endpoint", cfg.metrics_host, cfg.metrics_port, exc) from exc
+        self.service.metrics_address = f"{_host_for_clients(cfg.metrics_host)}:{self.metrics_port}"
+        if self._socket_path:
+            self._local = LocalChannelServer(
+                self._socket_path,
+                self.service.handle,
+                on_connect=lambda sid: self.service.open_session(sid, "local"),
+                on_disconnect=self.service.close_session,
+            )
+            self.service.local_socket = self._socket_path
+        self._ticker.start()
+
+    async def _session(
+        self, request: daemon_pb2.SessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[daemon_pb2.SessionEvent]:
+        session_id = "grpc-" + uuid.uuid4().hex[:12]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.service.open_session, session_id, "grpc")
+        await loop.run_in_executor(
+            self._executor, self.service.describe_session, session_id, request
+        )
+        try:
+            yield daemon_pb2.SessionEvent(session_id=session_id)
+            await asyncio.Event().wait()  # held until the client goes away or we stop
+        finally:
+            # Runs on cancellation too: the client's process exited or closed the channel.
+            self._executor.submit(self.service.close_session, session_id)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                self.service.store.tick()
+            except Exception:
+                logger.exception("daemon tick failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._local is not None:
+            self._local.close()
+        self._aio.stop()
+        self.service.metrics.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _host_for_clients(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+
+        return socket.gethostbyname(socket.gethostname())
+    return host
+
+
+def default_socket_dir() -> str:
+    return f"/tmp/tcr-{os.getuid()}"

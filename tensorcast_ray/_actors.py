@@ -1,0 +1,162 @@
+"""Names, creation options and lookups of tensorcast_ray's Ray actors.  [SDK, CLI]
+
+All actors live in one Ray namespace (default ``tensorcast_ray``): daemons are named
+``daemon:<node_id>``, the Global Store ``global_store``. ``auto`` creation uses
+``get_if_exists=True`` so concurrent callers converge on one actor per name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tensorcast_ray._error_mapping import map_exception
+from tensorcast_ray._errors import ArtifactError, FailedPreconditionError, UnavailableError
+
+DEFAULT_NAMESPACE = "tensorcast_ray"
+GLOBAL_STORE_NAME = "global_store"
+ACTOR_READY_TIMEOUT_S = 120.0
+
+
+def daemon_name(node_id: str) -> str:
+    return f"daemon:{node_id}"
+
+
+def get_actor(name: str, namespace: str) -> Any | None:
+    import ray
+
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def call(handle: Any, method: str, *args: Any, timeout: float = ACTOR_READY_TIMEOUT_S) -> Any:
+    """``ray.get`` of one actor call with a deadline; Ray errors mapped to ours."""
+    import ray
+
+    try:
+        return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise map_exception(exc, context=f"actor call {method}") from exc
+
+
+def create_daemon(
+    node_id: str,
+    namespace: str,
+    config: dict[str, Any],
+    *,
+    detached: bool,
+    get_if_exists: bool,
+    global_store_mode: str,
+    global_store_address: str | None,
+    show_logs: bool = False,
+    version_override: str | None = None,
+) -> Any:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tensorcast_ray.daemon.actor import DaemonActor
+
+    options: dict[str, Any] = {
+        "name": daemon_name(node_id),
+        "namespace": namespace,
+        "get_if_exists": get_if_exists,
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "num_cpus": 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    try:
+        return (
+            ray.remote(concurrency_groups={"control": 4})(DaemonActor)
+            .options(**options)
+            .remote(
+                config,
+                namespace,
+                global_store_mode,
+                global_store_address,
+                show_logs,
+                version_override,
+            )
+        )
+    except ValueError as exc:
+        if not _name_taken(exc):
+            raise
+        raise FailedPreconditionError(
+            f"a tensorcast daemon already runs on node {node_id} in namespace {namespace!r}; "
+            "use mode='connect' or mode='auto', or stop it with `tensorcast-ray daemon stop`"
+        ) from exc
+
+
+def create_global_store(
+    namespace: str,
+    config: dict[str, Any],
+    *,
+    detached: bool,
+    get_if_exists: bool,
+    version_override: str | None = None,
+) -> Any:
+    import ray
+
+    from tensorcast_ray.global_store.actor import GlobalStoreActor
+
+    options: dict[str, Any] = {
+        "name": GLOBAL_STORE_NAME,
+        "namespace": namespace,
+        "get_if_exists": get_if_exists,
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "num_cpus": 0,
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    try:
+        return (
+            ray.remote(concurrency_groups={"control": 4})(GlobalStoreActor)
+            .options(**options)
+            .remote(config, namespace, version_override)
+        )
+    except ValueError as exc:
+        if not _name_taken(exc):
+            raise
+        raise FailedPreconditionError(
+            f"a Global Store already runs in namespace {namespace!r}; use "
+            "global_store_mode='connect', or stop it with `tensorcast-ray global stop`"
+        ) from exc
+
+
+def _name_taken(exc: ValueError) -> bool:
+    return "already taken" in str(exc)
+
+
+def kill(handle: Any, *, graceful: bool = True, timeout: float = 30.0) -> None:
+    """Stop an actor for good: a clean ``stop()`` (frees shared memory), then ``ray.kill``."""
+    import ray
+
+    if graceful:
+        try:
+            ray.get(handle.stop.remote(), timeout=timeout)
+        except Exception:  # already dead or unreachable: ray.kill below still applies
+            pass
+    try:
+        ray.kill(handle, no_restart=True)
+    except Exception as exc:
+        raise UnavailableError(f"could not kill actor: {exc}") from exc
+
+
+def list_actors(namespace: str, prefix: str = "") -> list[dict[str, Any]]:
+    """Alive named actors of ``namespace`` (needs the Ray state API of ray[default])."""
+    from ray.util.state import list_actors as state_list_actors
+
+    actors = state_list_actors(
+        filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False
+    )
+    return [
+        {"name": a.name, "node_id": a.node_id, "pid": a.pid, "class_name": a.class_name}
+        for a in actors
+        if a.ray_namespace == namespace and a.name and a.name.startswith(prefix)
+    ]

@@ -1,0 +1,349 @@
+"""``tensorcast_ray.init`` and ``shutdown``: find or start the node's daemon.  [SDK]
+
+Modes:
+
+- ``auto``: find this node's daemon actor, creating it if missing (detached, hard node
+  affinity, ``max_restarts=-1``, ``num_cpus=0``, ``get_if_exists=True``), so any number of
+  processes calling ``init()`` at once converge on one daemon per node — and, with
+  ``global_store_mode=None``, on one Global Store per cluster.
+- ``connect``: only attach — to ``address`` over gRPC from any process, Ray or not, or to
+  this node's daemon actor. Nothing reachable → UNAVAILABLE saying how to start one.
+- ``create``: start a daemon owned by this job (gone with the job or at ``shutdown()``);
+  one already running here → FAILED_PRECONDITION.
+
+One daemon endpoint per process: a second ``init`` for another address fails; ``init``
+in a forked child starts afresh and never touches the parent's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from tensorcast_ray import _actors
+from tensorcast_ray._client import DaemonClient, versions_compatible
+from tensorcast_ray._config import (
+    EnvSettings,
+    PortConfig,
+    from_env,
+    load_daemon_config,
+    load_global_store_config,
+)
+from tensorcast_ray._errors import (
+    ArtifactError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from tensorcast_ray._version import __version__
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "connect", "create")
+GLOBAL_STORE_MODES = (None, "none", "connect", "start")
+
+
+@dataclass(frozen=True)
+class Versions:
+    sdk: str
+    daemon: str
+    global_store: str | None
+
+
+@dataclass(frozen=True)
+class InitContext:
+    """What ``init`` connected to."""
+
+    node_id: str
+    namespace: str
+    mode: str
+    daemon_address: str
+    global_store_address: str | None
+    versions: Versions
+    transport: str
+    metrics_address: str | None = None
+
+
+@dataclass
+class _State:
+    pid: int
+    ctx: InitContext
+    client: DaemonClient
+    started_ray: bool = False
+    owned_daemon: Any = None
+    owned_global_store: Any = None
+
+
+_lock = threading.Lock()
+_state: _State | None = None
+
+
+def current() -> _State:
+    """The initialized state of this process, or FAILED_PRECONDITION."""
+    state = _state
+    if state is None or state.pid != os.getpid():
+        raise FailedPreconditionError(
+            "tensorcast_ray is not initialized in this process; call tensorcast_ray.init() first"
+        )
+    return state
+
+
+def is_initialized() -> bool:
+    return _state is not None and _state.pid == os.getpid()
+
+
+def init(
+    mode: str = "auto",
+    address: str | None = None,
+    *,
+    namespace: str | None = None,
+    ray_address: str | None = None,
+    daemon_config_path: str | None = None,
+    global_store_mode: str | None = None,
+    global_store_address: str | None = None,
+    global_store_config_path: str | None = None,
+    port_config: PortConfig | None = None,
+    show_daemon_logs: bool = False,
+    metrics_port: int | None = None,
+) -> InitContext:
+    """Connect this process to its node's tensorcast daemon. See docs/startup-modes.md."""
+    global _state
+    if mode not in MODES:
+        raise InvalidArgumentError(f"mode={mode!r}; expected one of {', '.join(MODES)}")
+    if global_store_mode not in GLOBAL_STORE_MODES:
+        raise InvalidArgumentError(
+            f"global_store_mode={global_store_mode!r}; expected None, 'none', 'connect' or 'start'"
+        )
+    if port_config is not None and not isinstance(port_config, PortConfig):
+        raise InvalidArgumentError("port_config must be a tensorcast_ray.PortConfig")
+    env = from_env()
+    namespace = namespace or env.namespace or _actors.DEFAULT_NAMESPACE
+    with _lock:
+        if _state is not None and _state.pid != os.getpid():
+            _state.client.close()  # a forked child: forget the parent's connection
+            _state = None
+        if _state is not None:
+            same = address is None or address == _state.ctx.daemon_address
+            if same and namespace == _state.ctx.namespace:
+                return _state.ctx
+            raise FailedPreconditionError(
+                f"client already initialized for address {_state.ctx.daemon_address} "
+                f"(namespace {_state.ctx.namespace!r}); refusing a second client for "
+                f"{address or namespace!r}: use one daemon endpoint per process, or call "
+                "tensorcast_ray.shutdown() first"
+            )
+        if mode == "connect" and address is not None:
+            state = _connect_address(address, namespace)
+        else:
+            state = _init_with_ray(
+                mode,
+                namespace,
+                env.with_overrides(ray_address=ray_address),
+                daemon_config_path,
+                global_store_mode,
+                global_store_address,
+                global_store_config_path,
+                port_config or PortConfig(),
+                show_daemon_logs,
+            )
+        if metrics_port is not None:
+            from tensorcast_ray._metrics import get_sdk_metrics
+
+            bound = get_sdk_metrics().serve(metrics_port)
+            state.ctx = _replace_ctx(state.ctx, metrics_address=f"127.0.0.1:{bound}")
+        _state = state
+        logger.info("tensorcast_ray initialized: %s", state.ctx)
+        return state.ctx
+
+
+def _replace_ctx(ctx: InitContext, **kwargs: Any) -> InitContext:
+    from dataclasses import replace
+
+    return replace(ctx, **kwargs)
+
+
+def _context(client: DaemonClient, mode: str, namespace: str) -> InitContext:
+    hello = client.hello
+    assert hello is not None
+    return InitContext(
+        node_id=hello.node_id,
+        namespace=hello.namespace or namespace,
+        mode=mode,
+        daemon_address=client.address,
+        global_store_address=hello.global_store_address or None,
+        versions=Versions(
+            sdk=__version__,
+            daemon=hello.versions.daemon,
+            global_store=hello.versions.global_store or None,
+        ),
+        transport=client.transport,
+    )
+
+
+def _connect_address(address: str, namespace: str) -> _State:
+    try:
+        client = DaemonClient(address)
+    except UnavailableError as exc:
+        raise UnavailableError(
+            f"no tensorcast daemon answers at {address}: {exc.message}. Start one with "
+            "`tensorcast-ray daemon start` (inside the Ray cluster) or tensorcast_ray.init("
+            "mode='auto') in a Ray job, then pass its address (see `tensorcast-ray daemon status`)"
+        ) from exc
+    return _State(os.getpid(), _context(client, "connect", namespace), client)
+
+
+def _ensure_ray(env: EnvSettings) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=env.ray_address, log_to_driver=True, configure_logging=False)
+    return True
+
+
+def _init_with_ray(
+    mode: str,
+    namespace: str,
+    env: EnvSettings,
+    daemon_config_path: str | None,
+    gs_mode: str | None,
+    gs_address: str | None,
+    gs_config_path: str | None,
+    ports: PortConfig,
+    show_logs: bool,
+) -> _State:
+    import ray
+
+    started_ray = _ensure_ray(env)
+    state: _State | None = None
+    owned_gs = None
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        name = _actors.daemon_name(node_id)
+        if mode == "connect":
+            handle = _actors.get_actor(name, namespace)
+            if handle is None:
+                raise UnavailableError(
+                    f"no tensorcast daemon runs on node {node_id} in namespace {namespace!r}; "
+                    "start one with `tensorcast-ray daemon start`, or use init(mode='auto')"
+                )
+            owned = None
+        else:
+            daemon_cfg = ports.apply_daemon(load_daemon_config(daemon_config_path, env))
+            effective_gs = gs_mode or ("connect" if gs_address else None)
+            gs_handle, owned_gs = _global_store(
+                mode, namespace, effective_gs, gs_config_path, env, ports
+            )
+            daemon_gs_mode = "none" if effective_gs == "none" or gs_handle is None else "connect"
+            if mode == "create" and _actors.get_actor(name, namespace) is not None:
+                raise FailedPreconditionError(
+                    f"a tensorcast daemon already runs on node {node_id} in namespace "
+                    f"{namespace!r}; use mode='connect' or 'auto', or stop it first "
+                    "(`tensorcast-ray daemon stop`)"
+                )
+            handle = _actors.create_daemon(
+                node_id,
+                namespace,
+                daemon_cfg.model_dump(mode="json"),
+                detached=mode == "auto",
+                get_if_exists=mode == "auto",
+                global_store_mode=daemon_gs_mode,
+                global_store_address=gs_address,
+                show_logs=show_logs,
+            )
+            owned = handle if mode == "create" else None
+        info = _actors.call(handle, "info")
+
+        def resolve() -> str:
+            return str(_actors.call(handle, "info")["address"])
+
+        client = DaemonClient(info["address"], resolve_address=resolve)
+        ctx = _context(client, mode, namespace)
+        state = _State(os.getpid(), ctx, client, started_ray, owned, owned_gs)
+        return state
+    except BaseException:
+        if state is None:
+            if owned_gs is not None:
+                _actors.kill(owned_gs)
+            if started_ray:
+                ray.shutdown()
+        raise
+
+
+def _global_store(
+    mode: str,
+    namespace: str,
+    gs_mode: str | None,
+    config_path: str | None,
+    env: EnvSettings,
+    ports: PortConfig,
+) -> tuple[Any, Any]:
+    """(handle or None, handle we own or None) for the requested Global Store mode."""
+    if gs_mode == "none":
+        return None, None
+    existing = _actors.get_actor(_actors.GLOBAL_STORE_NAME, namespace)
+    if gs_mode == "connect":
+        if existing is None:
+            raise FailedPreconditionError(
+                f"global_store_mode='connect' but no Global Store runs in namespace "
+                f"{namespace!r}; start one with `tensorcast-ray global start` or use "
+                "global_store_mode='start'"
+            )
+        _check_gs_version(existing)
+        return existing, None
+    if gs_mode == "start" and existing is not None:
+        raise FailedPreconditionError(
+            f"global_store_mode='start' but a Global Store already runs in namespace "
+            f"{namespace!r}; use global_store_mode='connect', or stop it with "
+            "`tensorcast-ray global stop`"
+        )
+    if existing is not None:  # None: converge on the one that exists
+        _check_gs_version(existing)
+        return existing, None
+    cfg = ports.apply_global_store(load_global_store_config(config_path, env))
+    handle = _actors.create_global_store(
+        namespace,
+        cfg.model_dump(mode="json"),
+        detached=mode == "auto",
+        get_if_exists=gs_mode is None and mode == "auto",
+    )
+    _actors.call(handle, "info")
+    return handle, handle if mode == "create" else None
+
+
+def _check_gs_version(handle: Any) -> None:
+    info = _actors.call(handle, "info")
+    if not versions_compatible(__version__, info["version"]):
+        raise FailedPreconditionError(
+            f"incompatible tensorcast_ray versions: SDK {__version__}, daemon ?, Global Store "
+            f"{info['version']}; install the same tensorcast_ray version everywhere"
+        )
+
+
+def shutdown() -> None:
+    """Disconnect; stop what this process's ``init(mode="create")`` started, and Ray if init
+    started it. Safe to call twice, and in a forked child (it then only forgets)."""
+    global _state
+    with _lock:
+        state, _state = _state, None
+    if state is None:
+        return
+    if state.pid != os.getpid():
+        return
+    errors: list[ArtifactError] = []
+    state.client.close()
+    for handle in (state.owned_daemon, state.owned_global_store):
+        if handle is not None:
+            try:
+                _actors.kill(handle)
+            except ArtifactError as exc:
+                errors.append(exc)
+    if state.started_ray:
+        import ray
+
+        ray.shutdown()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,103 @@
+"""The node's artifact validity table in shared memory.  [daemon writes, SDK reads]
+
+Each live artifact owns one 8-byte slot holding its generation (a number never reused on
+this node). Delete, eviction and lease end zero the slot before the verb returns, so an
+SDK process that cached an artifact's layout checks one integer — no RPC — to know the
+artifact is still the one it mapped. That keeps a same-node ``get`` of a known version at
+metadata cost while a deleted version still answers NOT_FOUND to new readers at once.
+
+Walk-through: [daemon] ``commit`` → ``alloc()`` gives ``(slot, gen)`` and writes ``gen``
+into the slot; [SDK] ``get`` of a cached artifact → ``EpochReader.valid(slot, gen)``;
+[daemon] ``delete`` → ``free(slot)`` writes 0; the SDK's next check fails and it asks the
+daemon, which answers NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from tensorcast_ray._errors import ResourceExhaustedError
+
+__all__ = ["EpochReader", "EpochTable"]
+
+_SLOT = 8
+
+
+class EpochTable:
+    """[daemon] Owner of the table. Not thread-safe: the daemon's store lock guards it."""
+
+    def __init__(self, shm_dir: str, name: str, slots: int, *, adopt: bool = False) -> None:
+        self.shm_dir, self.name, self.slots = shm_dir, name, slots
+        path = os.path.join(shm_dir, name)
+        size = slots * _SLOT
+        if adopt and os.path.exists(path) and os.path.getsize(path) == size:
+            fd = os.open(path, os.O_RDWR)
+        else:
+            if os.path.exists(path):
+                os.unlink(path)
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+        try:
+            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map).cast("Q")
+        live = [i for i in range(slots) if self._view[i]]
+        self._next_gen = max((self._view[i] for i in live), default=0) + 1
+        self._free = [i for i in range(slots - 1, -1, -1) if not self._view[i]]
+
+    def alloc(self) -> tuple[int, int]:
+        if not self._free:
+            raise ResourceExhaustedError(
+                f"this daemon holds {self.slots} live artifacts, its limit; delete some or raise "
+                "epoch_slots in the daemon config"
+            )
+        slot, gen = self._free.pop(), self._next_gen
+        self._next_gen += 1
+        self._view[slot] = gen
+        return slot, gen
+
+    def restore(self, slot: int, gen: int) -> bool:
+        """Re-claim a slot recorded by a previous daemon instance (restart recovery)."""
+        if 0 <= slot < self.slots and self._view[slot] == gen and slot in self._free:
+            self._free.remove(slot)
+            return True
+        return False
+
+    def free(self, slot: int) -> None:
+        if 0 <= slot < self.slots and self._view[slot]:
+            self._view[slot] = 0
+            self._free.append(slot)
+
+    def live_slots(self) -> dict[int, int]:
+        return {i: self._view[i] for i in range(self.slots) if self._view[i]}
+
+    def close(self, *, unlink: bool) -> None:
+        self._view.release()
+        self._map.close()
+        if unlink:
+            try:
+                os.unlink(os.path.join(self.shm_dir, self.name))
+            except FileNotFoundError:
+                pass
+
+
+class EpochReader:
+    """[SDK] Read-only view of a daemon's table."""
+
+    def __init__(self, shm_dir: str, name: str, slots: int) -> None:
+        fd = os.open(os.path.join(shm_dir, name), os.O_RDONLY)
+        try:
+            self._map = mmap.mmap(fd, slots * _SLOT, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map).cast("Q")
+        self.name = name
+
+    def valid(self, slot: int, gen: int) -> bool:
+        return 0 <= slot < len(self._view) and gen != 0 and self._view[slot] == gen
+
+    def close(self) -> None:
+        self._view.release()
+        self._map.close()

@@ -1,0 +1,454 @@
+"""The one boundary where lower-layer errors become ArtifactErrors.  [SDK, daemon, Global Store]
+
+Everything a caller sees is an :class:`~tensorcast_ray._errors.ArtifactError`.  The layers
+underneath fail in their own vocabularies -- gRPC status codes, ``ray.exceptions``, ``OSError``
+-- and this module translates each of them once, to the most specific subclass, with a message
+that says what to do next.  The original exception is always kept as ``__cause__``.
+
+How one of our errors crosses the daemon's gRPC boundary::
+
+    [daemon]  servicer catches NotFoundError("no key 'llama'")
+              await abort_with(context, err)
+                -> context.abort(NOT_FOUND, "no key 'llama'",
+                                 trailing_metadata=(("tc-error-class", "NotFoundError"),
+                                                    ("tc-retryable", "0")))
+    [SDK]     the stub raises grpc.RpcError
+              from_grpc_error(rpc_error, target="127.0.0.1:50123")
+                -> NotFoundError("no key 'llama'") with the same code and retryable flag
+
+Across a Ray actor boundary our errors travel by pickling (see ``ArtifactError.__reduce__``);
+the driver receives a ``RayTaskError`` whose ``.cause`` is the original, which
+:func:`map_exception` unwraps.
+
+``ray`` is imported lazily and only if the process has already imported it, so this module
+imports (and maps gRPC / OS errors) in a process without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import sys
+from collections.abc import Iterable
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+
+from tensorcast_ray import _errors
+from tensorcast_ray._errors import (
+    AbortedError,
+    ArtifactError,
+    InternalError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    error_for_code,
+)
+
+__all__ = [
+    "ERROR_CLASS_METADATA_KEY",
+    "RETRYABLE_METADATA_KEY",
+    "abort_with",
+    "from_grpc_error",
+    "grpc_abort_args",
+    "map_exception",
+    "reraise_mapped",
+]
+
+ERROR_CLASS_METADATA_KEY = "tc-error-class"
+RETRYABLE_METADATA_KEY = "tc-retryable"
+
+_DAEMON_HINT = "check `tensorcast-ray daemon status`"
+
+# Only names from our own error tree may be revived from metadata: a peer must never be able
+# to make us instantiate an arbitrary class.
+_CLASSES_BY_NAME: dict[str, type[ArtifactError]] = {
+    name: obj
+    for name in _errors.__all__
+    if isinstance(obj := getattr(_errors, name), type) and issubclass(obj, ArtifactError)
+}
+
+# error_for_code sends these three to InternalError ("a bug"); none of them is a bug, so the
+# mapping picks the closest family while keeping the original code.
+_REFINED_CLASS: dict[grpc.StatusCode, type[ArtifactError]] = {
+    grpc.StatusCode.CANCELLED: AbortedError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
+    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+}
+
+
+def _make(
+    code: grpc.StatusCode,
+    message: str,
+    retryable: bool | None = None,
+    cls: type[ArtifactError] | None = None,
+) -> ArtifactError:
+    if cls is not None:
+        return cls(message, code, retryable)
+    refined = _REFINED_CLASS.get(code)
+    if refined is not None:
+        return refined(message, code, retryable)
+    return error_for_code(code, message, retryable)
+
+
+def _prefix(context: str, message: str) -> str:
+    return f"{context}: {message}" if context else message
+
+
+# ---------------------------------------------------------------------------------------------
+# gRPC
+# ---------------------------------------------------------------------------------------------
+
+
+def grpc_abort_args(
+    err: ArtifactError,
+) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """``(code, details, trailing_metadata)`` for aborting an RPC with ``err``.  [daemon, GS]
+
+    The metadata names the error class and the retryable flag so the client rebuilds the
+    same error; an ``OK`` code (never an error) is sent as ``INTERNAL``.
+    """
+    code = err.status_code
+    if code is grpc.StatusCode.OK:
+        code = grpc.StatusCode.INTERNAL
+    cls_name = type(err).__name__
+    if _CLASSES_BY_NAME.get(cls_name) is not type(err):
+        # A subclass defined elsewhere: send the nearest class the client knows.
+        cls_name = next(
+            c.__name__ for c in type(err).__mro__ if _CLASSES_BY_NAME.get(c.__name__) is c
+        )
+    metadata = (
+        (ERROR_CLASS_METADATA_KEY, cls_name),
+        (RETRYABLE_METADATA_KEY, "1" if err.retryable else "0"),
+    )
+    return code, err.message, metadata
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: ArtifactError) -> NoReturn:
+    """Abort the current RPC with ``err`` (class and flag travel as trailing metadata).  [daemon]"""
+    code, details, metadata = grpc_abort_args(err)
+    await context.abort(code, details, trailing_metadata=metadata)
+    raise AssertionError("grpc context.abort returned")  # pragma: no cover - abort raises
+
+
+def _metadata_pairs(err: grpc.RpcError) -> Iterable[tuple[str, Any]]:
+    getter = getattr(err, "trailing_metadata", None)
+    if getter is None:
+        return ()
+    try:
+        metadata = getter()
+    except Exception:  # a call that never got a response has nothing to read
+        return ()
+    if not metadata:
+        return ()
+    pairs: list[tuple[str, Any]] = []
+    for item in metadata:
+        # sync grpc yields _Metadatum(key, value) tuples, grpc.aio yields plain (key, value).
+        key, value = item[0], item[1]
+        pairs.append((str(key), value))
+    return pairs
+
+
+def _grpc_message(code: grpc.StatusCode, details: str, target: str) -> str:
+    where = f" at {target}" if target else ""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return (
+            f"the tensorcast daemon{where} is not reachable ({details or 'no details'}); "
+            f"it may be restarting -- retry, or {_DAEMON_HINT}"
+        )
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"the call to the tensorcast daemon{where} ran past its deadline "
+            f"({details or 'no details'}); the daemon may be overloaded -- retry with a "
+            f"longer deadline, or {_DAEMON_HINT}"
+        )
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return (
+            f"the tensorcast daemon{where} does not implement this call ({details}); "
+            "the SDK and the daemon may run different tensorcast_ray versions"
+        )
+    if code is grpc.StatusCode.OK:
+        return (
+            f"a gRPC call{where} was reported as failed with status OK ({details}); this is a bug"
+        )
+    return f"{details or code.name}{f' (from {target})' if target else ''}"
+
+
+def from_grpc_error(err: grpc.RpcError, *, target: str = "") -> ArtifactError:
+    """The ArtifactError an RPC failed with.  [SDK]
+
+    If the server sent it with :func:`abort_with`, the same class, code, message and
+    retryable flag come back; otherwise the code decides, with a message naming ``target``
+    (the server's address).  ``__cause__`` is set to ``err``.
+    """
+    code_fn = getattr(err, "code", None)
+    code = code_fn() if callable(code_fn) else None
+    if not isinstance(code, grpc.StatusCode):
+        code = grpc.StatusCode.UNKNOWN
+    details_fn = getattr(err, "details", None)
+    details = (details_fn() if callable(details_fn) else None) or ""
+
+    metadata = dict(_metadata_pairs(err))
+    cls = _CLASSES_BY_NAME.get(str(metadata.get(ERROR_CLASS_METADATA_KEY, "")))
+    flag = metadata.get(RETRYABLE_METADATA_KEY)
+    retryable = None if flag is None else str(flag) in ("1", "true", "True")
+
+    mapped: ArtifactError
+    if code is grpc.StatusCode.OK:
+        mapped = InternalError(_grpc_message(code, details, target), grpc.StatusCode.INTERNAL)
+    elif cls is not None:
+        mapped = cls(details, code, retryable)
+    else:
+        mapped = _make(code, _grpc_message(code, details, target), retryable)
+    mapped.__cause__ = err
+    return mapped
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------------
+
+_C = grpc.StatusCode
+_ACTOR_DOWN = (
+    "a tensorcast actor (daemon or Global Store) died or is restarting; it is restarted "
+    f"automatically -- retry, or {_DAEMON_HINT}"
+)
+
+#: Ray exception class name -> (code, retryable, advice).  Looked up along the MRO, so a class
+#: Ray adds later still maps through its parent; tests keep this table complete.
+_RAY_TABLE: dict[str, tuple[grpc.StatusCode, bool, str]] = {
+    "RayActorError": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
+    "ActorDiedError": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
+    "ActorUnavailableError": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
+    "AsyncioActorExit": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
+    "WorkerCrashedError": (_C.UNAVAILABLE, True, "the Ray worker running the call crashed"),
+    "NodeDiedError": (_C.UNAVAILABLE, True, "a Ray node died; retry to reach another replica"),
+    "LocalRayletDiedError": (
+        _C.UNAVAILABLE,
+        False,
+        "this node's Ray raylet died; restart this process once Ray is back",
+    ),
+    "PendingCallsLimitExceeded": (
+        _C.UNAVAILABLE,
+        True,
+        "the actor has too many calls pending (overloaded); retry with backoff",
+    ),
+    "PlasmaObjectNotAvailable": (_C.UNAVAILABLE, True, "a Ray object is not available yet"),
+    "ObjectLostError": (
+        _C.UNAVAILABLE,
+        True,
+        "bytes in transit through the Ray object store were lost; retry fetches them again",
+    ),
+    "OwnerDiedError": (
+        _C.UNAVAILABLE,
+        True,
+        "the process serving these bytes died; retry once its daemon restarts",
+    ),
+    "ObjectReconstructionFailedError": (
+        _C.UNAVAILABLE,
+        True,
+        "Ray could not rebuild lost bytes; retry asks the serving daemon again",
+    ),
+    "ObjectFreedError": (
+        _C.ABORTED,
+        True,
+        "the bytes were freed (evicted or replaced) mid-transfer; retry re-resolves them",
+    ),
+    "ObjectFetchTimedOutError": (
+        _C.DEADLINE_EXCEEDED,
+        True,
+        "fetching bytes from another node timed out",
+    ),
+    "GetTimeoutError": (_C.DEADLINE_EXCEEDED, True, "ray.get timed out"),
+    "RayChannelError": (_C.UNAVAILABLE, True, "a Ray channel closed"),
+    "RayChannelTimeoutError": (_C.DEADLINE_EXCEEDED, True, "a Ray channel timed out"),
+    "RayDirectTransportError": (_C.UNAVAILABLE, True, "a Ray direct (GPU) transfer failed"),
+    "RpcError": (_C.UNAVAILABLE, True, "Ray's own RPC layer failed"),
+    "ObjectStoreFullError": (
+        _C.RESOURCE_EXHAUSTED,
+        False,
+        "the Ray object store is full; free objects or give Ray more object store memory",
+    ),
+    "OutOfDiskError": (_C.RESOURCE_EXHAUSTED, False, "a Ray node is out of disk"),
+    "OutOfMemoryError": (
+        _C.RESOURCE_EXHAUSTED,
+        False,
+        "Ray's memory monitor killed the worker; lower memory use or add memory",
+    ),
+    "RayCgraphCapacityExceeded": (_C.RESOURCE_EXHAUSTED, False, "a compiled graph is full"),
+    "ActorUnschedulableError": (
+        _C.FAILED_PRECONDITION,
+        False,
+        "Ray cannot schedule the actor (its node is gone or no node has its resources)",
+    ),
+    "TaskUnschedulableError": (
+        _C.FAILED_PRECONDITION,
+        False,
+        "Ray cannot schedule the task (its node is gone or no node has its resources)",
+    ),
+    "ActorPlacementGroupRemoved": (_C.FAILED_PRECONDITION, False, "the placement group is gone"),
+    "TaskPlacementGroupRemoved": (_C.FAILED_PRECONDITION, False, "the placement group is gone"),
+    "RuntimeEnvSetupError": (
+        _C.FAILED_PRECONDITION,
+        False,
+        "Ray could not set up the runtime environment; fix runtime_env",
+    ),
+    "ActorAlreadyExistsError": (_C.ALREADY_EXISTS, False, "a Ray actor of that name exists"),
+    "ActorHandleNotFoundError": (_C.NOT_FOUND, False, "the Ray actor handle is not known"),
+    "AuthenticationError": (
+        _C.UNAUTHENTICATED,
+        False,
+        "Ray refused the connection; check the cluster's authentication token",
+    ),
+    "TaskCancelledError": (_C.CANCELLED, False, "the Ray task was cancelled"),
+    "RayTaskError": (_C.INTERNAL, False, "a Ray task failed"),
+    "UserCodeException": (_C.INTERNAL, False, "user code failed inside Ray"),
+    "RaySystemError": (_C.INTERNAL, False, "Ray reported a system error"),
+    "StreamingGeneratorReplayInconsistentError": (_C.INTERNAL, False, "Ray generator replay"),
+    "ObjectRefStreamEndOfStreamError": (_C.INTERNAL, False, "a Ray stream ended early"),
+    "ReferenceCountingAssertionError": (_C.INTERNAL, False, "Ray reference counting failed"),
+    "CrossLanguageError": (_C.INTERNAL, False, "a cross-language Ray call failed"),
+    "UnserializableException": (_C.INTERNAL, False, "a remote exception could not be pickled"),
+    "OufOfBandObjectRefSerializationException": (
+        _C.INTERNAL,
+        False,
+        "an ObjectRef was serialized out of band",
+    ),
+    "RayError": (_C.INTERNAL, False, "Ray failed"),
+}
+
+
+def _ray_exceptions() -> Any | None:
+    # Only look if the process already imported Ray: a Ray error cannot exist otherwise, and
+    # importing Ray here would cost seconds in processes that never use it.
+    if "ray" not in sys.modules:
+        return None
+    try:
+        import ray.exceptions as ray_exceptions
+    except ImportError:  # pragma: no cover - a broken Ray install
+        return None
+    return ray_exceptions
+
+
+def _map_ray(exc: BaseException, context: str, rex: Any) -> ArtifactError | None:
+    if isinstance(exc, rex.RayTaskError):
+        # Checked before the ArtifactError pass-through: Ray's driver-side error is a dual
+        # subclass of RayTaskError *and* the cause's class.
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ArtifactError):
+            if cause.__cause__ is None:
+                cause.__cause__ = exc
+            return cause
+        if isinstance(cause, BaseException) and cause is not exc:
+            mapped = map_exception(cause, context=context)
+            mapped.__cause__ = exc
+            return mapped
+    if not isinstance(exc, rex.RayError):
+        return None
+    for klass in type(exc).__mro__:
+        entry = _RAY_TABLE.get(klass.__name__)
+        if entry is None or getattr(rex, klass.__name__, None) is not klass:
+            continue
+        code, retryable, advice = entry
+        if klass.__name__ in ("RayActorError", "ActorDiedError") and getattr(
+            exc, "actor_init_failed", False
+        ):
+            code, retryable = _C.FAILED_PRECONDITION, False
+            advice = "the actor failed in its constructor; read its logs (`ray logs`)"
+        if klass.__name__ == "RpcError":
+            rpc_code = getattr(exc, "rpc_code", None)
+            known = {c.value[0]: c for c in grpc.StatusCode}
+            if rpc_code in known and known[rpc_code] is not _C.OK:
+                code = known[rpc_code]
+                retryable = code in _errors.RETRYABLE_CODES
+        mapped = _make(code, _prefix(context, f"{advice} ({type(exc).__name__}: {exc})"), retryable)
+        mapped.__cause__ = exc
+        return mapped
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# OS and the rest
+# ---------------------------------------------------------------------------------------------
+
+_EXHAUSTED_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EDQUOT, errno.EMFILE})
+
+
+def _map_os(exc: OSError, context: str) -> ArtifactError:
+    what = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return _make(_C.NOT_FOUND, _prefix(context, f"no such file or object ({what})"))
+    if isinstance(exc, PermissionError):
+        return _make(
+            _C.PERMISSION_DENIED,
+            _prefix(context, f"access refused; check the path's permissions ({what})"),
+        )
+    if isinstance(exc, FileExistsError):
+        return _make(_C.ALREADY_EXISTS, _prefix(context, f"already exists ({what})"))
+    if isinstance(exc, TimeoutError):
+        return _make(_C.DEADLINE_EXCEEDED, _prefix(context, f"timed out ({what})"))
+    if isinstance(exc, ConnectionError):
+        return _make(
+            _C.UNAVAILABLE,
+            _prefix(context, f"connection failed; the peer may be restarting ({what})"),
+        )
+    if exc.errno in _EXHAUSTED_ERRNOS:
+        return _make(
+            _C.RESOURCE_EXHAUSTED,
+            _prefix(context, f"out of space or memory; free some or change the policy ({what})"),
+        )
+    return _make(_C.INTERNAL, _prefix(context, f"unexpected OS error ({what})"))
+
+
+def map_exception(exc: BaseException, *, context: str = "") -> ArtifactError:
+    """The most specific ArtifactError for ``exc``.
+
+    ArtifactErrors come back unchanged.  Anything else becomes a new error whose
+    ``__cause__`` is ``exc``; ``context`` (what was being done, e.g. ``"get('llama:v1')"``)
+    prefixes its message.  Use ``raise map_exception(e) from e`` or :func:`reraise_mapped`.
+    """
+    rex = _ray_exceptions()
+    mapped: ArtifactError | None = None
+    if rex is not None:
+        mapped = _map_ray(exc, context, rex)
+    if mapped is not None:
+        return mapped
+    if isinstance(exc, ArtifactError):
+        return exc
+    if isinstance(exc, grpc.RpcError):
+        mapped = from_grpc_error(exc)
+        if context:
+            mapped = type(mapped)(
+                _prefix(context, mapped.message), mapped.status_code, mapped.retryable
+            )
+    elif isinstance(exc, (concurrent.futures.TimeoutError, asyncio.TimeoutError)):
+        mapped = _make(_C.DEADLINE_EXCEEDED, _prefix(context, f"timed out ({exc!r})"))
+    elif isinstance(exc, OSError):
+        mapped = _map_os(exc, context)
+    elif isinstance(exc, MemoryError):
+        mapped = _make(_C.RESOURCE_EXHAUSTED, _prefix(context, "out of memory"))
+    elif isinstance(exc, NotImplementedError):
+        mapped = _make(_C.UNIMPLEMENTED, _prefix(context, f"not implemented yet: {exc}"))
+    elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
+        mapped = _make(_C.CANCELLED, _prefix(context, "the call was cancelled"))
+    else:
+        # ValueError, TypeError, KeyError ... reaching here were not raised by validation
+        # (which raises InvalidArgumentError itself), so they are bugs.
+        mapped = InternalError(
+            _prefix(
+                context,
+                f"unexpected {type(exc).__name__}: {exc} -- this is a bug in tensorcast_ray; "
+                "please report it",
+            )
+        )
+    mapped.__cause__ = exc
+    return mapped
+
+
+def reraise_mapped(exc: BaseException) -> NoReturn:
+    """Raise :func:`map_exception` of ``exc``, chained to it."""
+    mapped = map_exception(exc)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc

@@ -1,0 +1,252 @@
+"""The daemon's same-node fast channel: the StoreDaemon service over a unix socket.  [SDK, daemon]
+
+Why: a unary gRPC call from Python costs ~0.9 ms on these machines; the same protobuf
+messages over a unix socket cost ~0.1 ms. gRPC stays the contract (remote clients, CLI,
+processes on other hosts); processes on the daemon's node use this channel when they can
+reach its socket. Both transports dispatch into the same handlers.
+
+Framing (little endian)::
+
+    request : u32 length | u8 method index | serialized request message
+    response: u32 length | u8 status (0 ok, 1 error) | message or JSON error
+
+The method index is the method's position in the ``StoreDaemon`` service descriptor, so the
+table is derived from ``proto/`` and cannot drift. One connection is one session: when the
+client process exits, the daemon sees the connection close and ends the session's leases.
+
+[SDK] :class:`LocalChannel` — one connection per process, calls serialized by a lock.
+[daemon] :class:`LocalChannelServer` — a listening socket and a thread per connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from google.protobuf import message_factory
+from google.protobuf.message import Message
+
+from tensorcast_ray._errors import ArtifactError, UnavailableError, error_for_code
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+logger = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IB")
+_SERVICE = daemon_pb2.DESCRIPTOR.services_by_name["StoreDaemon"]
+#: Unary methods by name: (index, request class, response class). Streams are not carried.
+METHODS: dict[str, tuple[int, type[Message], type[Message]]] = {
+    m.name: (
+        m.index,
+        message_factory.GetMessageClass(m.input_type),
+        message_factory.GetMessageClass(m.output_type),
+    )
+    for m in _SERVICE.methods
+    if not m.server_streaming and not m.client_streaming
+}
+_BY_INDEX = {index: (name, req, resp) for name, (index, req, resp) in METHODS.items()}
+
+#: Handler signature: (method name, request, connection id) -> response.
+Handler = Callable[[str, Any, str], Message]
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+def _encode_error(err: ArtifactError) -> bytes:
+    return json.dumps(
+        {
+            "code": err.status_code.name,
+            "message": err.message,
+            "retryable": err.retryable,
+            "class": type(err).__name__,
+        }
+    ).encode()
+
+
+def _decode_error(payload: bytes) -> ArtifactError:
+    import grpc
+
+    data = json.loads(payload)
+    return error_for_code(grpc.StatusCode[data["code"]], data["message"], data["retryable"])
+
+
+class LocalChannel:
+    """[SDK] A connection to the daemon's unix socket. Thread-safe; not fork-safe (the
+    SDK drops it in a forked child and connects anew)."""
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise UnavailableError(
+                f"cannot connect to the daemon's local socket {path}: {exc}; "
+                "the daemon may be restarting"
+            ) from exc
+        self._sock: socket.socket | None = sock
+
+    def call(self, method: str, request: Message, timeout: float | None = None) -> Any:
+        index, _, resp_cls = METHODS[method]
+        payload = request.SerializeToString()
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise UnavailableError(f"local channel {self.path} is closed")
+            try:
+                if timeout is not None:
+                    sock.settimeout(max(timeout, 0.001))
+                sock.sendall(_HEADER.pack(len(payload), index) + payload)
+                length, status = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+                body = bytes(_recv_exact(sock, length))
+            except (OSError, EOFError) as exc:
+                self._close_locked()
+                raise UnavailableError(
+                    f"the daemon's local socket {self.path} closed during {method}: "
+                    f"{exc or 'connection closed'}; the daemon may be restarting"
+                ) from exc
+        if status != 0:
+            raise _decode_error(body)
+        response = resp_cls()
+        response.ParseFromString(body)
+        return response
+
+    def _close_locked(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def close(self) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked child must not touch the parent's socket
+        with self._lock:
+            self._close_locked()
+
+
+class LocalChannelServer:
+    """[daemon] Serves the unary StoreDaemon methods on a unix socket (mode 0600)."""
+
+    def __init__(
+        self,
+        path: str,
+        handler: Handler,
+        on_connect: Callable[[str], None],
+        on_disconnect: Callable[[str], None],
+    ) -> None:
+        self.path = path
+        self._handler = handler
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._closed = threading.Event()
+        self._conns: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._counter = 0
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a crashed daemon
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            self._sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        self._sock.listen(128)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="tc-local-accept", daemon=True
+        )
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._counter += 1
+                conn_id = f"local-{self._counter}"
+                self._conns[conn_id] = conn
+            threading.Thread(
+                target=self._serve, args=(conn, conn_id), name=f"tc-{conn_id}", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket, conn_id: str) -> None:
+        self._on_connect(conn_id)
+        try:
+            while True:
+                try:
+                    length, index = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
+                    body = bytes(_recv_exact(conn, length))
+                except (OSError, EOFError):
+                    return
+                conn.sendall(self._dispatch(index, body, conn_id))
+        except OSError:
+            return
+        finally:
+            with self._lock:
+                self._conns.pop(conn_id, None)
+            conn.close()
+            self._on_disconnect(conn_id)
+
+    def _dispatch(self, index: int, body: bytes, conn_id: str) -> bytes:
+        try:
+            entry = _BY_INDEX.get(index)
+            if entry is None:
+                import grpc
+
+                raise error_for_code(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"method #{index} is not served on the local channel; upgrade the daemon",
+                )
+            name, req_cls, _ = entry
+            request = req_cls()
+            request.ParseFromString(body)
+            payload = self._handler(name, request, conn_id).SerializeToString()
+            status = 0
+        except ArtifactError as err:
+            payload, status = _encode_error(err), 1
+        except Exception as exc:  # a bug: report it as INTERNAL, keep serving
+            logger.exception("local channel handler failed")
+            from tensorcast_ray._errors import InternalError
+
+            payload, status = _encode_error(InternalError(f"daemon error: {exc!r}")), 1
+        return _HEADER.pack(len(payload), status) + payload
+
+    def close(self) -> None:
+        self._closed.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        with self._lock:
+            conns = list(self._conns.values())
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,318 @@
+from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WriteKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WRITE_KIND_UNSPECIFIED: _ClassVar[WriteKind]
+    WRITE_KIND_PUT: _ClassVar[WriteKind]
+    WRITE_KIND_REGISTER: _ClassVar[WriteKind]
+WRITE_KIND_UNSPECIFIED: WriteKind
+WRITE_KIND_PUT: WriteKind
+WRITE_KIND_REGISTER: WriteKind
+
+class HelloRequest(_message.Message):
+    __slots__ = ("sdk_version", "protocol", "pid", "hostname")
+    SDK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    sdk_version: str
+    protocol: int
+    pid: int
+    hostname: str
+    def __init__(self, sdk_version: _Optional[str] = ..., protocol: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
+
+class HelloResponse(_message.Message):
+    __slots__ = ("versions", "node_id", "namespace", "instance_id", "hostname", "local_socket", "shm_dir", "epoch_segment", "epoch_slots", "global_store_address", "address", "metrics_address")
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    versions: _common_pb2.VersionInfo
+    node_id: str
+    namespace: str
+    instance_id: str
+    hostname: str
+    local_socket: str
+    shm_dir: str
+    epoch_segment: str
+    epoch_slots: int
+    global_store_address: str
+    address: str
+    metrics_address: str
+    def __init__(self, versions: _Optional[_Union[_common_pb2.VersionInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., namespace: _Optional[str] = ..., instance_id: _Optional[str] = ..., hostname: _Optional[str] = ..., local_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., epoch_segment: _Optional[str] = ..., epoch_slots: _Optional[int] = ..., global_store_address: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierUsage(_message.Message):
+    __slots__ = ("tier", "used_bytes", "capacity_bytes", "entries")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    used_bytes: int
+    capacity_bytes: int
+    entries: int
+    def __init__(self, tier: _Optional[str] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., entries: _Optional[int] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("node_id", "version", "build", "address", "metrics_address", "uptime_s", "clients", "artifacts", "bytes", "leases", "tiers", "namespace", "local_socket", "pid", "global_store_address", "shm_pool_bytes", "instance_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUILD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASES_FIELD_NUMBER: _ClassVar[int]
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHM_POOL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    version: str
+    build: str
+    address: str
+    metrics_address: str
+    uptime_s: float
+    clients: int
+    artifacts: int
+    bytes: int
+    leases: int
+    tiers: _containers.RepeatedCompositeFieldContainer[TierUsage]
+    namespace: str
+    local_socket: str
+    pid: int
+    global_store_address: str
+    shm_pool_bytes: int
+    instance_id: str
+    def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., build: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., uptime_s: _Optional[float] = ..., clients: _Optional[int] = ..., artifacts: _Optional[int] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., namespace: _Optional[str] = ..., local_socket: _Optional[str] = ..., pid: _Optional[int] = ..., global_store_address: _Optional[str] = ..., shm_pool_bytes: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("pid", "hostname", "client_name")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    hostname: str
+    client_name: str
+    def __init__(self, pid: _Optional[int] = ..., hostname: _Optional[str] = ..., client_name: _Optional[str] = ...) -> None: ...
+
+class SessionEvent(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class BeginWriteRequest(_message.Message):
+    __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    kind: WriteKind
+    session_id: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    policy_json: str
+    ttl_ms: int
+    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class BeginWriteResponse(_message.Message):
+    __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir")
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    write_id: str
+    artifact_id: str
+    segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
+    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
+    shm_dir: str
+    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ...) -> None: ...
+
+class CommitWriteRequest(_message.Message):
+    __slots__ = ("write_id",)
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    write_id: str
+    def __init__(self, write_id: _Optional[str] = ...) -> None: ...
+
+class WriteResult(_message.Message):
+    __slots__ = ("key", "artifact_id", "nbytes", "status", "degraded_reasons", "persistence_task_id")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASONS_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    artifact_id: str
+    nbytes: int
+    status: str
+    degraded_reasons: _containers.RepeatedScalarFieldContainer[str]
+    persistence_task_id: str
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., status: _Optional[str] = ..., degraded_reasons: _Optional[_Iterable[str]] = ..., persistence_task_id: _Optional[str] = ...) -> None: ...
+
+class AbortWriteRequest(_message.Message):
+    __slots__ = ("write_id",)
+    WRITE_ID_FIELD_NUMBER: _ClassVar[int]
+    write_id: str
+    def __init__(self, write_id: _Optional[str] = ...) -> None: ...
+
+class AbortWriteResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AllocateBufferRequest(_message.Message):
+    __slots__ = ("session_id", "nbytes")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    nbytes: int
+    def __init__(self, session_id: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class AllocateBufferResponse(_message.Message):
+    __slots__ = ("buffer_id", "segment", "shm_dir")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    segment: _common_pb2.SegmentRef
+    shm_dir: str
+    def __init__(self, buffer_id: _Optional[str] = ..., segment: _Optional[_Union[_common_pb2.SegmentRef, _Mapping]] = ..., shm_dir: _Optional[str] = ...) -> None: ...
+
+class BufferTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "buffer_id", "offset", "nbytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    buffer_id: str
+    offset: int
+    nbytes: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., buffer_id: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class RegisterBuffersRequest(_message.Message):
+    __slots__ = ("key", "session_id", "tensors", "policy_json", "ttl_ms")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
+    TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    session_id: str
+    tensors: _containers.RepeatedCompositeFieldContainer[BufferTensor]
+    policy_json: str
+    ttl_ms: int
+    def __init__(self, key: _Optional[str] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[BufferTensor, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("key", "artifact_id")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    artifact_id: str
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ...) -> None: ...
+
+class ArtifactInfo(_message.Message):
+    __slots__ = ("key", "artifact_id", "nbytes", "segments", "tensors", "shm_dir", "epoch_slot", "generation", "kind", "created_unix_ms")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SLOT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    artifact_id: str
+    nbytes: int
+    segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
+    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
+    shm_dir: str
+    epoch_slot: int
+    generation: int
+    kind: str
+    created_unix_ms: int
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ExistsRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class ExistsResponse(_message.Message):
+    __slots__ = ("exists",)
+    EXISTS_FIELD_NUMBER: _ClassVar[int]
+    exists: bool
+    def __init__(self, exists: _Optional[bool] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted", "versions")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    versions: int
+    def __init__(self, deleted: _Optional[bool] = ..., versions: _Optional[int] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...

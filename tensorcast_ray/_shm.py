@@ -1,0 +1,463 @@
+"""Daemon-owned POSIX shared memory, as plain files in a tmpfs directory.  [daemon, SDK]
+
+Every byte of the CPU tier lives in *segments*: regular files in ``shm_dir`` (``/dev/shm`` by
+default) whose names start with the daemon's :func:`segment_prefix`, so every segment one
+daemon made can be listed by prefix (leak checks, restart recovery).  We do not use
+``multiprocessing.shared_memory``: its resource tracker unlinks segments when the creating
+process exits, behind the daemon's back.
+
+One put, step by step::
+
+    [daemon] SegmentPool.start() keeps ``reserve_bytes`` of ready segments: a background
+             thread creates each with Segment.create(prefault=True), i.e. open(O_EXCL, 0o600)
+             + ftruncate + posix_fallocate, so the tmpfs pages exist before anyone maps them.
+    [daemon] SegmentPool.take(size) hands out a ready segment (or creates one of the exact
+             size when it is larger than ``segment_bytes``) and wakes the refill thread.
+    [SDK]    map_segment(..., writable=True) maps it MAP_SHARED | MAP_POPULATE, so the page
+             table is filled in one pass and the copy that follows takes no page faults.
+    [SDK]    _layout.copy_into() writes the tensors; the SDK unmaps and tells the daemon.
+
+One get, step by step::
+
+    [daemon] answers with (segment name, size) metadata only; no bytes move.
+    [SDK]    map_segment(..., writable=False) maps it PROT_READ: a reader cannot corrupt
+             everyone's weights, and a write through the mapping raises TypeError.
+    [SDK]    _layout.wrap_tensor() wraps the mapping with no copy.
+
+A delete only unlinks: a segment is never reused for other data, because readers may still
+map the old bytes and must never see them change.  The kernel frees the memory when the last
+mapping closes.  This module must not import torch: the daemon imports it and must start fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+import re
+import secrets
+import stat
+import threading
+from dataclasses import dataclass
+
+from tensorcast_ray._errors import (
+    AlreadyExistsError,
+    ArtifactError,
+    DataLossError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
+
+__all__ = [
+    "DEFAULT_SHM_DIR",
+    "PAGE_BYTES",
+    "Segment",
+    "SegmentPool",
+    "list_segments",
+    "map_segment",
+    "new_segment_name",
+    "remove_segments",
+    "round_up",
+    "segment_prefix",
+]
+
+DEFAULT_SHM_DIR = "/dev/shm"
+#: segment sizes are whole pages, so a mapping never ends inside a page another file owns.
+PAGE_BYTES = 4096
+
+_MiB = 1024 * 1024
+_NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
+_NODE_ID_OK = re.compile(r"^[A-Za-z0-9_]+$")
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFBIG})
+_PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+
+def round_up(n: int, multiple: int = PAGE_BYTES) -> int:
+    """``n`` rounded up to a multiple of ``multiple``.  [SDK, daemon]"""
+    return -(-n // multiple) * multiple
+
+
+def segment_prefix(namespace: str, node_id: str) -> str:
+    """``tcr-<8 hex of sha1(namespace)>-<node_id[:12]>-``: the prefix of one daemon's segments.
+
+    [daemon] The namespace is hashed because it may hold any character; Ray node ids are hex.
+    """
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidArgumentError(f"namespace must be a non-empty str, got {namespace!r}")
+    if not isinstance(node_id, str) or not _NODE_ID_OK.match(node_id):
+        raise InvalidArgumentError(
+            f"node_id must be a non-empty str of letters, digits and '_' (a Ray node id), "
+            f"got {node_id!r}"
+        )
+    digest = hashlib.sha1(namespace.encode()).hexdigest()[:8]
+    return f"tcr-{digest}-{node_id[:12]}-"
+
+
+def new_segment_name(prefix: str) -> str:
+    """A fresh unique name under ``prefix``.  [daemon]
+
+    Random rather than a counter, so a restarted daemon never collides with the names of
+    the segments it adopts from its journal.
+    """
+    return f"{prefix}{secrets.token_hex(8)}"
+
+
+def _check_name(name: str) -> None:
+    # A name is a single path component: no traversal out of shm_dir.
+    if not isinstance(name, str) or not _NAME_OK.match(name) or name in (".", ".."):
+        raise InvalidArgumentError(
+            f"segment name must be one path component of letters, digits, '.', '_' or '-', "
+            f"got {name!r}"
+        )
+
+
+def _free_bytes(shm_dir: str) -> int | None:
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _os_error(exc: OSError, shm_dir: str, name: str, size: int, doing: str) -> ArtifactError:
+    """Map one OSError to the most specific ArtifactError, once, here."""
+    path = os.path.join(shm_dir, name)
+    if exc.errno in _FULL_ERRNOS:
+        free = _free_bytes(shm_dir)
+        free_text = "unknown" if free is None else f"{free / _MiB:.0f} MiB"
+        return ResourceExhaustedError(
+            f"{shm_dir} is full: could not {doing} {size / _MiB:.1f} MiB for segment {name} "
+            f"(free: {free_text}). Delete artifacts you no longer need, lower the daemon's "
+            f"pool reserve, or grow the tmpfs: `sudo mount -o remount,size=<N>G {shm_dir}`; "
+            f"in Docker `--shm-size=<N>g`; on Kubernetes mount an emptyDir with "
+            f"medium: Memory and sizeLimit at {shm_dir}."
+        )
+    if exc.errno == errno.EEXIST:
+        return AlreadyExistsError(
+            f"segment {path} already exists; segment names must be unique (use new_segment_name())"
+        )
+    if exc.errno in _PERMISSION_ERRNOS:
+        return PermissionDeniedError(
+            f"cannot {doing} {path}: permission denied. Segments are private (mode 0o600) to "
+            f"the user that runs the node daemon; run this process as that user."
+        )
+    if exc.errno == errno.ENOENT:
+        if not os.path.isdir(shm_dir):
+            return FailedPreconditionError(
+                f"shared-memory directory {shm_dir} does not exist; mount a tmpfs there or "
+                f"configure another shm_dir"
+            )
+        return NotFoundError(
+            f"segment {path} does not exist: the artifact was deleted or the node daemon "
+            f"restarted; get the artifact again"
+        )
+    return InternalError(f"cannot {doing} {path}: {exc}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One shared-memory file of ``size`` bytes in ``shm_dir``.  [daemon]
+
+    The file descriptor is closed once the segment exists: users reopen it by path, so the
+    daemon holds no fd per segment and deletion is a plain unlink.
+    """
+
+    shm_dir: str
+    name: str
+    size: int
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.shm_dir, self.name)
+
+    @classmethod
+    def create(cls, shm_dir: str, name: str, size: int, *, prefault: bool = True) -> Segment:
+        """Create a new segment; with ``prefault`` its tmpfs pages are allocated now.  [daemon]
+
+        Without prefault a full tmpfs shows up later as SIGBUS in whoever writes the page;
+        with it, as ResourceExhaustedError here.
+        """
+        _check_name(name)
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidArgumentError(f"segment size must be a positive int, got {size!r}")
+        path = os.path.join(shm_dir, name)
+        doing = "create"
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        except OSError as exc:
+            raise _os_error(exc, shm_dir, name, size, doing) from exc
+        try:
+            os.ftruncate(fd, size)
+            if prefault and hasattr(os, "posix_fallocate"):
+                doing = "allocate"
+                os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise _os_error(exc, shm_dir, name, size, doing) from exc
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        os.close(fd)
+        return cls(shm_dir, name, size)
+
+    @classmethod
+    def adopt(cls, shm_dir: str, name: str) -> Segment:
+        """The segment ``name`` that already exists (daemon restart); size from the file.
+
+        [daemon]
+        """
+        _check_name(name)
+        try:
+            st = os.stat(os.path.join(shm_dir, name))
+        except OSError as exc:
+            raise _os_error(exc, shm_dir, name, 0, "adopt") from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise FailedPreconditionError(
+                f"{os.path.join(shm_dir, name)} is not a regular file; remove it by hand"
+            )
+        return cls(shm_dir, name, st.st_size)
+
+    def unlink(self) -> None:
+        """Remove the name; mapped bytes stay valid until the last mapping closes.  [daemon]
+
+        Idempotent: unlinking a segment that is already gone is not an error.
+        """
+        _unlink_quietly(self.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def map_segment(
+    shm_dir: str, name: str, size: int, *, writable: bool, populate: bool = True
+) -> mmap.mmap:
+    """Map the first ``size`` bytes of segment ``name`` MAP_SHARED.  [SDK]
+
+    ``writable=False`` maps PROT_READ: ``mmap`` then raises TypeError on writes, and a buffer
+    exported from it is read-only.  ``populate`` adds MAP_POPULATE (Linux): every page-table
+    entry is installed in one pass instead of one fault per page.  That suits a writer about
+    to touch every byte; it costs ~9 ms (read-only) to ~25 ms (writable) per 256 MiB even for
+    resident pages, so a get that must stay under a millisecond passes ``populate=False``
+    and faults pages in as it reads them.  Tensors from _layout.wrap_tensor hold a buffer
+    export, so closing the mmap under them raises BufferError instead of unmapping.
+    """
+    _check_name(name)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise InvalidArgumentError(f"mapping size must be a positive int, got {size!r}")
+    path = os.path.join(shm_dir, name)
+    try:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as exc:
+        raise _os_error(exc, shm_dir, name, size, "open") from exc
+    try:
+        actual = os.fstat(fd).st_size
+        if actual < size:
+            # Touching bytes past the end of a file is SIGBUS, not an exception: refuse here.
+            raise DataLossError(
+                f"segment {path} holds {actual} bytes but {size} were expected; it was "
+                f"truncated behind the daemon's back. Delete the artifact and put it again."
+            )
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        try:
+            return mmap.mmap(fd, size, flags=flags, prot=prot)
+        except OSError as exc:
+            raise _os_error(exc, shm_dir, name, size, "map") from exc
+    finally:
+        os.close(fd)  # mmap keeps its own reference to the file
+
+
+def list_segments(shm_dir: str, prefix: str) -> list[str]:
+    """Sorted names of the files in ``shm_dir`` that start with ``prefix``.  [daemon]"""
+    if not isinstance(prefix, str) or not prefix or "/" in prefix:
+        raise InvalidArgumentError(f"prefix must be a non-empty str without '/', got {prefix!r}")
+    try:
+        with os.scandir(shm_dir) as entries:
+            return sorted(
+                e.name
+                for e in entries
+                if e.name.startswith(prefix) and e.is_file(follow_symlinks=False)
+            )
+    except OSError as exc:
+        raise _os_error(exc, shm_dir, prefix, 0, "list") from exc
+
+
+def remove_segments(shm_dir: str, prefix: str, keep: set[str]) -> int:
+    """Unlink every segment under ``prefix`` not in ``keep``; returns how many.  [daemon]
+
+    Restart recovery: ``keep`` is what the daemon's journal knows, the rest are orphans.
+    """
+    removed = 0
+    for name in list_segments(shm_dir, prefix):
+        if name not in keep:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed += 1
+            except FileNotFoundError:
+                pass  # someone else removed it first; the end state is the same
+    return removed
+
+
+class SegmentPool:
+    """A warm reserve of pre-faulted segments, refilled by one background thread.  [daemon]
+
+    Only fresh segments are handed out, never reused ones (see the module docstring).
+    ``take(size)`` returns, by rounded size ``r``:
+
+    - ``min_pooled_bytes <= r <= segment_bytes``: a pooled segment of ``segment_bytes``
+      whole (the caller uses the first ``r`` bytes).  Trimming it here would cost ~3-6 ms of
+      page freeing on the hot path; the daemon may trim later, off that path.
+    - ``r < min_pooled_bytes``: a fresh segment of exactly ``r``; for small sizes creating
+      one is cheaper than trimming a pooled one and wastes nothing.
+    - ``r > segment_bytes``, or the pool is empty: a fresh, prefaulted segment of ``r``.
+    """
+
+    def __init__(
+        self,
+        shm_dir: str,
+        prefix: str,
+        *,
+        segment_bytes: int = 64 * _MiB,
+        reserve_bytes: int = 256 * _MiB,
+        min_pooled_bytes: int | None = None,
+    ) -> None:
+        for label, value in (("segment_bytes", segment_bytes), ("reserve_bytes", reserve_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidArgumentError(f"{label} must be a non-negative int, got {value!r}")
+        if segment_bytes == 0 or segment_bytes % PAGE_BYTES:
+            raise InvalidArgumentError(
+                f"segment_bytes must be a positive multiple of {PAGE_BYTES}, got {segment_bytes}"
+            )
+        if not isinstance(prefix, str) or not prefix or not _NAME_OK.match(prefix):
+            raise InvalidArgumentError(f"prefix must be a valid segment name start: {prefix!r}")
+        self.shm_dir = shm_dir
+        self.prefix = prefix
+        self.segment_bytes = segment_bytes
+        self.reserve_bytes = reserve_bytes
+        self.min_pooled_bytes = segment_bytes // 4 if min_pooled_bytes is None else min_pooled_bytes
+        self._ready: list[Segment] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._wakes = 0
+        #: the last error the refill thread hit (e.g. a full tmpfs); None after a success.
+        self.refill_error: ArtifactError | None = None
+
+    def start(self) -> None:
+        """Start the refill thread (idempotent).  [daemon]"""
+        with self._cond:
+            if self._closed:
+                raise FailedPreconditionError("SegmentPool is closed; make a new one")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._refill, name=f"tcr-shm-pool-{self.prefix}", daemon=True
+                )
+                self._thread.start()
+
+    def _capacity(self) -> int:
+        return self.reserve_bytes // self.segment_bytes
+
+    def _refill(self) -> None:
+        while True:
+            with self._cond:
+                seen = self._wakes
+                while not self._closed and len(self._ready) >= self._capacity():
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                # Outside the lock: posix_fallocate of 64 MiB takes ~10 ms and releases the GIL.
+                seg = Segment.create(
+                    self.shm_dir, new_segment_name(self.prefix), self.segment_bytes
+                )
+            except ArtifactError as exc:
+                with self._cond:
+                    self.refill_error = exc
+                    self._cond.notify_all()
+                    # Retry only when something changes (a take, wake() or close), never
+                    # in a busy loop against a full tmpfs.
+                    while not self._closed and self._wakes == seen:
+                        self._cond.wait()
+                continue
+            with self._cond:
+                if self._closed:
+                    seg.unlink()
+                    return
+                self._ready.append(seg)
+                self.refill_error = None
+                self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Tell the refill thread that memory may have been freed (e.g. after a delete).
+
+        [daemon]
+        """
+        with self._cond:
+            self._wakes += 1
+            self._cond.notify_all()
+
+    def take(self, size: int) -> Segment:
+        """A fresh segment of at least ``size`` bytes, owned by the caller from now on.
+
+        [daemon]
+        """
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise InvalidArgumentError(f"segment size must be a positive int, got {size!r}")
+        rounded = round_up(size)
+        if self.min_pooled_bytes <= rounded <= self.segment_bytes:
+            with self._cond:
+                if self._closed:
+                    raise FailedPreconditionError("SegmentPool is closed; make a new one")
+                seg = self._ready.pop(0) if self._ready else None
+                self._wakes += 1
+                self._cond.notify_all()
+            if seg is not None:
+                return seg
+        return Segment.create(self.shm_dir, new_segment_name(self.prefix), rounded)
+
+    def reserve_bytes_ready(self) -> int:
+        """Bytes of pooled segments ready to hand out now.  [daemon]"""
+        with self._cond:
+            return len(self._ready) * self.segment_bytes
+
+    def wait_ready(self, min_bytes: int, timeout: float) -> bool:
+        """Wait until at least ``min_bytes`` are ready; False on timeout or close.  [daemon]"""
+        with self._cond:
+            return (
+                self._cond.wait_for(
+                    lambda: self._closed or len(self._ready) * self.segment_bytes >= min_bytes,
+                    timeout,
+                )
+                and not self._closed
+            )
+
+    def close(self) -> None:
+        """Stop the refill thread and unlink the segments nobody took (idempotent).  [daemon]"""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cond:
+            ready, self._ready = self._ready, []
+        for seg in ready:
+            seg.unlink()
+
+    def __enter__(self) -> SegmentPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,525 @@
+"""Disk format: round trips, safetensors compatibility, integrity, atomic commit, keys, memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from safetensors.numpy import load_file as np_load_file
+from safetensors.torch import load_file, save_file
+
+from tensorcast_ray._disk import (
+    TensorSource,
+    artifact_path,
+    delete_artifact,
+    list_artifacts,
+    read_checkpoint_into,
+    read_into,
+    read_manifest,
+    read_tensor_range,
+    scan_checkpoint,
+    write_artifact,
+)
+from tensorcast_ray._disk import _writer
+from tensorcast_ray._disk._checksum import Checksum, checksum_for
+from tensorcast_ray._dtypes import ITEMSIZE, SAFETENSORS_NAME, torch_dtype
+from tensorcast_ray._errors import (
+    AlreadyExistsError,
+    DataLossError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+
+
+def random_tensor(dtype: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.Size(shape).numel()) * ITEMSIZE[dtype]
+    raw = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    return raw.view(torch_dtype(dtype)).reshape(shape)
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def source(name: str, t: torch.Tensor) -> TensorSource:
+    dtype = str(t.dtype).removeprefix("torch.")
+    return TensorSource(name, dtype, tuple(t.shape), as_bytes(t))
+
+
+def read_all(root: str, key: str, **kw: object) -> dict[str, torch.Tensor]:
+    manifest = read_manifest(root, key, storage_options=kw.pop("storage_options", None))  # type: ignore[arg-type]
+    out: dict[str, torch.Tensor] = {}
+
+    def dest(t):  # type: ignore[no-untyped-def]
+        out[t.name] = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        return as_bytes(out[t.name])
+
+    read_into(root, manifest, dest, **kw)  # type: ignore[arg-type]
+    return out
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(as_bytes(a)) == bytes(as_bytes(b))
+
+
+@pytest.fixture(params=["file", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "file":
+        yield f"file://{tmp_path}/store"
+        return
+    url = f"memory://tc-test-{uuid.uuid4().hex}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def shard_paths(root: str, key: str) -> list[str]:
+    fs, base = fsspec.core.url_to_fs(artifact_path(root, key))
+    return sorted(p for p in fs.ls(base, detail=False) if p.endswith(".safetensors"))
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+def test_every_canonical_dtype_round_trips(root: str) -> None:
+    tensors = {f"t.{d}": random_tensor(d, (3, 5), seed=i) for i, d in enumerate(sorted(ITEMSIZE))}
+    tensors["scalar"] = random_tensor("float32", ())
+    tensors["empty"] = random_tensor("bfloat16", (0, 4))
+    seen: list[tuple[int, int]] = []
+    m = write_artifact(
+        root,
+        "model:v1",
+        [source(k, v) for k, v in tensors.items()],
+        artifact_id="a1",
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert m.key == "model:v1" and m.artifact_id == "a1" and len(m.shards) == 1
+    assert seen[-1] == (m.total_bytes, m.total_bytes)
+    got = read_all(root, "model:v1")
+    assert got.keys() == tensors.keys()
+    assert all(same(got[k], v) for k, v in tensors.items())
+    assert read_manifest(root, "model:v1") == m
+    assert list_artifacts(root) == ["model:v1"]
+
+
+def test_shards_split_in_order_and_big_tensor_alone(root: str) -> None:
+    sizes = [3000, 3000, 9000, 1000, 1000, 1000]  # bytes (uint8)
+    ts = {f"w{i}": random_tensor("uint8", (n,), seed=i) for i, n in enumerate(sizes)}
+    m = write_artifact(
+        root,
+        "s:1",
+        [source(k, v) for k, v in ts.items()],
+        shard_bytes=4096,
+        shard_threshold=8192,
+        max_buffer_bytes=4096,
+    )
+    layout = [[t.name for t in m.tensors if t.shard == s] for s in range(len(m.shards))]
+    assert layout == [["w0"], ["w1"], ["w2"], ["w3", "w4", "w5"]]
+    assert all(s.header_size % 8 == 0 for s in m.shards)
+    assert m.shards[0].file == "shard-00000-of-00004.safetensors"
+    got = read_all(root, "s:1", max_buffer_bytes=4096, parallelism=3)
+    assert all(same(got[k], v) for k, v in ts.items())
+
+
+def test_names_subset_and_byte_range(root: str) -> None:
+    a, b = random_tensor("float32", (64, 32), 1), random_tensor("int64", (10,), 2)
+    m = write_artifact(root, "x:1", [source("a", a), source("b", b)])
+    got = read_all(root, "x:1", names=["b"])
+    assert list(got) == ["b"] and same(got["b"], b)
+    rows = torch.empty((4, 32), dtype=torch.float32)
+    read_tensor_range(root, m, "a", as_bytes(rows), start=8 * 32 * 4)
+    assert torch.equal(rows, a[8:12])
+    with pytest.raises(NotFoundError, match="no tensors named"):
+        read_all(root, "x:1", names=["nope"])
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        read_tensor_range(root, m, "a", as_bytes(rows), start=a.nbytes)
+
+
+def test_invalid_inputs_are_reported(root: str) -> None:
+    t = random_tensor("float32", (4,))
+    with pytest.raises(InvalidArgumentError, match="needs 20"):
+        write_artifact(root, "k:1", [TensorSource("a", "float32", (5,), as_bytes(t))])
+    with pytest.raises(InvalidArgumentError, match="unknown dtype"):
+        write_artifact(root, "k:1", [TensorSource("a", "float31", (4,), as_bytes(t))])
+    with pytest.raises(InvalidArgumentError, match="unique"):
+        write_artifact(root, "k:1", [source("a", t), source("a", t)])
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        write_artifact(
+            root, "k:1", [TensorSource("a", "float32", (2,), memoryview(t.numpy())[::2])]
+        )
+    with pytest.raises(InvalidArgumentError, match="non-empty"):
+        write_artifact(root, "", [source("a", t)])
+    m = write_artifact(root, "k:1", [source("a", t)])
+    with pytest.raises(InvalidArgumentError, match="exactly 16"):
+        read_into(root, m, lambda _: memoryview(bytearray(8)))
+    with pytest.raises(InvalidArgumentError, match="read-only"):
+        read_into(root, m, lambda _: memoryview(bytes(16)))
+
+
+# --- safetensors compatibility --------------------------------------------------------------
+
+
+def test_safetensors_package_reads_our_shards(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    ts = {d: random_tensor(d, (2, 3), i) for i, d in enumerate(sorted(ITEMSIZE))}
+    write_artifact(
+        root, "st:1", [source(k, v) for k, v in ts.items()], shard_threshold=0, shard_bytes=1 << 20
+    )
+    (path,) = shard_paths(root, "st:1")
+    loaded = load_file(path)
+    for name, t in ts.items():
+        if name in SAFETENSORS_NAME:
+            assert same(loaded[name], t)
+        else:  # raw-stored: uint8 with a trailing itemsize dimension
+            assert loaded[name].dtype == torch.uint8
+            assert loaded[name].shape == (2, 3, ITEMSIZE[name])
+            assert bytes(loaded[name].numpy()) == bytes(as_bytes(t))
+    f32, i64 = ts["float32"], ts["int64"]
+    write_artifact(root, "np:1", [source("f", f32), source("i", i64)])
+    (np_path,) = shard_paths(root, "np:1")
+    np_loaded = np_load_file(np_path)  # numpy has no bf16 / float8: a numpy-only artifact
+    assert np_loaded["f"].tobytes() == bytes(as_bytes(f32))  # bytes: random floats hold NaNs
+    assert np_loaded["i"].tobytes() == bytes(as_bytes(i64))
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    raw = json.loads(meta["tensorcast.dtypes"])
+    assert set(raw) == set(ITEMSIZE) - set(SAFETENSORS_NAME)
+    assert meta["tensorcast.key"] == "st:1" and meta["format"] == "pt"
+
+
+def test_scan_single_file_written_by_safetensors(tmp_path: Path) -> None:
+    ts = {"emb": torch.randn(50, 8).to(torch.bfloat16), "norm": torch.ones(8), "i": torch.arange(7)}
+    save_file(ts, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    for url in (str(tmp_path), f"file://{tmp_path}/model.safetensors"):
+        ck = scan_checkpoint(url)
+        assert ck.kind == "safetensors" and ck.files == ("model.safetensors",)
+        assert {t.name: (t.dtype, t.shape) for t in ck.tensors} == {
+            "emb": ("bfloat16", (50, 8)),
+            "norm": ("float32", (8,)),
+            "i": ("int64", (7,)),
+        }
+        out: dict[str, torch.Tensor] = {}
+
+        def dest(t):  # type: ignore[no-untyped-def]
+            out[t.name] = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+            return as_bytes(out[t.name])
+
+        read_checkpoint_into(ck, dest)
+        assert all(same(out[k], v) for k, v in ts.items())
+
+
+def test_scan_sharded_checkpoint_with_index(tmp_path: Path) -> None:
+    parts = [{"a": torch.randn(30, 4), "b": torch.randn(3)}, {"c": torch.randn(5, 5).half()}]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file(part, str(tmp_path / name))
+        weight_map.update({k: name for k in part})
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "stray.safetensors").write_bytes(b"not listed in the index")
+    ck = scan_checkpoint(str(tmp_path))
+    assert sorted(t.name for t in ck.tensors) == ["a", "b", "c"]
+    assert len(ck.files) == 2
+    out: dict[str, torch.Tensor] = {}
+
+    def dest(t):  # type: ignore[no-untyped-def]
+        out[t.name] = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
+        return as_bytes(out[t.name])
+
+    read_checkpoint_into(ck, dest, names=["a", "c"], parallelism=2)
+    assert (
+        set(out) == {"a", "c"} and same(out["c"], parts[1]["c"]) and same(out["a"], parts[0]["a"])
+    )
+    weight_map["missing"] = "model-00001-of-00002.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(DataLossError, match="missing"):
+        scan_checkpoint(str(tmp_path))
+
+
+def test_scan_tensorcast_export_and_truncated_checkpoint(tmp_path: Path) -> None:
+    t = random_tensor("complex64", (4, 4))
+    write_artifact(str(tmp_path), "e:1", [source("z", t)])
+    ck = scan_checkpoint(artifact_path(str(tmp_path), "e:1"))
+    assert ck.kind == "tensorcast" and ck.tensors[0].dtype == "complex64"
+    got = torch.empty(4, 4, dtype=torch.complex64)
+    read_checkpoint_into(ck, lambda _: as_bytes(got))
+    assert torch.equal(got, t)
+    # our shard scanned as plain safetensors restores the raw-stored dtype
+    (shard,) = shard_paths(str(tmp_path), "e:1")
+    (st,) = scan_checkpoint(shard).tensors
+    assert (st.dtype, st.shape) == ("complex64", (4, 4))
+    path = tmp_path / "cut" / "model.safetensors"
+    path.parent.mkdir()
+    save_file({"w": torch.randn(100)}, str(path))
+    os.truncate(path, path.stat().st_size - 10)
+    with pytest.raises(DataLossError, match="truncated"):
+        scan_checkpoint(str(path.parent))
+    with pytest.raises(NotFoundError):
+        scan_checkpoint(str(tmp_path / "nothing-here"))
+
+
+# --- integrity ------------------------------------------------------------------------------
+
+
+def _flip(path: str, offset: int) -> None:
+    fs, p = fsspec.core.url_to_fs(path)
+    data = bytearray(fs.cat_file(p))
+    data[offset] ^= 0xFF
+    fs.pipe_file(p, bytes(data))
+
+
+def test_corrupt_byte_is_data_loss(root: str) -> None:
+    a, b = random_tensor("float32", (256,), 1), random_tensor("float32", (256,), 2)
+    m = write_artifact(root, "c:1", [source("a", a), source("b", b)])
+    (path,) = shard_paths(root, "c:1")
+    proto = root.split("://")[0]
+    _flip(f"{proto}://{path}", m.tensor("b").offset + 7)
+    with pytest.raises(DataLossError, match=r"tensor 'b'.*re-export"):
+        read_all(root, "c:1")
+    assert same(read_all(root, "c:1", names=["a"])["a"], a)  # the intact tensor still reads
+    assert not same(read_all(root, "c:1", verify=False)["b"], b)  # unverified: caller's choice
+    _flip(f"{proto}://{path}", 20)  # inside the header JSON
+    with pytest.raises(DataLossError, match="header checksum"):
+        read_all(root, "c:1", names=["a"])
+
+
+def test_truncated_shard_is_data_loss(root: str) -> None:
+    write_artifact(root, "t:1", [source("a", random_tensor("int32", (1000,)))])
+    (path,) = shard_paths(root, "t:1")
+    fs, p = fsspec.core.url_to_fs(f"{root.split('://')[0]}://{path}")
+    fs.pipe_file(p, bytes(fs.cat_file(p))[:-100])
+    with pytest.raises(DataLossError, match="truncated"):
+        read_all(root, "t:1")
+    with pytest.raises(DataLossError, match="truncated"):
+        read_all(root, "t:1", verify=False)
+
+
+def test_missing_or_corrupt_manifest(root: str) -> None:
+    with pytest.raises(NotFoundError, match="no committed manifest"):
+        read_manifest(root, "absent:1")
+    write_artifact(root, "m:1", [source("a", random_tensor("int8", (10,)))])
+    fs, base = fsspec.core.url_to_fs(artifact_path(root, "m:1"))
+    fs.pipe_file(f"{base}/manifest.json", b'{"format": "tensorcast-disk", "format_ver')
+    with pytest.raises(DataLossError, match="not a valid manifest"):
+        read_manifest(root, "m:1")
+    doc = {"format": "tensorcast-disk", "format_version": 1, "shards": "x"}
+    fs.pipe_file(f"{base}/manifest.json", json.dumps(doc).encode())
+    with pytest.raises(DataLossError, match="re-export"):
+        read_manifest(root, "m:1")
+    assert list_artifacts(root) == []
+    write_artifact(root, "m:1", [source("a", random_tensor("int8", (10,)))])  # repairs
+    assert list_artifacts(root) == ["m:1"]
+
+
+def test_checksum_combine_matches_whole_crc() -> None:
+    algo = checksum_for("crc32")
+    a, b = os.urandom(1000), os.urandom(777)
+    assert algo.combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    assert algo.combine(zlib.crc32(a), 0, 0) == zlib.crc32(a)
+
+    def crc32c(crc: int, data: bytes | memoryview) -> int:  # bitwise reference
+        crc ^= 0xFFFFFFFF
+        for byte in bytes(data):
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        return crc ^ 0xFFFFFFFF
+
+    c = Checksum("crc32c", crc32c, 0x82F63B78)
+    assert c.of(b"123456789") == 0xE3069283  # the standard check value
+    assert c.combine(c.of(a[:100]), c.of(b[:50]), 50) == c.of(a[:100] + b[:50])
+
+
+# --- atomic commit --------------------------------------------------------------------------
+
+
+def test_writer_failing_after_first_shard_leaves_nothing(
+    root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ts = [source(f"w{i}", random_tensor("uint8", (5000,), i)) for i in range(3)]
+    real = _writer._write_shard
+    calls = 0
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(5, "disk went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_writer, "_write_shard", failing)
+    with pytest.raises(OSError, match="disk went away"):
+        write_artifact(root, "crash:1", ts, shard_bytes=5000, shard_threshold=0, parallelism=1)
+    assert shard_paths(root, "crash:1")  # the first shard did land...
+    with pytest.raises(NotFoundError):  # ...but nothing is visible
+        read_manifest(root, "crash:1")
+    assert list_artifacts(root) == []
+    monkeypatch.setattr(_writer, "_write_shard", real)
+    m = write_artifact(root, "crash:1", ts, shard_bytes=5000, shard_threshold=0)
+    assert len(m.shards) == 3 and same(
+        read_all(root, "crash:1")["w2"], random_tensor("uint8", (5000,), 2)
+    )
+
+
+def test_reexport_is_idempotent_and_versions_immutable(root: str) -> None:
+    ts = [source("a", random_tensor("float16", (64,)))]
+    m1 = write_artifact(root, "v:1", ts, artifact_id="id-1")
+    assert write_artifact(root, "v:1", ts, artifact_id="id-1") == m1  # nothing rewritten
+    with pytest.raises(AlreadyExistsError, match="immutable"):
+        write_artifact(root, "v:1", [source("a", random_tensor("float16", (64,), seed=9))])
+    assert delete_artifact(root, "v:1") is True
+    assert delete_artifact(root, "v:1") is False
+    with pytest.raises(NotFoundError):
+        read_manifest(root, "v:1")
+    write_artifact(root, "v:1", [source("a", random_tensor("float16", (64,), seed=9))])
+
+
+_KILLED_WRITER = """
+import os, sys
+import numpy as np
+from tensorcast_ray._disk import TensorSource, write_artifact
+root = sys.argv[1]
+data = np.random.default_rng(0).integers(0, 255, size=8 << 20, dtype=np.uint8)
+ts = [TensorSource(f"w{i}", "uint8", (data.size,), memoryview(data)) for i in range(6)]
+def progress(done, total):
+    if done >= 12 << 20:  # inside the second shard: tell the parent, then hang until killed
+        os.write(1, b"mid-write\\n")
+        sys.stdin.read()
+write_artifact(root, "big:1", ts, shard_bytes=16 << 20, shard_threshold=0,
+               max_buffer_bytes=1 << 20, parallelism=1, progress=progress)
+"""
+
+
+def test_writer_killed_mid_export_leaves_no_artifact(tmp_path: Path) -> None:
+    root = str(tmp_path / "store")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, root],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"mid-write\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    left = sorted(os.listdir(artifact_path(root, "big:1")))
+    assert "manifest.json" not in left and any(".tmp-" in n for n in left)
+    with pytest.raises(NotFoundError):
+        read_manifest(root, "big:1")
+    assert list_artifacts(root) == []
+    small = random_tensor("uint8", (100,))
+    write_artifact(root, "big:1", [source("w0", small)])
+    assert sorted(os.listdir(artifact_path(root, "big:1"))) == [
+        "manifest.json",
+        "shard-00000-of-00001.safetensors",
+    ]  # leftovers cleared
+    assert same(read_all(root, "big:1")["w0"], small)
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+HOSTILE = [
+    "../x",
+    "/etc/passwd",
+    "a/../../b",
+    "..",
+    ".",
+    "x" * 10_000,
+    "模型:版本/../v1",
+    "nul\x00byte:v1",
+    "a:b:c",
+    "a/b:c",
+    "a_b:c",
+    "a?b:c",
+    "llama:v1",
+    "llama:v1 ",
+    "\udcff-lone-surrogate",
+    ":",
+    "C:\\Windows\\system32",
+]
+
+
+def test_hostile_keys_stay_inside_root_and_stay_distinct(root: str) -> None:
+    paths = {k: artifact_path(root, k) for k in HOSTILE}
+    assert len(set(paths.values())) == len(HOSTILE)
+    for p in paths.values():
+        leaf = p.removeprefix(root + "/")
+        assert p.startswith(root + "/") and "/" not in leaf and "\\" not in leaf
+        assert leaf not in (".", "..") and not leaf.startswith(".") and len(leaf) < 140
+        assert leaf.isascii() and "\x00" not in leaf
+    assert artifact_path(root, "llama:v1").removeprefix(root + "/").startswith("llama@v1-")
+    for i, k in enumerate(HOSTILE[:8]):
+        write_artifact(root, k, [source("t", random_tensor("uint8", (4,), i))])
+    assert list_artifacts(root) == sorted(HOSTILE[:8])
+    assert same(read_all(root, "../x")["t"], random_tensor("uint8", (4,), 0))
+    if root.startswith("file://"):
+        base = Path(root.removeprefix("file://"))
+        assert not (base.parent / "x").exists() and not (base.parent / "b").exists()
+
+
+# --- memory bound ---------------------------------------------------------------------------
+
+_MEASURE = """
+import resource, sys, json
+import numpy as np
+from tensorcast_ray._disk import TensorSource, write_artifact, read_manifest, read_into
+root, mib = sys.argv[1], int(sys.argv[2])
+def peak(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+src = np.random.default_rng(0).integers(0, 255, size=mib << 20, dtype=np.uint8)
+dst = np.zeros_like(src); dst[:] = 1  # fault both in before the baseline
+parts = np.array_split(np.arange(src.size), 12)
+ts = [TensorSource(f"w{i}", "uint8", (len(p),), memoryview(src[p[0]:p[-1] + 1]))
+      for i, p in enumerate(parts)]
+base = peak()
+m = write_artifact(root, "mem:1", ts, max_buffer_bytes=8 << 20, shard_bytes=48 << 20,
+                   shard_threshold=32 << 20, parallelism=2)
+after_write = peak()
+offsets = {}
+pos = 0
+for t in m.tensors:
+    offsets[t.name] = pos; pos += t.nbytes
+read_into(root, read_manifest(root, "mem:1"),
+          lambda t: memoryview(dst[offsets[t.name]:offsets[t.name] + t.nbytes]),
+          max_buffer_bytes=8 << 20, parallelism=2)
+after_read = peak()
+assert (src == dst).all()
+print(json.dumps({"write": after_write - base, "read": after_read - after_write,
+                  "shards": len(m.shards)}))
+"""
+
+
+def test_memory_stays_bounded_for_a_96_mib_artifact(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(tmp_path), "96"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    grown = json.loads(out.stdout)
+    # Peak RSS growth (ru_maxrss) of export and import: a few MiB of bookkeeping against a
+    # 96 MiB artifact; the bound leaves room for 2 workers x 8 MiB buffers.
+    print("peak RSS growth, MiB:", {k: v / 2**20 for k, v in grown.items() if k != "shards"})
+    assert grown["shards"] == 2
+    assert grown["write"] < 24 << 20, grown
+    assert grown["read"] < 24 << 20, grown
