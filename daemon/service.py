@@ -182,4 +182,5 @@ class DaemonService:
 def build_string() -> str:
     import platform
 
-    return f"tensorcast_ray {__version__} (protocol v{PROTOCOL_VERSION}, python {platform.python_version()})"
+    python = platform.python_version()
+    return f"tensorcast_ray {__version__} (protocol v{PROTOCOL_VERSION}, python {python})"

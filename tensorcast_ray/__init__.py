@@ -8,6 +8,7 @@
 Importing this package imports neither torch nor ray; both load on first use.
 """
 
+from tensorcast_ray._artifact import Artifact, ArtifactView
 from tensorcast_ray._bootstrap import InitContext, Versions, init, is_initialized, shutdown
 from tensorcast_ray._config import DaemonConfig, GlobalStoreConfig, PortConfig
 from tensorcast_ray._errors import (
@@ -27,16 +28,44 @@ from tensorcast_ray._errors import (
 )
 from tensorcast_ray._policy import StorePolicy, TierSpec
 from tensorcast_ray._retry import RetryPolicy
+from tensorcast_ray._store import (
+    GetArtifactOptions,
+    PutResult,
+    Store,
+    StoreOptions,
+    artifact,
+    delete,
+    empty,
+    empty_like,
+    exists,
+    get,
+    get_into,
+    list_keys,
+    put,
+    register,
+    store,
+)
 from tensorcast_ray._version import __version__
+
+
+def metrics_text() -> str:
+    """This process's SDK metrics in the Prometheus text format."""
+    from tensorcast_ray._metrics import get_sdk_metrics
+
+    return get_sdk_metrics().text()
+
 
 __all__ = [
     "AbortedError",
     "AlreadyExistsError",
+    "Artifact",
     "ArtifactError",
+    "ArtifactView",
     "DaemonConfig",
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
+    "GetArtifactOptions",
     "GlobalStoreConfig",
     "InitContext",
     "InternalError",
@@ -44,15 +73,30 @@ __all__ = [
     "NotFoundError",
     "PermissionDeniedError",
     "PortConfig",
+    "PutResult",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Store",
+    "StoreOptions",
     "StorePolicy",
     "TierSpec",
     "UnavailableError",
     "UnimplementedError",
     "Versions",
     "__version__",
+    "artifact",
+    "delete",
+    "empty",
+    "empty_like",
+    "exists",
+    "get",
+    "get_into",
     "init",
     "is_initialized",
+    "list_keys",
+    "metrics_text",
+    "put",
+    "register",
     "shutdown",
+    "store",
 ]

@@ -334,6 +334,9 @@ def shutdown() -> None:
     if state.pid != os.getpid():
         return
     errors: list[ArtifactError] = []
+    from tensorcast_ray._store import reset_process_state
+
+    reset_process_state()
     state.client.close()
     for handle in (state.owned_daemon, state.owned_global_store):
         if handle is not None:

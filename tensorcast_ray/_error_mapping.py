@@ -210,112 +210,69 @@ def from_grpc_error(err: grpc.RpcError, *, target: str = "") -> ArtifactError:
 # ---------------------------------------------------------------------------------------------
 
 _C = grpc.StatusCode
+_U, _D, _A = _C.UNAVAILABLE, _C.DEADLINE_EXCEEDED, _C.ABORTED
+_R, _F, _I = _C.RESOURCE_EXHAUSTED, _C.FAILED_PRECONDITION, _C.INTERNAL
+
 _ACTOR_DOWN = (
     "a tensorcast actor (daemon or Global Store) died or is restarting; it is restarted "
     f"automatically -- retry, or {_DAEMON_HINT}"
 )
+_NODE_DOWN = "a Ray worker or node died; retry reaches a restarted daemon or another replica"
+_OVERLOADED = "the actor has too many calls pending (overloaded); retry with backoff"
+_BYTES_LOST = "bytes in transit through Ray were lost; retry asks the serving daemon again"
+_FREED = "the bytes were freed (evicted or replaced) mid-transfer; retry re-resolves them"
+_SLOW = "a Ray call timed out; retry, or give it a longer deadline"
+_TRANSPORT = "a Ray transport failed; retry"
+_FULL = "Ray ran out of object store, memory or disk; free some or add capacity"
+_UNSCHEDULABLE = "Ray cannot schedule the actor or task (node gone, resources, placement group)"
+_RUNTIME_ENV = "Ray could not set up the runtime environment; fix runtime_env"
+_RAY_BUG = "Ray failed internally; please report it with the traceback"
 
 #: Ray exception class name -> (code, retryable, advice).  Looked up along the MRO, so a class
-#: Ray adds later still maps through its parent; tests keep this table complete.
+#: Ray adds later still maps through its parent; the unit tests keep this table complete.
 _RAY_TABLE: dict[str, tuple[grpc.StatusCode, bool, str]] = {
-    "RayActorError": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
-    "ActorDiedError": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
-    "ActorUnavailableError": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
-    "AsyncioActorExit": (_C.UNAVAILABLE, True, _ACTOR_DOWN),
-    "WorkerCrashedError": (_C.UNAVAILABLE, True, "the Ray worker running the call crashed"),
-    "NodeDiedError": (_C.UNAVAILABLE, True, "a Ray node died; retry to reach another replica"),
-    "LocalRayletDiedError": (
-        _C.UNAVAILABLE,
-        False,
-        "this node's Ray raylet died; restart this process once Ray is back",
-    ),
-    "PendingCallsLimitExceeded": (
-        _C.UNAVAILABLE,
-        True,
-        "the actor has too many calls pending (overloaded); retry with backoff",
-    ),
-    "PlasmaObjectNotAvailable": (_C.UNAVAILABLE, True, "a Ray object is not available yet"),
-    "ObjectLostError": (
-        _C.UNAVAILABLE,
-        True,
-        "bytes in transit through the Ray object store were lost; retry fetches them again",
-    ),
-    "OwnerDiedError": (
-        _C.UNAVAILABLE,
-        True,
-        "the process serving these bytes died; retry once its daemon restarts",
-    ),
-    "ObjectReconstructionFailedError": (
-        _C.UNAVAILABLE,
-        True,
-        "Ray could not rebuild lost bytes; retry asks the serving daemon again",
-    ),
-    "ObjectFreedError": (
-        _C.ABORTED,
-        True,
-        "the bytes were freed (evicted or replaced) mid-transfer; retry re-resolves them",
-    ),
-    "ObjectFetchTimedOutError": (
-        _C.DEADLINE_EXCEEDED,
-        True,
-        "fetching bytes from another node timed out",
-    ),
-    "GetTimeoutError": (_C.DEADLINE_EXCEEDED, True, "ray.get timed out"),
-    "RayChannelError": (_C.UNAVAILABLE, True, "a Ray channel closed"),
-    "RayChannelTimeoutError": (_C.DEADLINE_EXCEEDED, True, "a Ray channel timed out"),
-    "RayDirectTransportError": (_C.UNAVAILABLE, True, "a Ray direct (GPU) transfer failed"),
-    "RpcError": (_C.UNAVAILABLE, True, "Ray's own RPC layer failed"),
-    "ObjectStoreFullError": (
-        _C.RESOURCE_EXHAUSTED,
-        False,
-        "the Ray object store is full; free objects or give Ray more object store memory",
-    ),
-    "OutOfDiskError": (_C.RESOURCE_EXHAUSTED, False, "a Ray node is out of disk"),
-    "OutOfMemoryError": (
-        _C.RESOURCE_EXHAUSTED,
-        False,
-        "Ray's memory monitor killed the worker; lower memory use or add memory",
-    ),
-    "RayCgraphCapacityExceeded": (_C.RESOURCE_EXHAUSTED, False, "a compiled graph is full"),
-    "ActorUnschedulableError": (
-        _C.FAILED_PRECONDITION,
-        False,
-        "Ray cannot schedule the actor (its node is gone or no node has its resources)",
-    ),
-    "TaskUnschedulableError": (
-        _C.FAILED_PRECONDITION,
-        False,
-        "Ray cannot schedule the task (its node is gone or no node has its resources)",
-    ),
-    "ActorPlacementGroupRemoved": (_C.FAILED_PRECONDITION, False, "the placement group is gone"),
-    "TaskPlacementGroupRemoved": (_C.FAILED_PRECONDITION, False, "the placement group is gone"),
-    "RuntimeEnvSetupError": (
-        _C.FAILED_PRECONDITION,
-        False,
-        "Ray could not set up the runtime environment; fix runtime_env",
-    ),
+    "RayActorError": (_U, True, _ACTOR_DOWN),
+    "ActorDiedError": (_U, True, _ACTOR_DOWN),
+    "ActorUnavailableError": (_U, True, _ACTOR_DOWN),
+    "AsyncioActorExit": (_U, True, _ACTOR_DOWN),
+    "WorkerCrashedError": (_U, True, _NODE_DOWN),
+    "NodeDiedError": (_U, True, _NODE_DOWN),
+    "LocalRayletDiedError": (_U, False, "this node's raylet died; restart this process"),
+    "PendingCallsLimitExceeded": (_U, True, _OVERLOADED),
+    "PlasmaObjectNotAvailable": (_U, True, _BYTES_LOST),
+    "ObjectLostError": (_U, True, _BYTES_LOST),
+    "OwnerDiedError": (_U, True, _BYTES_LOST),
+    "ObjectReconstructionFailedError": (_U, True, _BYTES_LOST),
+    "ObjectFreedError": (_A, True, _FREED),
+    "ObjectFetchTimedOutError": (_D, True, _SLOW),
+    "GetTimeoutError": (_D, True, _SLOW),
+    "RayChannelTimeoutError": (_D, True, _SLOW),
+    "RayChannelError": (_U, True, _TRANSPORT),
+    "RayDirectTransportError": (_U, True, _TRANSPORT),
+    "RpcError": (_U, True, _TRANSPORT),
+    "ObjectStoreFullError": (_R, False, _FULL),
+    "OutOfDiskError": (_R, False, _FULL),
+    "OutOfMemoryError": (_R, False, _FULL),
+    "RayCgraphCapacityExceeded": (_R, False, _FULL),
+    "ActorUnschedulableError": (_F, False, _UNSCHEDULABLE),
+    "TaskUnschedulableError": (_F, False, _UNSCHEDULABLE),
+    "ActorPlacementGroupRemoved": (_F, False, _UNSCHEDULABLE),
+    "TaskPlacementGroupRemoved": (_F, False, _UNSCHEDULABLE),
+    "RuntimeEnvSetupError": (_F, False, _RUNTIME_ENV),
     "ActorAlreadyExistsError": (_C.ALREADY_EXISTS, False, "a Ray actor of that name exists"),
     "ActorHandleNotFoundError": (_C.NOT_FOUND, False, "the Ray actor handle is not known"),
-    "AuthenticationError": (
-        _C.UNAUTHENTICATED,
-        False,
-        "Ray refused the connection; check the cluster's authentication token",
-    ),
+    "AuthenticationError": (_C.UNAUTHENTICATED, False, "Ray refused the auth token"),
     "TaskCancelledError": (_C.CANCELLED, False, "the Ray task was cancelled"),
-    "RayTaskError": (_C.INTERNAL, False, "a Ray task failed"),
-    "UserCodeException": (_C.INTERNAL, False, "user code failed inside Ray"),
-    "RaySystemError": (_C.INTERNAL, False, "Ray reported a system error"),
-    "StreamingGeneratorReplayInconsistentError": (_C.INTERNAL, False, "Ray generator replay"),
-    "ObjectRefStreamEndOfStreamError": (_C.INTERNAL, False, "a Ray stream ended early"),
-    "ReferenceCountingAssertionError": (_C.INTERNAL, False, "Ray reference counting failed"),
-    "CrossLanguageError": (_C.INTERNAL, False, "a cross-language Ray call failed"),
-    "UnserializableException": (_C.INTERNAL, False, "a remote exception could not be pickled"),
-    "OufOfBandObjectRefSerializationException": (
-        _C.INTERNAL,
-        False,
-        "an ObjectRef was serialized out of band",
-    ),
-    "RayError": (_C.INTERNAL, False, "Ray failed"),
+    "RayTaskError": (_I, False, "a Ray task failed"),
+    "UserCodeException": (_I, False, "user code failed inside Ray"),
+    "RaySystemError": (_I, False, _RAY_BUG),
+    "StreamingGeneratorReplayInconsistentError": (_I, False, _RAY_BUG),
+    "ObjectRefStreamEndOfStreamError": (_I, False, _RAY_BUG),
+    "ReferenceCountingAssertionError": (_I, False, _RAY_BUG),
+    "CrossLanguageError": (_I, False, "a call into another language failed"),
+    "UnserializableException": (_I, False, "a remote exception could not be unpickled"),
+    "OufOfBandObjectRefSerializationException": (_I, False, _RAY_BUG),
+    "RayError": (_I, False, _RAY_BUG),
 }
 
 

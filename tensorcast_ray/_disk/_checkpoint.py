@@ -69,12 +69,12 @@ class Checkpoint:
 def _read_header(fs: fsspec.AbstractFileSystem, path: str, where: str) -> tuple[ParsedHeader, int]:
     try:
         size = fs.size(path)
-        head = bytes(fs.cat_file(path, 0, min(size, _FIRST_READ)))
+        head = bytes(fs.cat_file(path, start=0, end=min(size, _FIRST_READ)))
         n = header_length(head, where)
         if len(head) < 8 + n:
             if size < 8 + n:
                 raise DataLossError(f"{where} is truncated inside its header")
-            head = bytes(fs.cat_file(path, 0, 8 + n))
+            head = bytes(fs.cat_file(path, start=0, end=8 + n))
     except FileNotFoundError:
         raise NotFoundError(f"{where} does not exist") from None
     except OSError as exc:

@@ -134,7 +134,7 @@ def _check_shard_heads(
         label = f"shard {shard.file!r} of artifact {manifest.key!r}"
         try:
             size = fs.size(path)
-            head = fs.cat_file(path, 0, shard.header_size)
+            head = fs.cat_file(path, start=0, end=shard.header_size)
         except FileNotFoundError:
             raise DataLossError(f"{label} is missing; re-export the artifact") from None
         except OSError as exc:

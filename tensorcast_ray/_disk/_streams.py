@@ -6,7 +6,7 @@ One read of an artifact or checkpoint goes like this:
    memoryview it must land in (in production a slice of the store's shared memory).
 2. Each target is cut into parts of at most ``max_buffer_bytes``; runs of small adjacent
    parts of one file are coalesced into one ranged read (fewer round trips on object
-   stores) through a per-worker buffer of at most ``max_buffer_bytes``.
+   stores) through a per-worker buffer of at most ``min(4 MiB, max_buffer_bytes)``.
 3. ``parallelism`` worker threads run the reads.  Local files are read with ``readinto``
    directly into the destination (no intermediate buffer at all); other file systems
    with ranged ``read`` calls of at most one part (fsspec ``cache_type="none"``).
@@ -32,7 +32,8 @@ from tensorcast_ray._errors import DataLossError, InvalidArgumentError
 
 __all__ = ["Progress", "ReadTarget", "check_tuning", "read_targets"]
 
-_SMALL = 1 << 20  # parts below this are coalesced with their neighbours
+_SMALL = 1 << 20  # parts below this are coalesced with their neighbours...
+_RUN_CAP = 4 << 20  # ...into ranged reads of at most this (and max_buffer_bytes)
 
 
 def check_tuning(max_buffer_bytes: int, parallelism: int) -> None:
@@ -91,6 +92,7 @@ def _plan(targets: Sequence[ReadTarget], part_bytes: int) -> tuple[list[list[_Pa
                 _Part(ti, pi, t.offset + s, t.dest[s : s + part_bytes])
             )
     jobs: list[list[_Part]] = []
+    run_cap = min(part_bytes, _RUN_CAP)
     for parts in by_file.values():
         parts.sort(key=lambda p: p.offset)
         run: list[_Part] = []
@@ -98,7 +100,7 @@ def _plan(targets: Sequence[ReadTarget], part_bytes: int) -> tuple[list[list[_Pa
         for p in parts:
             n = p.dest.nbytes
             contiguous = run and run[-1].offset + run[-1].dest.nbytes == p.offset
-            if n < _SMALL and contiguous and run_bytes + n <= part_bytes:
+            if n < _SMALL and contiguous and run_bytes + n <= run_cap:
                 run.append(p)
                 run_bytes += n
                 continue
@@ -167,7 +169,7 @@ def read_targets(
                 total = sum(p.dest.nbytes for p in job)
                 buf = getattr(local, "buf", None)
                 if buf is None or len(buf) < total:
-                    buf = local.buf = bytearray(max_buffer_bytes)
+                    buf = local.buf = bytearray(total)
                 view = memoryview(buf)[:total]
                 _fill(f, view, label)
                 pos = 0

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from tensorcast_ray._disk import (
     TensorSource,
+    _writer,
     artifact_path,
     delete_artifact,
     list_artifacts,
@@ -31,7 +31,6 @@ from tensorcast_ray._disk import (
     scan_checkpoint,
     write_artifact,
 )
-from tensorcast_ray._disk import _writer
 from tensorcast_ray._disk._checksum import Checksum, checksum_for
 from tensorcast_ray._dtypes import ITEMSIZE, SAFETENSORS_NAME, torch_dtype
 from tensorcast_ray._errors import (
@@ -216,13 +215,8 @@ def test_scan_single_file_written_by_safetensors(tmp_path: Path) -> None:
             "norm": ("float32", (8,)),
             "i": ("int64", (7,)),
         }
-        out: dict[str, torch.Tensor] = {}
-
-        def dest(t):  # type: ignore[no-untyped-def]
-            out[t.name] = torch.empty(t.shape, dtype=torch_dtype(t.dtype))
-            return as_bytes(out[t.name])
-
-        read_checkpoint_into(ck, dest)
+        out = {t.name: torch.empty(t.shape, dtype=torch_dtype(t.dtype)) for t in ck.tensors}
+        read_checkpoint_into(ck, lambda t: as_bytes(out[t.name]))  # noqa: B023
         assert all(same(out[k], v) for k, v in ts.items())
 
 

@@ -51,8 +51,11 @@ def bucket(s3_options: dict[str, Any]) -> str:
     boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
     name = f"tc-{uuid.uuid4().hex[:12]}"
     client = boto3.client(
-        "s3", endpoint_url=s3_options["endpoint_url"], aws_access_key_id="test",
-        aws_secret_access_key="test", region_name="us-east-1",
+        "s3",
+        endpoint_url=s3_options["endpoint_url"],
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
     )
     client.create_bucket(Bucket=name)  # us-east-1: no location constraint
     return name
@@ -64,30 +67,58 @@ def as_bytes(t: torch.Tensor) -> memoryview:
 
 def test_round_trip_list_delete(s3_options: dict[str, Any], bucket: str) -> None:
     root = f"s3://{bucket}/store"
-    ts = {"emb": torch.randn(300, 64).to(torch.bfloat16), "w": torch.randn(64, 64),
-          "norm": torch.ones(64), "z": torch.randn(8, dtype=torch.complex64)}
-    sources = [TensorSource(k, str(v.dtype).removeprefix("torch."), tuple(v.shape), as_bytes(v))
-               for k, v in ts.items()]
+    ts = {
+        "emb": torch.randn(300, 64).to(torch.bfloat16),
+        "w": torch.randn(64, 64),
+        "norm": torch.ones(64),
+        "z": torch.randn(8, dtype=torch.complex64),
+    }
+    sources = [
+        TensorSource(k, str(v.dtype).removeprefix("torch."), tuple(v.shape), as_bytes(v))
+        for k, v in ts.items()
+    ]
     # Sharded, with parts smaller than the tensors: multipart-free small uploads and
     # several ranged GETs per tensor.
-    m = write_artifact(root, "llama:v1", sources, storage_options=s3_options,
-                       shard_bytes=40_000, shard_threshold=0, max_buffer_bytes=16 << 10)
+    m = write_artifact(
+        root,
+        "llama:v1",
+        sources,
+        storage_options=s3_options,
+        shard_bytes=40_000,
+        shard_threshold=0,
+        max_buffer_bytes=16 << 10,
+    )
     assert len(m.shards) > 1
     assert list_artifacts(root, storage_options=s3_options) == ["llama:v1"]
     got = read_manifest(root, "llama:v1", storage_options=s3_options)
     assert got == m
     out = {k: torch.empty_like(v) for k, v in ts.items()}
     done: list[int] = []
-    read_into(root, got, lambda t: as_bytes(out[t.name]), storage_options=s3_options,
-              max_buffer_bytes=16 << 10, parallelism=3, progress=lambda d, _: done.append(d))
+    read_into(
+        root,
+        got,
+        lambda t: as_bytes(out[t.name]),
+        storage_options=s3_options,
+        max_buffer_bytes=16 << 10,
+        parallelism=3,
+        progress=lambda d, _: done.append(d),
+    )
     assert all(torch.equal(out[k], v) for k, v in ts.items())
     assert max(done) == m.total_bytes
     rows = torch.empty(2, 64)
-    read_tensor_range(root, got, "w", as_bytes(rows), start=10 * 64 * 4,
-                      storage_options=s3_options)
+    read_tensor_range(root, got, "w", as_bytes(rows), start=10 * 64 * 4, storage_options=s3_options)
     assert torch.equal(rows, ts["w"][10:12])
-    assert write_artifact(root, "llama:v1", sources, storage_options=s3_options,
-                          shard_bytes=40_000, shard_threshold=0) == m  # idempotent
+    assert (
+        write_artifact(
+            root,
+            "llama:v1",
+            sources,
+            storage_options=s3_options,
+            shard_bytes=40_000,
+            shard_threshold=0,
+        )
+        == m
+    )  # idempotent
     assert delete_artifact(root, "llama:v1", storage_options=s3_options)
     with pytest.raises(NotFoundError):
         read_manifest(root, "llama:v1", storage_options=s3_options)
@@ -97,8 +128,9 @@ def test_round_trip_list_delete(s3_options: dict[str, Any], bucket: str) -> None
 def test_corruption_detected_on_s3(s3_options: dict[str, Any], bucket: str) -> None:
     root = f"s3://{bucket}"
     t = torch.arange(1000, dtype=torch.int32)
-    m = write_artifact(root, "c:1", [TensorSource("t", "int32", (1000,), as_bytes(t))],
-                       storage_options=s3_options)
+    m = write_artifact(
+        root, "c:1", [TensorSource("t", "int32", (1000,), as_bytes(t))], storage_options=s3_options
+    )
     fs = s3fs.S3FileSystem(**s3_options)
     (shard,) = [p for p in fs.find(bucket) if p.endswith(".safetensors")]
     data = bytearray(fs.cat_file(shard))
@@ -117,8 +149,10 @@ def test_scan_hf_checkpoint_on_s3(s3_options: dict[str, Any], bucket: str, tmp_p
         save_file(part, str(tmp_path / name))
         fs.put_file(str(tmp_path / name), f"{bucket}/ckpt/{name}")
         weight_map.update({k: name for k in part})
-    fs.pipe_file(f"{bucket}/ckpt/model.safetensors.index.json",
-                 json.dumps({"weight_map": weight_map}).encode())
+    fs.pipe_file(
+        f"{bucket}/ckpt/model.safetensors.index.json",
+        json.dumps({"weight_map": weight_map}).encode(),
+    )
     ck = scan_checkpoint(f"s3://{bucket}/ckpt", storage_options=s3_options)
     assert {t.name: t.dtype for t in ck.tensors} == {"a": "float32", "b": "float16"}
     out = {"a": torch.empty(20, 3), "b": torch.empty(7, dtype=torch.float16)}

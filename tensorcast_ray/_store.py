@@ -1,0 +1,496 @@
+"""The verbs: put, register, artifact, get, get_into, exists, delete, list_keys, empty.  [SDK]
+
+One put, step by step: validate the key, tensors and policy here (fail fast, nothing sent);
+``BeginWrite`` → the daemon reserves the version, admits the bytes and hands out
+pre-faulted segments; copy each tensor once into them; ``CommitWrite`` publishes the
+version. Any failure in between aborts the write, so the store never holds a half-written
+version. Every verb runs under its retry policy; between attempts the client reconnects
+(after a daemon restart the daemon's address is re-resolved through Ray).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tensorcast_ray import _bootstrap
+from tensorcast_ray._artifact import Artifact, ReadCache, _check_device
+from tensorcast_ray._catalog import parse_key
+from tensorcast_ray._errors import (
+    ArtifactError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    UnimplementedError,
+)
+from tensorcast_ray._layout import NO_SEGMENT, copy_into, describe_tensors
+from tensorcast_ray._metrics import get_sdk_metrics
+from tensorcast_ray._policy import StorePolicy, resolve_policy
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+from tensorcast_ray._retry import Retrier, RetryPolicy
+from tensorcast_ray._shm import map_segment
+
+if TYPE_CHECKING:
+    import torch
+
+SOURCES = ("auto", "local_only", "remote", "disk")
+
+
+@dataclass(frozen=True)
+class GetArtifactOptions:
+    """Where reads may come from. ``remote`` and ``disk`` need tiers not built yet."""
+
+    source: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InvalidArgumentError(
+                f"GetArtifactOptions.source={self.source!r}; expected one of {', '.join(SOURCES)}"
+            )
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    get: GetArtifactOptions = field(default_factory=GetArtifactOptions)
+    retry_overrides: Mapping[str, RetryPolicy] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    artifact_id: str
+    nbytes: int
+    status: str
+    degraded_reasons: tuple[str, ...] = ()
+    persistence_task_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    buffer_id: str
+    start: int
+    nbytes: int
+
+
+class _BufferRegistry:
+    """[SDK] tc.empty buffers of this process, found by address for zero-copy register."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: dict[str, _Buffer] = {}
+
+    def add(self, buf: _Buffer) -> None:
+        with self._lock:
+            self._buffers[buf.buffer_id] = buf
+
+    def find(self, tensor: Any) -> tuple[str, int] | None:
+        """``(buffer_id, offset)`` when ``tensor``'s bytes lie inside one tc.empty buffer."""
+        if not tensor.is_contiguous():
+            return None
+        ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+        with self._lock:
+            for buf in self._buffers.values():
+                if buf.start <= ptr and ptr + nbytes <= buf.start + buf.nbytes:
+                    return buf.buffer_id, ptr - buf.start
+        return None
+
+
+_read_cache = ReadCache()
+_buffers = _BufferRegistry()
+_cache_pid = os.getpid()
+
+
+def _process_caches() -> tuple[ReadCache, _BufferRegistry]:
+    global _read_cache, _buffers, _cache_pid
+    if _cache_pid != os.getpid():  # forked: the parent's mappings are not ours to trust
+        _read_cache, _buffers, _cache_pid = ReadCache(), _BufferRegistry(), os.getpid()
+    return _read_cache, _buffers
+
+
+class Store:
+    """The verbs, bound to options. ``tc.store(opts=...)`` makes one; the module-level
+    functions use a default one."""
+
+    def __init__(self, opts: StoreOptions | None = None, *, retrier: Retrier | None = None) -> None:
+        if opts is not None and not isinstance(opts, StoreOptions):
+            raise InvalidArgumentError("opts must be a tensorcast_ray.StoreOptions")
+        self.opts = opts or StoreOptions()
+        metrics = get_sdk_metrics()
+        self._retrier = retrier or Retrier(
+            self.opts.retry_overrides,
+            on_retry=metrics.record_retry,
+            before_retry=lambda err: _bootstrap.current().client.reconnect(),
+        )
+
+    @property
+    def _read_cache(self) -> ReadCache:
+        return _process_caches()[0]
+
+    # ---- plumbing ----------------------------------------------------------------------
+    @contextmanager
+    def _verb(self, verb: str) -> Iterator[None]:
+        with get_sdk_metrics().observe(verb):
+            yield
+
+    def _call(self, method: str, request: Any, timeout: float) -> Any:
+        return _bootstrap.current().client.call(method, request, timeout=max(timeout, 0.001))
+
+    def _check_source(self) -> None:
+        source = self.opts.get.source
+        if source in ("remote", "disk"):
+            raise FailedPreconditionError(
+                f"GetArtifactOptions(source={source!r}) needs the {source} tier, which is not "
+                "built yet; use source='auto' or 'local_only'"
+            )
+
+    def _require_same_host(self) -> None:
+        hello = _bootstrap.current().client.hello
+        import socket
+
+        if hello is not None and hello.hostname != socket.gethostname():
+            raise UnimplementedError(
+                f"this process runs on {socket.gethostname()} but its daemon on {hello.hostname}; "
+                "moving bytes over gRPC is not built yet — connect to the daemon of this host"
+            )
+
+    # ---- writes -------------------------------------------------------------------------
+    def put(
+        self, tensors: Mapping[str, Any], key: str, policy: StorePolicy | None = None
+    ) -> PutResult:
+        """Copy ``tensors`` once into the node's shared memory as version ``key``."""
+        with self._verb("put"):
+            return self._write("put", tensors, key, policy, None)
+
+    def register(
+        self,
+        tensors: Mapping[str, Any],
+        key: str,
+        policy: StorePolicy | None = None,
+        ttl_ms: int | None = None,
+    ) -> PutResult:
+        """Lease ``tensors`` as version ``key`` until delete, ``ttl_ms`` or this process exits.
+
+        Tensors allocated with :func:`tensorcast_ray.empty` are shared with no copy; other CPU
+        tensors are copied once."""
+        with self._verb("register"):
+            if ttl_ms is not None and (not isinstance(ttl_ms, int) or ttl_ms <= 0):
+                raise InvalidArgumentError(f"ttl_ms must be a positive int or None, got {ttl_ms!r}")
+            return self._write("register", tensors, key, policy, ttl_ms)
+
+    def _write(
+        self,
+        verb: str,
+        tensors: Mapping[str, Any],
+        key: str,
+        policy: StorePolicy | None,
+        ttl_ms: int | None,
+    ) -> PutResult:
+        parse_key(key, for_write=True)
+        if not isinstance(tensors, Mapping):
+            raise InvalidArgumentError(
+                f"{verb} takes a mapping of name to tensor, got {type(tensors).__name__}"
+            )
+        if policy is not None and not isinstance(policy, StorePolicy):
+            raise InvalidArgumentError("policy must be a tensorcast_ray.StorePolicy or None")
+        specs = describe_tensors(tensors)
+        cuda = [
+            n
+            for n, t in tensors.items()
+            if getattr(getattr(t, "device", None), "type", "cpu") == "cuda"
+        ]
+        if cuda and verb == "register":
+            raise UnimplementedError(
+                f"register of CUDA tensors ({cuda[0]!r}, …) needs CUDA IPC, which is not built yet; "
+                "use tc.put(), which copies them once into host shared memory"
+            )
+        policy_json = json.dumps(resolve_policy(policy).to_dict())
+        self._require_same_host()
+        if verb == "register":
+            refs = self._buffer_refs(tensors)
+            if refs is not None:
+                request = daemon_pb2.RegisterBuffersRequest(
+                    key=key,
+                    session_id=_bootstrap.current().client.session_hint,
+                    tensors=refs,
+                    policy_json=policy_json,
+                    ttl_ms=ttl_ms or 0,
+                )
+                result = self._retrier.call(
+                    verb, lambda t: self._call("RegisterBuffers", request, t)
+                )
+                get_sdk_metrics().record_data_path("shm")
+                return _put_result(result)
+        begin = daemon_pb2.BeginWriteRequest(
+            key=key,
+            kind=daemon_pb2.WRITE_KIND_REGISTER
+            if verb == "register"
+            else daemon_pb2.WRITE_KIND_PUT,
+            tensors=[daemon_pb2.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
+            policy_json=policy_json,
+            ttl_ms=ttl_ms or 0,
+        )
+
+        def attempt(timeout: float) -> Any:
+            begin.session_id = _bootstrap.current().client.session_hint
+            started = self._call("BeginWrite", begin, timeout)
+            try:
+                self._copy_in(started, tensors)
+                return self._call(
+                    "CommitWrite", daemon_pb2.CommitWriteRequest(write_id=started.write_id), timeout
+                )
+            except BaseException:
+                try:
+                    self._call(
+                        "AbortWrite", daemon_pb2.AbortWriteRequest(write_id=started.write_id), 5.0
+                    )
+                except ArtifactError:
+                    pass  # the daemon ends the write with our session anyway
+                raise
+
+        result = self._retrier.call(verb, attempt)
+        get_sdk_metrics().record_data_path("shm")
+        return _put_result(result)
+
+    @staticmethod
+    def _copy_in(started: daemon_pb2.BeginWriteResponse, tensors: Mapping[str, Any]) -> None:
+        maps = [
+            map_segment(started.shm_dir, s.name, s.size, writable=True, populate=True)
+            for s in started.segments
+        ]
+        try:
+            for t in started.tensors:
+                if t.segment != NO_SEGMENT:
+                    copy_into(tensors[t.name], maps[t.segment], t.offset)
+        finally:
+            for m in maps:
+                m.close()
+
+    def _buffer_refs(self, tensors: Mapping[str, Any]) -> list[daemon_pb2.BufferTensor] | None:
+        """BufferTensor refs when every tensor lives in a tc.empty buffer, else None."""
+        import torch
+
+        from tensorcast_ray._dtypes import dtype_name
+
+        registry = _process_caches()[1]
+        refs = []
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
+                return None
+            found = registry.find(t)
+            if found is None:
+                return None
+            buffer_id, offset = found
+            refs.append(
+                daemon_pb2.BufferTensor(
+                    name=name,
+                    dtype=dtype_name(t.dtype),
+                    shape=list(t.shape),
+                    buffer_id=buffer_id,
+                    offset=offset,
+                    nbytes=t.numel() * t.element_size(),
+                )
+            )
+        return refs
+
+    def empty(self, shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
+        """A writable CPU tensor in daemon-owned shared memory: ``register`` shares it with
+        no copy. The memory lives until this process exits (or the artifact registered from
+        it is deleted and the tensor is dropped)."""
+        import torch
+
+        from tensorcast_ray._dtypes import dtype_name, itemsize
+        from tensorcast_ray._layout import TensorMeta, wrap_tensor
+
+        dtype = dtype or torch.get_default_dtype()
+        shape = tuple(int(d) for d in shape)
+        if any(d < 0 for d in shape):
+            raise InvalidArgumentError(f"shape {shape} has a negative dimension")
+        name = dtype_name(dtype)
+        nbytes = itemsize(name) * _numel(shape)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        self._require_same_host()
+        request = daemon_pb2.AllocateBufferRequest(
+            session_id=_bootstrap.current().client.session_hint, nbytes=nbytes
+        )
+        with self._verb("register"):
+            resp = self._retrier.call(
+                "register", lambda t: self._call("AllocateBuffer", request, t)
+            )
+        mapping = map_segment(resp.shm_dir, resp.segment.name, resp.segment.size, writable=True)
+        tensor = wrap_tensor(mapping, TensorMeta("empty", name, shape, 0, 0, nbytes))
+        _process_caches()[1].add(_Buffer(resp.buffer_id, tensor.data_ptr(), resp.segment.size))
+        return tensor
+
+    def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.empty(tuple(tensor.shape), tensor.dtype)
+
+    # ---- reads --------------------------------------------------------------------------
+    def artifact(self, key: str | None = None, *, artifact_id: str | None = None) -> Artifact:
+        """The artifact ``key`` (``name:version`` or ``name:latest``) or ``artifact_id``."""
+        with self._verb("artifact"):
+            return self._artifact(key, artifact_id, "artifact")
+
+    def _artifact(self, key: str | None, artifact_id: str | None, verb: str) -> Artifact:
+        if (key is None) == (artifact_id is None):
+            raise InvalidArgumentError("pass exactly one of key or artifact_id")
+        if key is not None:
+            _, version = parse_key(key)
+        self._check_source()
+        cache = self._read_cache
+        if key is not None and version != "latest":
+            entry = cache.lookup_key(key)
+            if entry is not None:
+                return Artifact(entry, self)
+        self._require_same_host()
+        request = daemon_pb2.LookupRequest(key=key or "", artifact_id=artifact_id or "")
+        info = self._retrier.call(verb, lambda t: self._call("Lookup", request, t))
+        hello = _bootstrap.current().client.hello
+        if hello is not None:
+            cache.attach_epochs(hello.shm_dir, hello.epoch_segment, hello.epoch_slots)
+        return Artifact(cache.admit(info), self)
+
+    def get(
+        self, key: str, device: Any = "cpu", names: Sequence[str] | None = None, copy: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``artifact(key).tensor_dict(device, names, copy)``."""
+        with self._verb("get"):
+            _check_device(device)
+            return self._artifact(key, None, "get").tensor_dict(device, names=names, copy=copy)
+
+    def get_into(
+        self, key: str, targets: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
+    ) -> None:
+        """``artifact(key).tensor_dict_into(targets, names)``."""
+        with self._verb("get_into"):
+            self._artifact(key, None, "get_into").tensor_dict_into(targets, names=names)
+
+    def exists(self, key: str) -> bool:
+        with self._verb("exists"):
+            parse_key(key)
+            request = daemon_pb2.ExistsRequest(key=key)
+            return bool(
+                self._retrier.call("exists", lambda t: self._call("Exists", request, t)).exists
+            )
+
+    def delete(self, key: str) -> bool:
+        """Delete one version. Readers keep the tensors they hold; new readers get NOT_FOUND."""
+        with self._verb("delete"):
+            parse_key(key)
+            request = daemon_pb2.DeleteRequest(key=key)
+            return bool(
+                self._retrier.call("delete", lambda t: self._call("Delete", request, t)).deleted
+            )
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        with self._verb("list_keys"):
+            if not isinstance(prefix, str):
+                raise InvalidArgumentError("prefix must be a str")
+            request = daemon_pb2.ListKeysRequest(prefix=prefix)
+            return list(
+                self._retrier.call("list_keys", lambda t: self._call("ListKeys", request, t)).keys
+            )
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _put_result(result: daemon_pb2.WriteResult) -> PutResult:
+    return PutResult(
+        key=result.key,
+        artifact_id=result.artifact_id,
+        nbytes=int(result.nbytes),
+        status=result.status,
+        degraded_reasons=tuple(result.degraded_reasons),
+        persistence_task_id=result.persistence_task_id or None,
+    )
+
+
+_default: Store | None = None
+_default_lock = threading.Lock()
+
+
+def default_store() -> Store:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Store()
+        return _default
+
+
+def store(opts: StoreOptions | None = None) -> Store:
+    """An explicit Store with its own options (source, retry overrides)."""
+    return Store(opts)
+
+
+# ---- module-level verbs on the default store -------------------------------------------------
+def put(tensors: Mapping[str, Any], key: str, policy: StorePolicy | None = None) -> PutResult:
+    """Copy ``tensors`` once into the node's shared memory as version ``key``."""
+    return default_store().put(tensors, key, policy)
+
+
+def register(
+    tensors: Mapping[str, Any],
+    key: str,
+    policy: StorePolicy | None = None,
+    ttl_ms: int | None = None,
+) -> PutResult:
+    """Lease ``tensors`` as ``key`` until delete, ``ttl_ms`` or this process exits."""
+    return default_store().register(tensors, key, policy, ttl_ms)
+
+
+def artifact(key: str | None = None, *, artifact_id: str | None = None) -> Artifact:
+    """The artifact ``key`` (``name:version`` / ``name:latest``) or ``artifact_id``."""
+    return default_store().artifact(key, artifact_id=artifact_id)
+
+
+def get(
+    key: str, device: Any = "cpu", names: Sequence[str] | None = None, copy: bool = False
+) -> dict[str, torch.Tensor]:
+    """``artifact(key).tensor_dict(device, names, copy)``."""
+    return default_store().get(key, device, names, copy)
+
+
+def get_into(
+    key: str, targets: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
+) -> None:
+    """``artifact(key).tensor_dict_into(targets, names)``."""
+    default_store().get_into(key, targets, names)
+
+
+def exists(key: str) -> bool:
+    return default_store().exists(key)
+
+
+def delete(key: str) -> bool:
+    """Delete one version; readers keep what they hold, new readers get NOT_FOUND."""
+    return default_store().delete(key)
+
+
+def list_keys(prefix: str = "") -> list[str]:
+    return default_store().list_keys(prefix)
+
+
+def empty(shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
+    """A writable CPU tensor in shared memory; ``register`` shares it with no copy."""
+    return default_store().empty(shape, dtype)
+
+
+def empty_like(tensor: torch.Tensor) -> torch.Tensor:
+    return default_store().empty_like(tensor)
+
+
+def reset_process_state() -> None:
+    """Forget cached mappings and the default store (``shutdown`` calls it)."""
+    global _default
+    with _default_lock:
+        _default = None
+    _process_caches()[0].clear()

@@ -1,0 +1,322 @@
+"""``tensorcast-ray``: operate daemons and the Global Store of a Ray cluster.  [CLI]
+
+    tensorcast-ray [--address ADDR] [--namespace NS] daemon start|status|stop ...
+    tensorcast-ray ... global start|status|stop ...
+
+Exit codes: 0 success; 1 the operation failed (e.g. no daemon to stop); 2 bad usage;
+3 no Ray cluster reachable. Errors go to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from tensorcast_ray import _actors
+from tensorcast_ray._config import from_env, load_daemon_config, load_global_store_config
+from tensorcast_ray._errors import ArtifactError
+
+EXIT_FAILED = 1
+EXIT_NO_RAY = 3
+
+STATUS_FIELDS = (
+    "node_id",
+    "version",
+    "address",
+    "metrics_address",
+    "uptime_s",
+    "clients",
+    "artifacts",
+    "bytes",
+)
+
+
+class Ctx:
+    def __init__(self, address: str | None, namespace: str) -> None:
+        self.address = address
+        self.namespace = namespace
+
+    @contextmanager
+    def ray(self) -> Iterator[Any]:
+        import ray
+
+        address = self.address or from_env().ray_address or "auto"
+        try:
+            ray.init(
+                address=address,
+                namespace=self.namespace,
+                log_to_driver=False,
+                logging_level="ERROR",
+                configure_logging=False,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            click.echo(
+                f"error: no Ray cluster reachable at {address!r} ({exc}). Start one with "
+                "`ray start --head`, or pass --address / set RAY_ADDRESS.",
+                err=True,
+            )
+            sys.exit(EXIT_NO_RAY)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+def guarded(fn: Callable[..., None]) -> Callable[..., None]:
+    """Turn ArtifactError into a one-line message and exit code 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except ArtifactError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else auto)."
+)
+@click.option(
+    "--namespace",
+    default=None,
+    help="Ray namespace of the tensorcast actors (default: $TENSORCAST_RAY_NAMESPACE or tensorcast_ray).",
+)
+@click.version_option(package_name="tensorcast_ray")
+@click.pass_context
+def cli(ctx: click.Context, address: str | None, namespace: str | None) -> None:
+    """Operate tensorcast_ray daemons and the Global Store of a Ray cluster."""
+    ns = namespace or from_env().namespace or _actors.DEFAULT_NAMESPACE
+    ctx.obj = Ctx(address, ns)
+
+
+# ---- daemon --------------------------------------------------------------------------------
+@cli.group()
+def daemon() -> None:
+    """Node daemons (one per node)."""
+
+
+def _alive_nodes(ray: Any) -> list[str]:
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _this_node(ray: Any) -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
+@daemon.command("start")
+@click.option("--config", "config_path", default=None, help="Daemon YAML config file.")
+@click.option(
+    "--global-store-mode",
+    type=click.Choice(["none", "connect"]),
+    default="connect",
+    show_default=True,
+    help="Whether the daemons register with the namespace's Global Store.",
+)
+@click.option("--all-nodes", is_flag=True, help="Start a daemon on every alive node.")
+@click.pass_obj
+@guarded
+def daemon_start(
+    obj: Ctx, config_path: str | None, global_store_mode: str, all_nodes: bool
+) -> None:
+    """Start detached daemons on this node (or on every alive node)."""
+    config = load_daemon_config(config_path).model_dump(mode="json")
+    with obj.ray() as ray:
+        nodes = _alive_nodes(ray) if all_nodes else [_this_node(ray)]
+        handles = [
+            _actors.create_daemon(
+                node,
+                obj.namespace,
+                config,
+                detached=True,
+                get_if_exists=True,
+                global_store_mode=global_store_mode,
+                global_store_address=None,
+            )
+            for node in nodes
+        ]
+        for node, handle in zip(nodes, handles, strict=True):
+            info = _actors.call(handle, "info")
+            click.echo(
+                f"daemon on node {node}: {info['address']} (metrics {info['metrics_address']})"
+            )
+
+
+def _daemon_statuses(ray: Any, namespace: str, all_nodes: bool) -> list[dict[str, Any]]:
+    nodes = _alive_nodes(ray) if all_nodes else [_this_node(ray)]
+    handles = {n: _actors.get_actor(_actors.daemon_name(n), namespace) for n in nodes}
+    refs = {n: h.status.remote() for n, h in handles.items() if h is not None}
+    out = []
+    for node, ref in refs.items():
+        try:
+            out.append(ray.get(ref, timeout=30))
+        except Exception as exc:  # one sick daemon must not hide the others
+            out.append({"node_id": node, "error": str(exc)})
+    return out
+
+
+@daemon.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per daemon.")
+@click.option("--all", "all_nodes", is_flag=True, help="Every alive node, not just this one.")
+@click.pass_obj
+@guarded
+def daemon_status(obj: Ctx, as_json: bool, all_nodes: bool) -> None:
+    """Show daemons: address, clients, artifacts, bytes, leases, tier usage, build."""
+    with obj.ray() as ray:
+        statuses = _daemon_statuses(ray, obj.namespace, all_nodes)
+    if as_json:
+        click.echo(json.dumps(statuses, indent=2, sort_keys=True))
+    elif not statuses:
+        click.echo(f"no tensorcast daemon in namespace {obj.namespace!r}")
+    else:
+        click.echo(_table(statuses))
+    if not statuses:
+        sys.exit(EXIT_FAILED)
+
+
+def _table(statuses: list[dict[str, Any]]) -> str:
+    cols = [
+        "node_id",
+        "address",
+        "version",
+        "uptime_s",
+        "clients",
+        "artifacts",
+        "bytes",
+        "leases",
+        "tier",
+    ]
+    rows = []
+    for s in statuses:
+        tiers = ", ".join(
+            f"{t['tier']} {_fmt_bytes(int(t['used_bytes']))}/{_fmt_bytes(int(t['capacity_bytes']))}"
+            for t in s.get("tiers", [])
+        )
+        rows.append(
+            [
+                str(s.get("node_id", ""))[:12],
+                str(s.get("address", s.get("error", ""))),
+                str(s.get("version", "")),
+                f"{float(s.get('uptime_s', 0)):.0f}",
+                str(s.get("clients", "")),
+                str(s.get("artifacts", "")),
+                _fmt_bytes(int(s.get("bytes", 0) or 0)),
+                str(s.get("leases", "")),
+                tiers,
+            ]
+        )
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    if statuses and "build" in statuses[0]:
+        lines.append(f"build: {statuses[0]['build']}")
+    return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(n)
+
+
+@daemon.command("stop")
+@click.option("--all", "all_nodes", is_flag=True, help="Stop the daemons of every alive node.")
+@click.pass_obj
+@guarded
+def daemon_stop(obj: Ctx, all_nodes: bool) -> None:
+    """Stop daemons cleanly (their shared memory is freed)."""
+    with obj.ray() as ray:
+        nodes = _alive_nodes(ray) if all_nodes else [_this_node(ray)]
+        handles = {n: _actors.get_actor(_actors.daemon_name(n), obj.namespace) for n in nodes}
+        found = {n: h for n, h in handles.items() if h is not None}
+        for node, handle in found.items():
+            _actors.kill(handle)
+            click.echo(f"stopped daemon on node {node}")
+    if not found:
+        fail(f"no tensorcast daemon to stop in namespace {obj.namespace!r}")
+
+
+# ---- Global Store ----------------------------------------------------------------------------
+@cli.group("global")
+def global_store() -> None:
+    """The Global Store (one per cluster)."""
+
+
+@global_store.command("start")
+@click.option("--config", "config_path", default=None, help="Global Store YAML config file.")
+@click.pass_obj
+@guarded
+def global_start(obj: Ctx, config_path: str | None) -> None:
+    """Start the detached Global Store; fails if one already runs."""
+    config = load_global_store_config(config_path).model_dump(mode="json")
+    with obj.ray():
+        if _actors.get_actor(_actors.GLOBAL_STORE_NAME, obj.namespace) is not None:
+            fail(f"a Global Store already runs in namespace {obj.namespace!r}")
+        handle = _actors.create_global_store(
+            obj.namespace, config, detached=True, get_if_exists=False
+        )
+        info = _actors.call(handle, "info")
+        click.echo(f"Global Store: {info['address']} (metrics {info['metrics_address']})")
+
+
+@global_store.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+@guarded
+def global_status(obj: Ctx, as_json: bool) -> None:
+    """Show the Global Store: address, catalog size, daemons known."""
+    with obj.ray():
+        handle = _actors.get_actor(_actors.GLOBAL_STORE_NAME, obj.namespace)
+        if handle is None:
+            fail(
+                f"no Global Store in namespace {obj.namespace!r}; start one with "
+                "`tensorcast-ray global start`"
+            )
+        status = _actors.call(handle, "status", timeout=30)
+    if as_json:
+        click.echo(json.dumps(status, indent=2, sort_keys=True))
+        return
+    for key in ("address", "metrics_address", "version", "uptime_s", "keys", "artifacts"):
+        click.echo(f"{key:16} {status.get(key)}")
+    click.echo(f"{'daemons':16} {len(status.get('daemons', []))}")
+    for d in status.get("daemons", []):
+        click.echo(f"  {d['node_id'][:12]}  {d['address']}  {d['version']}")
+
+
+@global_store.command("stop")
+@click.pass_obj
+@guarded
+def global_stop(obj: Ctx) -> None:
+    """Stop the Global Store."""
+    with obj.ray():
+        handle = _actors.get_actor(_actors.GLOBAL_STORE_NAME, obj.namespace)
+        if handle is None:
+            fail(f"no Global Store to stop in namespace {obj.namespace!r}")
+        _actors.kill(handle)
+        click.echo("stopped the Global Store")
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cli(prog_name="tensorcast-ray")
+
+
+if __name__ == "__main__":
+    main()
