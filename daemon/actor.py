@@ -14,13 +14,12 @@ import os
 from typing import Any
 
 import ray
-from google.protobuf.json_format import MessageToDict
 from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 from tensorcast_ray.daemon.server import DaemonServer, default_socket_dir
 from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
-from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor
+from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor, message_to_dict
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._local_channel import METHODS
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
@@ -130,9 +129,7 @@ class DaemonActor:
     @ray.method(concurrency_group="control")
     def status(self) -> dict[str, Any]:
         response = self.service.rpc_Status(daemon_pb2.StatusRequest(), "")
-        return MessageToDict(
-            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
+        return message_to_dict(response)
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:

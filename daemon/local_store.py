@@ -123,6 +123,7 @@ class LocalStore:
         self._epochs = EpochTable(self.shm_dir, self.epoch_segment, self.epoch_slots, adopt=True)
         self.recovered = self._recover() if config.journal else 0
         if not config.journal:
+            self._epochs.release_unclaimed()
             self._sweep_orphans()
         self._pool = SegmentPool(
             self.shm_dir,
@@ -573,10 +574,12 @@ class LocalStore:
             with open(self._journal_path) as f:
                 data = json.load(f)
         except FileNotFoundError:
+            self._epochs.release_unclaimed()
             self._sweep_orphans()
             return 0
         except ValueError:
             logger.warning("journal %s is corrupt; starting empty", self._journal_path)
+            self._epochs.release_unclaimed()
             self._sweep_orphans()
             return 0
         now = self._now_ms()
@@ -611,11 +614,7 @@ class LocalStore:
             )
             self._artifacts[artifact.artifact_id] = artifact
         # Zero validity slots nobody re-adopted, then drop segments nobody references.
-        for slot, gen in self._epochs.live_slots().items():
-            if not any(
-                a.epoch_slot == slot and a.generation == gen for a in self._artifacts.values()
-            ):
-                self._epochs.free(slot)
+        self._epochs.release_unclaimed()
         self._sweep_orphans()
         logger.info("re-adopted %d artifacts from %s", len(self._artifacts), self._journal_path)
         return len(self._artifacts)

@@ -14,10 +14,11 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from tensorcast_ray.daemon.service import DaemonService
 
 from tensorcast_ray._config import DaemonConfig
@@ -74,7 +75,7 @@ class AioServerThread:
 
 def unary_handlers(
     service_name: str,
-    methods: dict[str, tuple[int, type, type]],
+    methods: Mapping[str, tuple[int, type[Message], type[Message]]],
     call: Callable[[str, Any], Any],
     executor: concurrent.futures.Executor,
 ) -> grpc.GenericRpcHandler:

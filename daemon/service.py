@@ -100,7 +100,7 @@ class DaemonService:
             fn = getattr(self, f"rpc_{method}", None) or getattr(self.store, f"rpc_{method}", None)
             if fn is None:
                 raise UnimplementedError(f"{method} is not implemented by this daemon")
-            return fn(request, session_id)  # type: ignore[no-any-return]
+            return fn(request, session_id)
 
     # ---- control methods ---------------------------------------------------------------
     def rpc_Health(self, request: Any, session_id: str) -> common_pb2.HealthResponse:

@@ -16,10 +16,11 @@ import time
 from typing import Any
 
 import ray
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from tensorcast_ray.daemon.server import AioServerThread, bind_error, unary_handlers
 from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 
+from tensorcast_ray._actors import message_to_dict
 from tensorcast_ray._catalog import Catalog
 from tensorcast_ray._config import GlobalStoreConfig
 from tensorcast_ray._errors import InvalidArgumentError
@@ -29,7 +30,7 @@ from tensorcast_ray._version import PROTOCOL_VERSION, __version__
 logger = logging.getLogger("tensorcast_ray.global_store")
 
 SERVICE_NAME = "tensorcast_ray.v1.GlobalStore"
-_METHODS: dict[str, tuple[int, type, type]] = {
+_METHODS: dict[str, tuple[int, type[Message], type[Message]]] = {
     "Health": (0, common_pb2.HealthRequest, common_pb2.HealthResponse),
     "Status": (1, global_store_pb2.GlobalStatusRequest, global_store_pb2.GlobalStatusResponse),
 }
@@ -120,11 +121,7 @@ class GlobalStoreActor:
 
     @ray.method(concurrency_group="control")
     def status(self) -> dict[str, Any]:
-        return MessageToDict(
-            self._status_pb(),
-            preserving_proto_field_name=True,
-            always_print_fields_with_no_presence=True,
-        )
+        return message_to_dict(self._status_pb())
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:

@@ -17,6 +17,36 @@ GLOBAL_STORE_NAME = "global_store"
 ACTOR_READY_TIMEOUT_S = 120.0
 
 
+def message_to_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as a JSON-able dict with int64 fields as ints (not strings)."""
+    from google.protobuf.json_format import MessageToDict
+
+    data: dict[str, Any] = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _int64_fields(message, data)
+
+
+def _int64_fields(message: Any, data: dict[str, Any]) -> dict[str, Any]:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    int64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64}
+    for field in message.DESCRIPTOR.fields:
+        value = data.get(field.name)
+        if value is None:
+            continue
+        repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        if field.type in int64:
+            data[field.name] = [int(v) for v in value] if repeated else int(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            items = getattr(message, field.name)
+            if repeated:
+                data[field.name] = [_int64_fields(m, d) for m, d in zip(items, value, strict=True)]
+            else:
+                data[field.name] = _int64_fields(items, value)
+    return data
+
+
 def daemon_name(node_id: str) -> str:
     return f"daemon:{node_id}"
 
@@ -72,7 +102,7 @@ def create_daemon(
         options["lifetime"] = "detached"
     try:
         return (
-            ray.remote(concurrency_groups={"control": 4})(DaemonActor)
+            ray.remote(concurrency_groups={"control": 4})(DaemonActor)  # type: ignore[call-overload]
             .options(**options)
             .remote(
                 config,
@@ -116,7 +146,7 @@ def create_global_store(
         options["lifetime"] = "detached"
     try:
         return (
-            ray.remote(concurrency_groups={"control": 4})(GlobalStoreActor)
+            ray.remote(concurrency_groups={"control": 4})(GlobalStoreActor)  # type: ignore[call-overload]
             .options(**options)
             .remote(config, namespace, version_override)
         )
@@ -146,6 +176,17 @@ def kill(handle: Any, *, graceful: bool = True, timeout: float = 30.0) -> None:
         ray.kill(handle, no_restart=True)
     except Exception as exc:
         raise UnavailableError(f"could not kill actor: {exc}") from exc
+
+
+def named_actors(namespace: str) -> list[str]:
+    """Names of the live named actors of ``namespace`` (no dashboard needed)."""
+    import ray
+
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == namespace
+    ]
 
 
 def list_actors(namespace: str, prefix: str = "") -> list[dict[str, Any]]:

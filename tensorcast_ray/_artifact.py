@@ -192,7 +192,7 @@ class Artifact:
 
     def _wrap(self, meta: TensorMeta) -> torch.Tensor:
         if meta.segment == NO_SEGMENT:
-            return wrap_tensor(b"", meta)
+            return wrap_tensor(bytearray(), meta)
         return wrap_tensor(self._entry.maps[meta.segment], meta)  # type: ignore[arg-type]
 
     def tensor_dict(
@@ -252,6 +252,7 @@ class ArtifactView:
         metas = self._artifact._select(names)
         self._artifact._check_alive()
         out = {m.name: self._tensor(m)[0] for m in metas}
+        get_sdk_metrics().record_data_path("shm")
         return _materialize(out, dev, copy)
 
     def tensor_dict_into(
@@ -293,6 +294,6 @@ def _validate_targets(
             )
         if tuple(target.shape) != tuple(shape) or dtype_name(target.dtype) != dtype:
             raise InvalidArgumentError(
-                f"target {name!r} is {dtype_name(target.dtype)}{list(target.shape)} but {key} holds "
-                f"{dtype}{list(shape)}; allocate a matching tensor"
+                f"target {name!r} is {dtype_name(target.dtype)}{list(target.shape)} but {key} "
+                f"holds {dtype}{list(shape)}; allocate a matching tensor"
             )

@@ -117,6 +117,11 @@ def init(
         raise InvalidArgumentError(
             f"global_store_mode={global_store_mode!r}; expected None, 'none', 'connect' or 'start'"
         )
+    if address is not None and mode != "connect":
+        raise InvalidArgumentError(
+            f"address={address!r} is only used with mode='connect'; with mode={mode!r} the "
+            "daemon of this Ray node is found (or started) through Ray"
+        )
     if port_config is not None and not isinstance(port_config, PortConfig):
         raise InvalidArgumentError("port_config must be a tensorcast_ray.PortConfig")
     env = from_env()
@@ -200,7 +205,15 @@ def _ensure_ray(env: EnvSettings) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=env.ray_address, log_to_driver=True, configure_logging=False)
+    try:
+        ray.init(address=env.ray_address, log_to_driver=True, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UnavailableError(
+            f"tensorcast_ray.init could not start or join Ray (address "
+            f"{env.ray_address or 'local'}): {exc}. Call ray.init() yourself first, pass "
+            "ray_address=, or use init(mode='connect', address=...) outside Ray",
+            retryable=False,
+        ) from exc
     return True
 
 
@@ -347,6 +360,12 @@ def shutdown() -> None:
     if state.started_ray:
         import ray
 
+        # Ray goes away with us: stop the tensorcast actors cleanly first, or their shared
+        # memory would outlive them in /dev/shm.
+        for name in _actors.named_actors(state.ctx.namespace):
+            handle = _actors.get_actor(name, state.ctx.namespace)
+            if handle is not None:
+                _actors.kill(handle)
         ray.shutdown()
     if errors:
         raise errors[0]

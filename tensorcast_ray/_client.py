@@ -117,7 +117,7 @@ class DaemonClient:
             )
         )
         try:
-            self.session_id = next(call).session_id
+            self.session_id = next(call).session_id  # type: ignore[call-overload]
         except grpc.RpcError as exc:
             raise from_grpc_error(exc, target=self.address) from exc
         self._session_call = call

@@ -46,6 +46,8 @@ class EpochTable:
         live = [i for i in range(slots) if self._view[i]]
         self._next_gen = max((self._view[i] for i in live), default=0) + 1
         self._free = [i for i in range(slots - 1, -1, -1) if not self._view[i]]
+        # Slots a previous instance left live; restore() claims them, the rest are freed.
+        self._unclaimed = set(live)
 
     def alloc(self) -> tuple[int, int]:
         if not self._free:
@@ -60,18 +62,24 @@ class EpochTable:
 
     def restore(self, slot: int, gen: int) -> bool:
         """Re-claim a slot recorded by a previous daemon instance (restart recovery)."""
-        if 0 <= slot < self.slots and self._view[slot] == gen and slot in self._free:
-            self._free.remove(slot)
+        if slot in self._unclaimed and self._view[slot] == gen:
+            self._unclaimed.discard(slot)
             return True
         return False
+
+    def release_unclaimed(self) -> int:
+        """Zero every slot left live by a previous instance that nobody re-adopted."""
+        count = len(self._unclaimed)
+        for slot in self._unclaimed:
+            self._view[slot] = 0
+            self._free.append(slot)
+        self._unclaimed.clear()
+        return count
 
     def free(self, slot: int) -> None:
         if 0 <= slot < self.slots and self._view[slot]:
             self._view[slot] = 0
             self._free.append(slot)
-
-    def live_slots(self) -> dict[int, int]:
-        return {i: self._view[i] for i in range(self.slots) if self._view[i]}
 
     def close(self, *, unlink: bool) -> None:
         self._view.release()

@@ -204,8 +204,8 @@ class Store:
         ]
         if cuda and verb == "register":
             raise UnimplementedError(
-                f"register of CUDA tensors ({cuda[0]!r}, …) needs CUDA IPC, which is not built yet; "
-                "use tc.put(), which copies them once into host shared memory"
+                f"register of CUDA tensors ({cuda[0]!r}, …) needs CUDA IPC, which is not built "
+                "yet; use tc.put(), which copies them once into host shared memory"
             )
         policy_json = json.dumps(resolve_policy(policy).to_dict())
         self._require_same_host()

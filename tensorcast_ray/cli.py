@@ -10,6 +10,7 @@ Exit codes: 0 success; 1 the operation failed (e.g. no daemon to stop); 2 bad us
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -52,7 +53,7 @@ class Ctx:
                 address=address,
                 namespace=self.namespace,
                 log_to_driver=False,
-                logging_level="ERROR",
+                logging_level=logging.ERROR,
                 configure_logging=False,
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -94,7 +95,8 @@ def guarded(fn: Callable[..., None]) -> Callable[..., None]:
 @click.option(
     "--namespace",
     default=None,
-    help="Ray namespace of the tensorcast actors (default: $TENSORCAST_RAY_NAMESPACE or tensorcast_ray).",
+    help="Ray namespace of the tensorcast actors "
+    "(default: $TENSORCAST_RAY_NAMESPACE or tensorcast_ray).",
 )
 @click.version_option(package_name="tensorcast_ray")
 @click.pass_context
@@ -123,19 +125,26 @@ def _this_node(ray: Any) -> str:
 @click.option(
     "--global-store-mode",
     type=click.Choice(["none", "connect"]),
-    default="connect",
-    show_default=True,
-    help="Whether the daemons register with the namespace's Global Store.",
+    default=None,
+    help="connect: register with the namespace's Global Store (fails if none runs); "
+    "none: do not. Default: connect when one runs.",
 )
 @click.option("--all-nodes", is_flag=True, help="Start a daemon on every alive node.")
 @click.pass_obj
 @guarded
 def daemon_start(
-    obj: Ctx, config_path: str | None, global_store_mode: str, all_nodes: bool
+    obj: Ctx, config_path: str | None, global_store_mode: str | None, all_nodes: bool
 ) -> None:
     """Start detached daemons on this node (or on every alive node)."""
     config = load_daemon_config(config_path).model_dump(mode="json")
     with obj.ray() as ray:
+        gs = _actors.get_actor(_actors.GLOBAL_STORE_NAME, obj.namespace)
+        if global_store_mode == "connect" and gs is None:
+            fail(
+                f"--global-store-mode connect, but no Global Store runs in namespace "
+                f"{obj.namespace!r}; start one with `tensorcast-ray global start`"
+            )
+        global_store_mode = global_store_mode or ("connect" if gs is not None else "none")
         nodes = _alive_nodes(ray) if all_nodes else [_this_node(ray)]
         handles = [
             _actors.create_daemon(
