@@ -35,7 +35,7 @@ def _int64_fields(message: Any, data: dict[str, Any]) -> dict[str, Any]:
         value = data.get(field.name)
         if value is None:
             continue
-        repeated = field.label == FieldDescriptor.LABEL_REPEATED
+        repeated = field.is_repeated
         if field.type in int64:
             data[field.name] = [int(v) for v in value] if repeated else int(value)
         elif field.type == FieldDescriptor.TYPE_MESSAGE:

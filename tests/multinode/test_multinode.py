@@ -1,0 +1,169 @@
+"""Several simulated Ray nodes (ray.cluster_utils.Cluster): one daemon per node, on its node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import tensorcast_ray as tc
+from tests.helpers import leftovers, named_actors, stop_namespace
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
+
+FAST_HEALTH = {
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 500,
+}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[object]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tempfile.mkdtemp(prefix="rtcm-", dir="/tmp")
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "resources": {"tc_node_0": 1},
+            "_system_config": FAST_HEALTH,
+            "include_dashboard": False,
+            "temp_dir": temp_dir,
+        },
+    )
+    for i in (1, 2):
+        c.add_node(num_cpus=2, resources={f"tc_node_{i}": 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture
+def ns(cluster: object) -> Iterator[str]:
+    name = f"m-{uuid.uuid4().hex[:10]}"
+    yield name
+    stop_namespace(name)
+    left = leftovers(name)
+    assert not left, f"leaked: {left}"
+
+
+def test_one_daemon_per_node_on_its_node(cluster: object, ns: str) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def boot(namespace: str, index: int) -> tuple[str, str, str]:
+        import ray
+
+        import tensorcast_ray as tc
+
+        ctx = tc.init(namespace=namespace)
+        tc.put(
+            {"x": __import__("torch").full((4,), float(len(ctx.node_id)))},
+            key=f"task{index}:v1",
+        )
+        out = (ray.get_runtime_context().get_node_id(), ctx.node_id, ctx.daemon_address)
+        tc.shutdown()
+        return out
+
+    # Two tasks per node, pinned by the node's custom resource.
+    refs = [
+        boot.options(resources={f"tc_node_{i}": 0.01}).remote(ns, 2 * i + j)
+        for i in range(3)
+        for j in range(2)
+    ]
+    results = ray.get(refs, timeout=240)
+    nodes = {r[0] for r in results}
+    assert len(nodes) == 3
+    for task_node, daemon_node, _ in results:
+        assert task_node == daemon_node, "each task must reach its own node's daemon"
+    by_node = {}
+    for _, node, address in results:
+        by_node.setdefault(node, set()).add(address)
+    assert all(len(addrs) == 1 for addrs in by_node.values())
+
+    # Each daemon actor really runs on its node.
+    from ray.util.state import list_actors  # noqa: F401  (dashboard-free check below)
+
+    for node in nodes:
+        handle = ray.get_actor(f"daemon:{node}", namespace=ns)
+        info = ray.get(handle.info.remote(), timeout=30)
+        assert info["node_id"] == node
+    assert sorted(named_actors(ns)) == sorted(["global_store", *(f"daemon:{n}" for n in nodes)])
+
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tensorcast_ray.cli",
+            "--address",
+            cluster.address,  # type: ignore[attr-defined]
+            "--namespace",
+            ns,
+            "daemon",
+            "status",
+            "--all",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert status.returncode == 0, status.stderr
+    rows = json.loads(status.stdout)
+    assert not [r for r in rows if "error" in r], rows
+    assert sorted(r["node_id"] for r in rows) == sorted(nodes)
+    for row in rows:
+        assert {
+            "node_id",
+            "version",
+            "address",
+            "metrics_address",
+            "uptime_s",
+            "clients",
+            "artifacts",
+            "bytes",
+        } <= set(row)
+        # two tasks per node each put one 16-byte artifact on their own node's daemon
+        assert row["artifacts"] == 2 and isinstance(row["bytes"], int) and row["bytes"] == 32
+
+    gs = ray.get_actor("global_store", namespace=ns)
+    gs_status = ray.get(gs.status.remote(), timeout=30)
+    assert sorted(d["node_id"] for d in gs_status["daemons"]) == sorted(nodes)
+
+
+def test_cli_starts_and_stops_daemons_on_all_nodes(cluster: object, ns: str) -> None:
+    base = [
+        sys.executable,
+        "-m",
+        "tensorcast_ray.cli",
+        "--address",
+        cluster.address,
+        "--namespace",
+        ns,
+    ]  # type: ignore[attr-defined]
+    started = subprocess.run(
+        [*base, "daemon", "start", "--all-nodes"], capture_output=True, text=True, timeout=180
+    )
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.count("daemon on node") == 3
+    assert len(named_actors(ns)) == 3
+    stopped = subprocess.run(
+        [*base, "daemon", "stop", "--all"], capture_output=True, text=True, timeout=180
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    assert not named_actors(ns)
+    again = subprocess.run(
+        [*base, "daemon", "stop", "--all"], capture_output=True, text=True, timeout=180
+    )
+    assert again.returncode == 1 and "no tensorcast daemon" in again.stderr
+    assert tc.__version__
