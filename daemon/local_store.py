@@ -116,6 +116,8 @@ class LocalStore:
         self._pending: dict[str, _Pending] = {}
         self._buffers: dict[str, _Buffer] = {}
         self._session_pids: dict[str, int] = {}
+        # Segments leased to a writer's session ahead of its puts: name -> (size, session).
+        self._staged: dict[str, tuple[int, str]] = {}
         self.epoch_segment = f"{prefix}epochs"
         self.epoch_slots = config.epoch_slots
         self._journal_path = os.path.join(self.shm_dir, f"{prefix}journal.json")
@@ -239,18 +241,62 @@ class LocalStore:
                 raise
             write_id = uuid.uuid4().hex
             self._pending[write_id] = _Pending(write_id, artifact, sid, True)
+        staged = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
-            segments = [self._pool.take(size) for size in plan.segment_sizes]
+            segments = [
+                staged.pop(0)
+                if staged and size <= int(self.config.shm_segment_bytes)
+                else self._take(size)
+                for size in plan.segment_sizes
+            ]
         except BaseException:
             self._abort(write_id)
             raise
-        artifact.segments = [(s.name, s.size) for s in segments]
+        artifact.segments = segments
         return daemon_pb2.BeginWriteResponse(
             write_id=write_id,
             artifact_id=artifact.artifact_id,
             segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in artifact.segments],
             tensors=[_layout_pb(t) for t in artifact.tensors],
+            shm_dir=self.shm_dir,
+        )
+
+    def _take(self, size: int) -> tuple[str, int]:
+        seg = self._pool.take(size)
+        return seg.name, seg.size
+
+    def _claim_staged(
+        self, names: Any, session_id: str, sizes: tuple[int, ...]
+    ) -> list[tuple[str, int]]:
+        """The caller's staged segments this write may use (ownership moves to the write)."""
+        fits = sum(1 for size in sizes if size <= int(self.config.shm_segment_bytes))
+        claimed: list[tuple[str, int]] = []
+        with self._lock:
+            for name in names:
+                if len(claimed) == fits:
+                    break
+                entry = self._staged.get(name)
+                if entry is not None and entry[1] == session_id:
+                    del self._staged[name]
+                    claimed.append((name, entry[0]))
+        return claimed
+
+    def rpc_LeaseSegments(
+        self, request: daemon_pb2.LeaseSegmentsRequest, session_id: str
+    ) -> daemon_pb2.LeaseSegmentsResponse:
+        sid = self._session(request.session_id, session_id)
+        segment_bytes = int(self.config.shm_segment_bytes)
+        with self._lock:
+            held = sum(1 for _, owner in self._staged.values() if owner == sid)
+        allowed = int(self.config.client_staging_bytes) // segment_bytes - held
+        count = max(0, min(int(request.count), allowed))
+        segments = [self._pool.take(segment_bytes) for _ in range(count)]
+        with self._lock:
+            for seg in segments:
+                self._staged[seg.name] = (seg.size, sid)
+        return daemon_pb2.LeaseSegmentsResponse(
+            segments=[common_pb2.SegmentRef(name=seg.name, size=seg.size) for seg in segments],
             shm_dir=self.shm_dir,
         )
 
@@ -485,6 +531,8 @@ class LocalStore:
                 b for b, buf in self._buffers.items() if buf.session_id == session_id
             ]:
                 self._free_buffer(buffer_id)
+            for name in [n for n, (_, owner) in self._staged.items() if owner == session_id]:
+                self._unlink([(name, self._staged.pop(name)[0])])
             self._journal()
             self._update_gauges()
 
@@ -547,6 +595,8 @@ class LocalStore:
                     self._unlink(pending.artifact.segments)
                 for buf in self._buffers.values():
                     self._unlink([buf.segment])
+                self._unlink([(n, size) for n, (size, _) in self._staged.items()])
+                self._staged.clear()
                 self._artifacts.clear()
                 self._buffers.clear()
                 self._pending.clear()

@@ -141,6 +141,8 @@ class DaemonService:
             global_store_address=gs_address,
             address=self.address,
             metrics_address=self.metrics_address,
+            segment_bytes=int(self.store.config.shm_segment_bytes),
+            staging_bytes=int(self.store.config.client_staging_bytes),
         )
 
     def rpc_Status(self, request: Any, session_id: str) -> daemon_pb2.StatusResponse:

@@ -75,6 +75,7 @@ class _State:
     started_ray: bool = False
     owned_daemon: Any = None
     owned_global_store: Any = None
+    stager: Any = None  # tensorcast_ray._staging.Stager, started at the first put
 
 
 _lock = threading.Lock()
@@ -350,6 +351,8 @@ def shutdown() -> None:
     from tensorcast_ray._store import reset_process_state
 
     reset_process_state()
+    if state.stager is not None:
+        state.stager.close()
     state.client.close()
     for handle in (state.owned_daemon, state.owned_global_store):
         if handle is not None:

@@ -52,6 +52,7 @@ class DaemonConfig(_Strict):
     stable_dram_capacity_bytes: ByteSize = ByteSize(8 << 30)
     shm_segment_bytes: ByteSize = ByteSize(64 << 20)
     shm_pool_bytes: ByteSize = ByteSize(512 << 20)
+    client_staging_bytes: ByteSize = ByteSize(256 << 20)
     epoch_slots: Annotated[int, Field(ge=1024, le=1 << 24)] = 65536
     journal: bool = True
     global_store_timeout_s: Annotated[float, Field(gt=0)] = 30.0

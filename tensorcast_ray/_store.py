@@ -27,12 +27,13 @@ from tensorcast_ray._errors import (
     InvalidArgumentError,
     UnimplementedError,
 )
-from tensorcast_ray._layout import NO_SEGMENT, copy_into, describe_tensors
+from tensorcast_ray._layout import NO_SEGMENT, copy_into, describe_tensors, plan_layout
 from tensorcast_ray._metrics import get_sdk_metrics
 from tensorcast_ray._policy import StorePolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 from tensorcast_ray._retry import Retrier, RetryPolicy
 from tensorcast_ray._shm import map_segment
+from tensorcast_ray._staging import Staged, Stager
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +112,15 @@ def _process_caches() -> tuple[ReadCache, _BufferRegistry]:
     return _read_cache, _buffers
 
 
+def _reconnect() -> None:
+    """Between retry attempts: connect again; staged segments of the old session are gone."""
+    state = _bootstrap.current()
+    if state.stager is not None:
+        state.stager.close()
+        state.stager = None
+    state.client.reconnect()
+
+
 class Store:
     """The verbs, bound to options. ``tc.store(opts=...)`` makes one; the module-level
     functions use a default one."""
@@ -123,7 +133,7 @@ class Store:
         self._retrier = retrier or Retrier(
             self.opts.retry_overrides,
             on_retry=metrics.record_retry,
-            before_retry=lambda err: _bootstrap.current().client.reconnect(),
+            before_retry=lambda err: _reconnect(),
         )
 
     @property
@@ -133,7 +143,9 @@ class Store:
     # ---- plumbing ----------------------------------------------------------------------
     @contextmanager
     def _verb(self, verb: str) -> Iterator[None]:
-        with get_sdk_metrics().observe(verb):
+        from tensorcast_ray._tracing import span
+
+        with get_sdk_metrics().observe(verb), span(verb):
             yield
 
     def _call(self, method: str, request: Any, timeout: float) -> Any:
@@ -235,10 +247,22 @@ class Store:
         )
 
         def attempt(timeout: float) -> Any:
-            begin.session_id = _bootstrap.current().client.session_hint
-            started = self._call("BeginWrite", begin, timeout)
+            state = _bootstrap.current()
+            stager = _stager(state)
+            staged = stager.take(_segments_needed(specs, state)) if stager else []
+            begin.session_id = state.client.session_hint
+            begin.staged_segments[:] = [st.name for st in staged]
             try:
-                self._copy_in(started, tensors)
+                started = self._call("BeginWrite", begin, timeout)
+            except BaseException:
+                if stager is not None:
+                    stager.give_back(staged)
+                raise
+            maps = _map_for_write(started, staged, stager)
+            try:
+                for t in started.tensors:
+                    if t.segment != NO_SEGMENT:
+                        copy_into(tensors[t.name], maps[t.segment], t.offset)
                 return self._call(
                     "CommitWrite", daemon_pb2.CommitWriteRequest(write_id=started.write_id), timeout
                 )
@@ -250,24 +274,12 @@ class Store:
                 except ArtifactError:
                     pass  # the daemon ends the write with our session anyway
                 raise
+            finally:
+                _retire(maps, stager)
 
         result = self._retrier.call(verb, attempt)
         get_sdk_metrics().record_data_path("shm")
         return _put_result(result)
-
-    @staticmethod
-    def _copy_in(started: daemon_pb2.BeginWriteResponse, tensors: Mapping[str, Any]) -> None:
-        maps = [
-            map_segment(started.shm_dir, s.name, s.size, writable=True, populate=True)
-            for s in started.segments
-        ]
-        try:
-            for t in started.tensors:
-                if t.segment != NO_SEGMENT:
-                    copy_into(tensors[t.name], maps[t.segment], t.offset)
-        finally:
-            for m in maps:
-                m.close()
 
     def _buffer_refs(self, tensors: Mapping[str, Any]) -> list[daemon_pb2.BufferTensor] | None:
         """BufferTensor refs when every tensor lives in a tc.empty buffer, else None."""
@@ -394,6 +406,53 @@ class Store:
             return list(
                 self._retrier.call("list_keys", lambda t: self._call("ListKeys", request, t)).keys
             )
+
+
+def _stager(state: Any) -> Stager | None:
+    """This process's write stager, started at its first put when the daemon allows one."""
+    hello = state.client.hello
+    if state.stager is None and hello is not None and hello.staging_bytes and hello.segment_bytes:
+        count = int(hello.staging_bytes // hello.segment_bytes)
+        if count > 0:
+            client = state.client
+            state.stager = Stager(
+                lambda method, request: client.call(method, request, timeout=30.0),
+                lambda: client.session_hint,
+                count,
+            )
+    return state.stager
+
+
+def _segments_needed(specs: list[tuple[str, str, tuple[int, ...]]], state: Any) -> int:
+    """How many pooled-size segments the daemon's layout of ``specs`` will use."""
+    segment_bytes = int(state.client.hello.segment_bytes)
+    plan = plan_layout(specs, segment_bytes)
+    return sum(1 for size in plan.segment_sizes if size <= segment_bytes)
+
+
+def _map_for_write(
+    started: daemon_pb2.BeginWriteResponse, staged: list[Staged], stager: Stager | None
+) -> list[Any]:
+    """A writable mapping per segment: staged ones are already mapped; the rest are mapped
+    now without MAP_POPULATE (the copy touches each page once anyway)."""
+    by_name = {st.name: st for st in staged}
+    used = {seg.name for seg in started.segments}
+    if stager is not None:
+        stager.give_back([st for st in staged if st.name not in used])
+    return [
+        by_name[seg.name].mapping
+        if seg.name in by_name
+        else map_segment(started.shm_dir, seg.name, seg.size, writable=True, populate=False)
+        for seg in started.segments
+    ]
+
+
+def _retire(maps: list[Any], stager: Stager | None) -> None:
+    if stager is not None:
+        stager.retire(maps)
+        return
+    for m in maps:
+        m.close()
 
 
 def _numel(shape: Sequence[int]) -> int:

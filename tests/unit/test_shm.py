@@ -219,11 +219,13 @@ def test_pool_recovers_after_full_tmpfs(prefix: str, monkeypatch: pytest.MonkeyP
     failed = threading.Event()
     full.set()
 
-    def create(shm_dir: str, name: str, size: int, *, prefault: bool = True) -> Segment:
+    def create(
+        shm_dir: str, name: str, size: int, *, prefault: bool = True, touch: bool = False
+    ) -> Segment:
         if full.is_set():
             failed.set()
             raise ResourceExhaustedError("tmpfs is full (simulated)")
-        return real_create(shm_dir, name, size, prefault=prefault)
+        return real_create(shm_dir, name, size, prefault=prefault, touch=touch)
 
     monkeypatch.setattr(_shm.Segment, "create", staticmethod(create))
     pool = SegmentPool(SHM or "", prefix, segment_bytes=64 * KiB, reserve_bytes=128 * KiB)

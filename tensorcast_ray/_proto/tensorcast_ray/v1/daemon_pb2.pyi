@@ -30,7 +30,7 @@ class HelloRequest(_message.Message):
     def __init__(self, sdk_version: _Optional[str] = ..., protocol: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
-    __slots__ = ("versions", "node_id", "namespace", "instance_id", "hostname", "local_socket", "shm_dir", "epoch_segment", "epoch_slots", "global_store_address", "address", "metrics_address")
+    __slots__ = ("versions", "node_id", "namespace", "instance_id", "hostname", "local_socket", "shm_dir", "epoch_segment", "epoch_slots", "global_store_address", "address", "metrics_address", "segment_bytes", "staging_bytes")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class HelloResponse(_message.Message):
     GLOBAL_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     versions: _common_pb2.VersionInfo
     node_id: str
     namespace: str
@@ -55,7 +57,9 @@ class HelloResponse(_message.Message):
     global_store_address: str
     address: str
     metrics_address: str
-    def __init__(self, versions: _Optional[_Union[_common_pb2.VersionInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., namespace: _Optional[str] = ..., instance_id: _Optional[str] = ..., hostname: _Optional[str] = ..., local_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., epoch_segment: _Optional[str] = ..., epoch_slots: _Optional[int] = ..., global_store_address: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    segment_bytes: int
+    staging_bytes: int
+    def __init__(self, versions: _Optional[_Union[_common_pb2.VersionInfo, _Mapping]] = ..., node_id: _Optional[str] = ..., namespace: _Optional[str] = ..., instance_id: _Optional[str] = ..., hostname: _Optional[str] = ..., local_socket: _Optional[str] = ..., shm_dir: _Optional[str] = ..., epoch_segment: _Optional[str] = ..., epoch_slots: _Optional[int] = ..., global_store_address: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., segment_bytes: _Optional[int] = ..., staging_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
@@ -138,20 +142,22 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BeginWriteRequest(_message.Message):
-    __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms")
+    __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms", "staged_segments")
     KEY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    STAGED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     key: str
     kind: WriteKind
     session_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     policy_json: str
     ttl_ms: int
-    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    staged_segments: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BeginWriteResponse(_message.Message):
     __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir")
@@ -198,6 +204,22 @@ class AbortWriteRequest(_message.Message):
 class AbortWriteResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LeaseSegmentsRequest(_message.Message):
+    __slots__ = ("session_id", "count")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    count: int
+    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class LeaseSegmentsResponse(_message.Message):
+    __slots__ = ("segments", "shm_dir")
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
+    shm_dir: str
+    def __init__(self, segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., shm_dir: _Optional[str] = ...) -> None: ...
 
 class AllocateBufferRequest(_message.Message):
     __slots__ = ("session_id", "nbytes")

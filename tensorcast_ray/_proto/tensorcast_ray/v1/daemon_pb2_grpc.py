@@ -75,6 +75,11 @@ class StoreDaemonStub:
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.AllocateBufferRequest.SerializeToString,
                 response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.AllocateBufferResponse.FromString,
                 _registered_method=True)
+        self.LeaseSegments = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/LeaseSegments',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.LeaseSegmentsRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.LeaseSegmentsResponse.FromString,
+                _registered_method=True)
         self.RegisterBuffers = channel.unary_unary(
                 '/tensorcast_ray.v1.StoreDaemon/RegisterBuffers',
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.RegisterBuffersRequest.SerializeToString,
@@ -155,6 +160,14 @@ class StoreDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseSegments(self, request, context):
+        """Pre-faulted segments a writer maps ahead of time, so a put copies into memory whose
+        pages and page tables are already in place (see tensorcast_ray/_staging.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterBuffers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -227,6 +240,11 @@ def add_StoreDaemonServicer_to_server(servicer, server):
                     servicer.AllocateBuffer,
                     request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.AllocateBufferRequest.FromString,
                     response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.AllocateBufferResponse.SerializeToString,
+            ),
+            'LeaseSegments': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseSegments,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.LeaseSegmentsRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.LeaseSegmentsResponse.SerializeToString,
             ),
             'RegisterBuffers': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterBuffers,
@@ -470,6 +488,33 @@ class StoreDaemon:
             '/tensorcast_ray.v1.StoreDaemon/AllocateBuffer',
             tensorcast__ray_dot_v1_dot_daemon__pb2.AllocateBufferRequest.SerializeToString,
             tensorcast__ray_dot_v1_dot_daemon__pb2.AllocateBufferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseSegments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/LeaseSegments',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.LeaseSegmentsRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.LeaseSegmentsResponse.FromString,
             options,
             channel_credentials,
             insecure,
