@@ -98,7 +98,12 @@ class DaemonClient:
                 else:
                     local.close()
             except (ArtifactError, OSError) as exc:
-                logger.info("local socket %s unusable (%s); using gRPC", hello.local_socket, exc)
+                logger.info(
+                    "local socket %s unusable (%s); using gRPC",
+                    hello.local_socket,
+                    exc,
+                    extra={"tc.store.mode": "grpc", "tc.store.artifact_id": "", "tc.store.key": ""},
+                )
         if self._local is None:
             self.transport = "grpc"
             self._open_grpc_session()

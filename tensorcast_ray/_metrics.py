@@ -41,7 +41,11 @@ ERROR_STATUSES: tuple[str, ...] = tuple(
 DATA_PATHS: tuple[str, ...] = ("shm", "cuda_ipc", "pinned_h2d", "object_store", "nccl", "disk")
 
 #: Known reasons a region-backed ``get_into`` fell back to a copy; other reasons still count.
-REGION_BACKED_FALLBACK_REASONS: tuple[str, ...] = ("layout_mismatch",)
+REGION_BACKED_FALLBACK_REASONS: tuple[str, ...] = (
+    "layout_mismatch",  # targets of get_into that are not one canonical region
+    "not_shared_memory",  # register of tensors outside tc.empty buffers: copied once
+    "staging_empty",  # a put found no staged segments ready: copy faults pages
+)
 
 _BATCH_WINDOW_BUCKETS = (0.0, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 

@@ -11,6 +11,7 @@ version. Every verb runs under its retry policy; between attempts the client rec
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +40,19 @@ if TYPE_CHECKING:
     import torch
 
 SOURCES = ("auto", "local_only", "remote", "disk")
+
+logger = logging.getLogger("tensorcast_ray.store")
+
+
+def log_fallback(reason: str, message: str, *, key: str, mode: str, artifact_id: str = "") -> None:
+    """A fallback to a slower path: counted, and logged with the fields operators filter on."""
+    get_sdk_metrics().region_backed_fallback.labels(reason=reason).inc()
+    logger.info(
+        "%s (key %s)",
+        message,
+        key,
+        extra={"tc.store.mode": mode, "tc.store.artifact_id": artifact_id, "tc.store.key": key},
+    )
 
 
 @dataclass(frozen=True)
@@ -223,6 +237,13 @@ class Store:
         self._require_same_host()
         if verb == "register":
             refs = self._buffer_refs(tensors)
+            if refs is None and tensors:
+                log_fallback(
+                    "not_shared_memory",
+                    "register copies the tensors once: they are not all in tc.empty buffers",
+                    key=key,
+                    mode="copy",
+                )
             if refs is not None:
                 request = daemon_pb2.RegisterBuffersRequest(
                     key=key,
@@ -249,7 +270,16 @@ class Store:
         def attempt(timeout: float) -> Any:
             state = _bootstrap.current()
             stager = _stager(state)
-            staged = stager.take(_segments_needed(specs, state)) if stager else []
+            needed = _segments_needed(specs, state)
+            staged = stager.take(needed) if stager else []
+            if stager is not None and len(staged) < needed:
+                log_fallback(
+                    "staging_empty",
+                    f"put found {len(staged)} of {needed} staged segments ready; the rest "
+                    "fault pages while copying",
+                    key=key,
+                    mode="unstaged",
+                )
             begin.session_id = state.client.session_hint
             begin.staged_segments[:] = [st.name for st in staged]
             try:

@@ -1,0 +1,59 @@
+"""Fallbacks to slower paths are counted and logged with tc.store.* fields; staging works."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import tensorcast_ray as tc
+from tensorcast_ray import _bootstrap
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def fallbacks(reason: str) -> float:
+    from tensorcast_ray._metrics import get_sdk_metrics
+
+    value = get_sdk_metrics().sample("tc_store_region_backed_fallback_total", {"reason": reason})
+    return value or 0.0
+
+
+def records(caplog: pytest.LogCaptureFixture, mode: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "tc.store.mode", None) == mode]
+
+
+def test_register_copy_fallback_is_logged_and_counted(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tc.init(namespace=namespace, global_store_mode="none")
+    caplog.set_level(logging.INFO, logger="tensorcast_ray.store")
+    before = fallbacks("not_shared_memory")
+    tc.register({"w": torch.ones(8)}, key="copy:v1")
+    assert fallbacks("not_shared_memory") == before + 1
+    (record,) = records(caplog, "copy")
+    assert getattr(record, "tc.store.key") == "copy:v1"
+    assert hasattr(record, "tc.store.artifact_id")
+    # A tc.empty buffer is zero-copy: no fallback.
+    buf = tc.empty((8,), torch.float32)
+    tc.register({"w": buf}, key="copy:v2")
+    assert fallbacks("not_shared_memory") == before + 1
+
+
+def test_first_put_is_unstaged_later_puts_use_staged_segments(
+    namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tc.init(namespace=namespace, global_store_mode="none")
+    caplog.set_level(logging.INFO, logger="tensorcast_ray.store")
+    data = {"w": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MiB: one pooled segment
+    tc.put(data, key="staged:v1")
+    assert records(caplog, "unstaged"), "the first put of a process has nothing staged yet"
+    stager = _bootstrap.current().stager
+    assert stager is not None and stager.wait_ready(1, timeout=60)
+    caplog.clear()
+    before = fallbacks("staging_empty")
+    tc.put(data, key="staged:v2")
+    assert fallbacks("staging_empty") == before, "the second put must use a staged segment"
+    assert torch.equal(tc.get("staged:v2")["w"], data["w"])
+    assert torch.equal(tc.get("staged:v1")["w"], data["w"])
