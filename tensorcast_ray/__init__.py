@@ -45,6 +45,7 @@ from tensorcast_ray._store import (
     register,
     store,
 )
+from tensorcast_ray._transfer import export, import_checkpoint
 from tensorcast_ray._version import __version__
 
 
@@ -89,8 +90,10 @@ __all__ = [
     "empty",
     "empty_like",
     "exists",
+    "export",
     "get",
     "get_into",
+    "import_checkpoint",
     "init",
     "is_initialized",
     "list_keys",

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -267,6 +267,27 @@ class Store:
             ttl_ms=ttl_ms or 0,
         )
 
+        def fill(started: daemon_pb2.BeginWriteResponse, maps: Sequence[Any]) -> None:
+            for t in started.tensors:
+                if t.segment != NO_SEGMENT:
+                    copy_into(tensors[t.name], maps[t.segment], t.offset)
+
+        result = self._write_segments(verb, begin, specs, fill)
+        get_sdk_metrics().record_data_path("shm")
+        return _put_result(result)
+
+    def _write_segments(
+        self,
+        verb: str,
+        begin: daemon_pb2.BeginWriteRequest,
+        specs: list[tuple[str, str, tuple[int, ...]]],
+        fill: Callable[[daemon_pb2.BeginWriteResponse, Sequence[Any]], None],
+    ) -> daemon_pb2.WriteResult:
+        """One write through the daemon's segments under ``verb``'s retry policy: offer staged
+        segments → BeginWrite → a writable mapping per segment → ``fill(started, maps)`` →
+        CommitWrite. Any failure after BeginWrite (mapping and ``fill`` included) sends
+        AbortWrite and re-raises. put, register (copy) and import differ only in ``fill``."""
+
         def attempt(timeout: float) -> Any:
             state = _bootstrap.current()
             stager = _stager(state)
@@ -275,9 +296,9 @@ class Store:
             if stager is not None and len(staged) < needed:
                 log_fallback(
                     "staging_empty",
-                    f"put found {len(staged)} of {needed} staged segments ready; the rest "
+                    f"{verb} found {len(staged)} of {needed} staged segments ready; the rest "
                     "fault pages while copying",
-                    key=key,
+                    key=begin.key,
                     mode="unstaged",
                 )
             begin.session_id = state.client.session_hint
@@ -288,11 +309,10 @@ class Store:
                 if stager is not None:
                     stager.give_back(staged)
                 raise
-            maps = _map_for_write(started, staged, stager)
+            maps: list[Any] = []
             try:
-                for t in started.tensors:
-                    if t.segment != NO_SEGMENT:
-                        copy_into(tensors[t.name], maps[t.segment], t.offset)
+                maps = _map_for_write(started, staged, stager)
+                fill(started, maps)
                 return self._call(
                     "CommitWrite", daemon_pb2.CommitWriteRequest(write_id=started.write_id), timeout
                 )
@@ -307,9 +327,7 @@ class Store:
             finally:
                 _retire(maps, stager)
 
-        result = self._retrier.call(verb, attempt)
-        get_sdk_metrics().record_data_path("shm")
-        return _put_result(result)
+        return self._retrier.call(verb, attempt)
 
     def _buffer_refs(self, tensors: Mapping[str, Any]) -> list[daemon_pb2.BufferTensor] | None:
         """BufferTensor refs when every tensor lives in a tc.empty buffer, else None."""
@@ -482,7 +500,10 @@ def _retire(maps: list[Any], stager: Stager | None) -> None:
         stager.retire(maps)
         return
     for m in maps:
-        m.close()
+        try:
+            m.close()
+        except BufferError:
+            pass  # a view is still referenced (e.g. by a traceback): unmapped when released
 
 
 def _numel(shape: Sequence[int]) -> int:

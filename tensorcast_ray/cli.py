@@ -322,6 +322,114 @@ def global_stop(obj: Ctx) -> None:
         click.echo("stopped the Global Store")
 
 
+# ---- export / import -------------------------------------------------------------------------
+def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``k=v`` pairs; a value that starts with ``{`` / ``[`` or is true/false/null is JSON."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--storage-option")
+        if value[:1] in ("{", "[") or value in ("true", "false", "null"):
+            try:
+                options[name] = json.loads(value)
+            except ValueError as exc:
+                raise click.BadParameter(
+                    f"{name}: {value!r} is not valid JSON ({exc})", param_hint="--storage-option"
+                ) from None
+        else:
+            options[name] = value
+    return options
+
+
+@contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr, shown from the first byte moved (a failure before prints none)."""
+    from tqdm import tqdm
+
+    bars: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(
+                tqdm(
+                    desc=label,
+                    total=total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    file=sys.stderr,
+                )
+            )
+        bar = bars[0]
+        if bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
+
+
+@contextmanager
+def _client(obj: Ctx) -> Iterator[Any]:
+    """This node's running daemon, over the Ray cluster the CLI joined (never starts one)."""
+    import tensorcast_ray as tc
+
+    with obj.ray():
+        tc.init(mode="connect", namespace=obj.namespace)
+        try:
+            yield tc
+        finally:
+            tc.shutdown()
+
+
+STORAGE_OPTION = click.option(
+    "--storage-option",
+    "storage_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="fsspec storage option, repeatable (e.g. endpoint_url=http://…); JSON values "
+    'such as client_kwargs=\'{"region_name": "us-east-1"}\' are decoded.',
+)
+
+
+@cli.command("export")
+@click.argument("key")
+@click.argument("url")
+@STORAGE_OPTION
+@click.pass_obj
+@guarded
+def export_cmd(obj: Ctx, key: str, url: str, storage_option: tuple[str, ...]) -> None:
+    """Export artifact KEY (name:latest resolves once) under the root URL; prints its directory."""
+    options = _storage_options(storage_option)
+    with _client(obj) as tc, _progress_bar(f"export {key}") as progress:
+        path = tc.export(key, url, storage_options=options or None, progress=progress)
+    click.echo(path)
+
+
+@cli.command("import")
+@click.argument("url")
+@click.argument("key")
+@click.option("--names", default=None, help="Comma-separated tensor names (default: all).")
+@STORAGE_OPTION
+@click.pass_obj
+@guarded
+def import_cmd(
+    obj: Ctx, url: str, key: str, names: str | None, storage_option: tuple[str, ...]
+) -> None:
+    """Import a safetensors checkpoint or an export directory at URL as version KEY."""
+    options = _storage_options(storage_option)
+    selected = [n for n in names.split(",") if n] if names is not None else None
+    with _client(obj) as tc, _progress_bar(f"import {key}") as progress:
+        result = tc.import_checkpoint(
+            url, key, names=selected, storage_options=options or None, progress=progress
+        )
+    click.echo(f"{result.key} {result.artifact_id} {result.nbytes} bytes {result.status}")
+
+
 def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cli(prog_name="tensorcast-ray")
