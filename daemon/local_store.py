@@ -44,6 +44,7 @@ from tensorcast_ray._errors import (
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    UnavailableError,
 )
 from tensorcast_ray._layout import LayoutPlan, TensorMeta, plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
@@ -143,6 +144,18 @@ class LocalStore:
     def _session(self, request_session: str, transport_session: str) -> str:
         return request_session or transport_session
 
+    def _lease_owner(self, request_session: str, transport_session: str) -> str:
+        """The session a lease belongs to; it must be one this daemon instance knows."""
+        sid = self._session(request_session, transport_session)
+        with self._lock:
+            known = sid in self._session_pids
+        if not known:
+            raise UnavailableError(
+                f"session {sid or '<none>'} is unknown to this daemon (it restarted, or the "
+                "client skipped Hello); reconnect and retry",
+            )
+        return sid
+
     @staticmethod
     def _policy(policy_json: str) -> ResolvedPolicy:
         if not policy_json:
@@ -217,7 +230,11 @@ class LocalStore:
             specs.append((t.name, t.dtype, tuple(int(d) for d in t.shape)))
         plan = plan_layout(specs, int(self.config.shm_segment_bytes))
         policy = self._policy(request.policy_json)
-        sid = self._session(request.session_id, session_id)
+        sid = (
+            self._lease_owner(request.session_id, session_id)
+            if kind == "register"
+            else self._session(request.session_id, session_id)
+        )
         artifact = _Artifact(
             artifact_id=uuid.uuid4().hex,
             key=request.key,
@@ -285,7 +302,7 @@ class LocalStore:
     def rpc_LeaseSegments(
         self, request: daemon_pb2.LeaseSegmentsRequest, session_id: str
     ) -> daemon_pb2.LeaseSegmentsResponse:
-        sid = self._session(request.session_id, session_id)
+        sid = self._lease_owner(request.session_id, session_id)
         segment_bytes = int(self.config.shm_segment_bytes)
         with self._lock:
             held = sum(1 for _, owner in self._staged.values() if owner == sid)
@@ -338,7 +355,7 @@ class LocalStore:
     ) -> daemon_pb2.AllocateBufferResponse:
         if request.nbytes <= 0:
             raise InvalidArgumentError(f"buffer size must be positive, got {request.nbytes}")
-        sid = self._session(request.session_id, session_id)
+        sid = self._lease_owner(request.session_id, session_id)
         buffer_id = "buf-" + uuid.uuid4().hex
         with self._lock:
             decision = self._index.admit(
@@ -368,7 +385,7 @@ class LocalStore:
     ) -> daemon_pb2.WriteResult:
         parse_key(request.key, for_write=True)
         policy = self._policy(request.policy_json)
-        sid = self._session(request.session_id, session_id)
+        sid = self._lease_owner(request.session_id, session_id)
         with self._lock:
             segments: list[tuple[str, int]] = []
             tensors: list[dict[str, Any]] = []

@@ -272,7 +272,17 @@ def _init_with_ray(
         info = _actors.call(handle, "info")
 
         def resolve() -> str:
-            return str(_actors.call(handle, "info")["address"])
+            # A restarting actor answers ActorUnavailableError at once; let Ray hold the call
+            # until the restart finishes instead of burning the verb's attempts.
+            import ray
+
+            from tensorcast_ray._error_mapping import map_exception
+
+            try:
+                ref = handle.info.options(max_task_retries=-1).remote()
+                return str(ray.get(ref, timeout=_actors.ACTOR_READY_TIMEOUT_S)["address"])
+            except Exception as exc:
+                raise map_exception(exc, context="re-resolving the daemon") from exc
 
         client = DaemonClient(info["address"], resolve_address=resolve)
         ctx = _context(client, mode, namespace)

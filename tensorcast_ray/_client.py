@@ -68,6 +68,7 @@ class DaemonClient:
 
     # ---- connection ------------------------------------------------------------------
     def connect(self) -> None:
+        self._lost: str | None = None
         self._channel = grpc.insecure_channel(
             self.address, options=[("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 10_000)]
         )
@@ -151,11 +152,17 @@ class DaemonClient:
                 "this tensorcast client was created before fork(); call tensorcast_ray.init() "
                 "in the child process"
             )
+        if self._lost is not None:
+            raise UnavailableError(
+                f"the connection to the daemon at {self.address} was lost ({self._lost}); "
+                "it may be restarting — the next attempt reconnects"
+            )
         if self._local is not None:
             try:
                 return self._local.call(method, request, timeout)
-            except UnavailableError:
+            except UnavailableError as exc:
                 self._local = None
+                self._lost = exc.message  # never fall back to a session-less gRPC channel
                 raise
         return self._grpc_call(method, request, timeout)
 

@@ -48,6 +48,13 @@ class Ctx:
         import ray
 
         address = self.address or from_env().ray_address or "auto"
+        if not _gcs_port_open(address):
+            click.echo(
+                f"error: no Ray cluster reachable at {address!r} (nothing listens there). "
+                "Start one with `ray start --head`, or pass --address / set RAY_ADDRESS.",
+                err=True,
+            )
+            sys.exit(EXIT_NO_RAY)
         try:
             ray.init(
                 address=address,
@@ -67,6 +74,26 @@ class Ctx:
             yield ray
         finally:
             ray.shutdown()
+
+
+def _gcs_port_open(address: str, timeout: float = 3.0) -> bool:
+    """False only when ``address`` is ``host:port`` and nothing accepts a TCP connection there.
+
+    ``ray.init`` retries an unreachable GCS for minutes before giving up; a refused or
+    unanswered connection is answered here within ``timeout`` seconds instead.
+    """
+    import socket
+
+    if "://" in address or address in ("auto", "local"):
+        return True
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return True  # let ray.init report the malformed address
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def fail(message: str) -> None:
