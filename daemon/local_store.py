@@ -49,7 +49,7 @@ from tensorcast_ray._errors import (
 from tensorcast_ray._layout import LayoutPlan, TensorMeta, plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
-from tensorcast_ray._shm import Segment, SegmentPool, list_segments, remove_segments
+from tensorcast_ray._shm import Segment, SegmentPool, list_segments, remove_segments, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ class LocalStore:
         self._session_pids: dict[str, int] = {}
         # Segments leased to a writer's session ahead of its puts: name -> (size, session).
         self._staged: dict[str, tuple[int, str]] = {}
+        # Segments to shrink to the bytes their artifact uses: (name, used bytes).
+        self._trim: list[tuple[str, int]] = []
         self.epoch_segment = f"{prefix}epochs"
         self.epoch_slots = config.epoch_slots
         self._journal_path = os.path.join(self.shm_dir, f"{prefix}journal.json")
@@ -262,9 +264,10 @@ class LocalStore:
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
             segments = [
-                staged.pop(0)
-                if staged and size <= int(self.config.shm_segment_bytes)
-                else self._take(size)
+                self._fit(
+                    staged.pop(0) if staged and self._stageable(size) else self._take(size),
+                    size,
+                )
                 for size in plan.segment_sizes
             ]
         except BaseException:
@@ -279,15 +282,30 @@ class LocalStore:
             shm_dir=self.shm_dir,
         )
 
+    def _stageable(self, size: int) -> bool:
+        """Whether a planned segment of ``size`` may use a staged (whole pooled) segment: the
+        pool's own rule, so a small artifact never consumes a whole pooled segment."""
+        return self._pool.min_pooled_bytes <= size <= int(self.config.shm_segment_bytes)
+
     def _take(self, size: int) -> tuple[str, int]:
         seg = self._pool.take(size)
         return seg.name, seg.size
+
+    def _fit(self, segment: tuple[str, int], size: int) -> tuple[str, int]:
+        """Use ``size`` bytes of ``segment``; a pooled or staged segment larger than that is
+        trimmed by the next tick (off the hot path) so memory and accounting match."""
+        name, actual = segment
+        used = round_up(size)
+        if actual > used:
+            with self._lock:
+                self._trim.append((name, used))
+        return name, used
 
     def _claim_staged(
         self, names: Any, session_id: str, sizes: tuple[int, ...]
     ) -> list[tuple[str, int]]:
         """The caller's staged segments this write may use (ownership moves to the write)."""
-        fits = sum(1 for size in sizes if size <= int(self.config.shm_segment_bytes))
+        fits = sum(1 for size in sizes if self._stageable(size))
         claimed: list[tuple[str, int]] = []
         with self._lock:
             for name in names:
@@ -364,19 +382,17 @@ class LocalStore:
             )
             decision.raise_if_rejected()
         try:
-            seg = self._pool.take(int(request.nbytes))
+            seg = self._fit(self._take(int(request.nbytes)), int(request.nbytes))
         except BaseException:
             with self._lock:
                 self._index.remove(buffer_id)
             raise
         with self._lock:
-            self._buffers[buffer_id] = _Buffer(
-                buffer_id, (seg.name, seg.size), sid, self._session_pids.get(sid, 0)
-            )
+            self._buffers[buffer_id] = _Buffer(buffer_id, seg, sid, self._session_pids.get(sid, 0))
             self._update_gauges()
         return daemon_pb2.AllocateBufferResponse(
             buffer_id=buffer_id,
-            segment=common_pb2.SegmentRef(name=seg.name, size=seg.size),
+            segment=common_pb2.SegmentRef(name=seg[0], size=seg[1]),
             shm_dir=self.shm_dir,
         )
 
@@ -554,7 +570,14 @@ class LocalStore:
             self._update_gauges()
 
     def tick(self) -> None:
-        """Periodic: expire TTLs and end leases whose producer process is gone."""
+        """Periodic: trim segments, expire TTLs, end leases whose producer process is gone."""
+        with self._lock:
+            trim, self._trim = self._trim, []
+        for name, used in trim:
+            try:
+                os.truncate(os.path.join(self.shm_dir, name), used)
+            except FileNotFoundError:
+                pass  # aborted or deleted meanwhile
         now = self._now_ms()
         with self._lock:
             for artifact in list(self._artifacts.values()):

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -98,9 +99,20 @@ class _BufferRegistry:
         self._lock = threading.Lock()
         self._buffers: dict[str, _Buffer] = {}
 
-    def add(self, buf: _Buffer) -> None:
+    def add(self, buf: _Buffer, mapping: Any) -> None:
+        """Track ``buf`` while ``mapping`` lives: once every tensor over it is gone the
+        address range may be reused by another mapping, which must not match this buffer."""
         with self._lock:
             self._buffers[buf.buffer_id] = buf
+        weakref.finalize(mapping, self.remove, buf.buffer_id)
+
+    def remove(self, buffer_id: str) -> None:
+        with self._lock:
+            self._buffers.pop(buffer_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
 
     def find(self, tensor: Any) -> tuple[str, int] | None:
         """``(buffer_id, offset)`` when ``tensor``'s bytes lie inside one tc.empty buffer."""
@@ -203,7 +215,9 @@ class Store:
         Tensors allocated with :func:`tensorcast_ray.empty` are shared with no copy; other CPU
         tensors are copied once."""
         with self._verb("register"):
-            if ttl_ms is not None and (not isinstance(ttl_ms, int) or ttl_ms <= 0):
+            if ttl_ms is not None and (
+                isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0
+            ):
                 raise InvalidArgumentError(f"ttl_ms must be a positive int or None, got {ttl_ms!r}")
             return self._write("register", tensors, key, policy, ttl_ms)
 
@@ -383,7 +397,9 @@ class Store:
             )
         mapping = map_segment(resp.shm_dir, resp.segment.name, resp.segment.size, writable=True)
         tensor = wrap_tensor(mapping, TensorMeta("empty", name, shape, 0, 0, nbytes))
-        _process_caches()[1].add(_Buffer(resp.buffer_id, tensor.data_ptr(), resp.segment.size))
+        _process_caches()[1].add(
+            _Buffer(resp.buffer_id, tensor.data_ptr(), resp.segment.size), mapping
+        )
         return tensor
 
     def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -475,7 +491,9 @@ def _segments_needed(specs: list[tuple[str, str, tuple[int, ...]]], state: Any) 
     """How many pooled-size segments the daemon's layout of ``specs`` will use."""
     segment_bytes = int(state.client.hello.segment_bytes)
     plan = plan_layout(specs, segment_bytes)
-    return sum(1 for size in plan.segment_sizes if size <= segment_bytes)
+    # The daemon places only segments of at least a quarter segment in staged ones
+    # (SegmentPool.min_pooled_bytes): smaller ones get exact-size fresh segments.
+    return sum(1 for size in plan.segment_sizes if segment_bytes // 4 <= size <= segment_bytes)
 
 
 def _map_for_write(
@@ -603,4 +621,6 @@ def reset_process_state() -> None:
     global _default
     with _default_lock:
         _default = None
-    _process_caches()[0].clear()
+    read_cache, buffers = _process_caches()
+    read_cache.clear()
+    buffers.clear()  # buffers belong to the daemon session that just ended

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
 
 import tensorcast_ray as tc
 from tensorcast_ray import _bootstrap
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -57,3 +59,11 @@ def test_first_put_is_unstaged_later_puts_use_staged_segments(
     assert fallbacks("staging_empty") == before, "the second put must use a staged segment"
     assert torch.equal(tc.get("staged:v2")["w"], data["w"])
     assert torch.equal(tc.get("staged:v1")["w"], data["w"])
+    # The staged segment is a whole pooled segment (16 MiB in tests); the daemon trims it to
+    # the 4 MiB the artifact uses, so memory and capacity accounting agree.
+    info = tc.artifact("staged:v2")._entry.info
+    (segment,) = info.segments
+    assert segment.size == 4 << 20
+    path = os.path.join(info.shm_dir, segment.name)
+    wait_for(lambda: os.path.getsize(path) == 4 << 20, 30, "the staged segment to be trimmed")
+    assert torch.equal(tc.get("staged:v2")["w"], data["w"])

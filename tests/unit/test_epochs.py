@@ -1,0 +1,173 @@
+"""The node's validity table (EpochTable / EpochReader) on a plain directory, without Ray."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tensorcast_ray._epochs import EpochReader, EpochTable
+from tensorcast_ray._errors import ResourceExhaustedError
+
+SLOTS = 16
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Iterator[EpochTable]:
+    t = EpochTable(str(tmp_path), "epochs", SLOTS)
+    yield t
+    t.close(unlink=True)
+
+
+def test_file_created_private_and_sized(table: EpochTable, tmp_path: Path) -> None:
+    st = os.stat(tmp_path / "epochs")
+    assert st.st_size == SLOTS * 8
+    assert st.st_mode & 0o777 == 0o600
+
+
+def test_alloc_writes_a_generation_readers_see(table: EpochTable, tmp_path: Path) -> None:
+    reader = EpochReader(str(tmp_path), "epochs", SLOTS)
+    try:
+        slot, gen = table.alloc()
+        assert gen > 0 and 0 <= slot < SLOTS
+        assert reader.valid(slot, gen)
+        assert not reader.valid(slot, gen + 1)
+        table.free(slot)
+        assert not reader.valid(slot, gen)  # seen at once, no RPC
+    finally:
+        reader.close()
+
+
+def test_generations_never_reused_even_when_slots_are(table: EpochTable) -> None:
+    gens: list[int] = []
+    slots: set[int] = set()
+    for _ in range(5 * SLOTS):
+        slot, gen = table.alloc()
+        gens.append(gen)
+        slots.add(slot)
+        table.free(slot)
+    assert len(slots) < len(gens)  # slots are recycled ...
+    assert all(a < b for a, b in itertools.pairwise(gens))  # ... generations only grow
+
+
+def test_stale_reader_of_reused_slot_is_invalid(table: EpochTable, tmp_path: Path) -> None:
+    reader = EpochReader(str(tmp_path), "epochs", SLOTS)
+    try:
+        live = [table.alloc() for _ in range(SLOTS)]
+        slot, old_gen = live[3]
+        table.free(slot)
+        new_slot, new_gen = table.alloc()
+        assert new_slot == slot  # the only free slot
+        assert not reader.valid(slot, old_gen)
+        assert reader.valid(slot, new_gen)
+    finally:
+        reader.close()
+
+
+def test_full_table_is_resource_exhausted(table: EpochTable) -> None:
+    allocated = {table.alloc()[0] for _ in range(SLOTS)}
+    assert allocated == set(range(SLOTS))
+    with pytest.raises(ResourceExhaustedError, match="epoch_slots") as err:
+        table.alloc()
+    assert err.value.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    table.free(5)
+    assert table.alloc()[0] == 5
+
+
+def test_free_ignores_bad_and_already_free_slots(table: EpochTable) -> None:
+    slot, _ = table.alloc()
+    table.free(slot)
+    table.free(slot)  # twice: must not be handed out twice
+    table.free(-1)
+    table.free(SLOTS)
+    got = [table.alloc()[0] for _ in range(SLOTS)]
+    assert sorted(got) == list(range(SLOTS))
+    with pytest.raises(ResourceExhaustedError):
+        table.alloc()
+
+
+def test_reader_rejects_zero_generation_and_out_of_range(table: EpochTable, tmp_path: Path) -> None:
+    reader = EpochReader(str(tmp_path), "epochs", SLOTS)
+    try:
+        assert not reader.valid(0, 0)  # a free slot holds 0: never "valid"
+        assert not reader.valid(-1, 1)
+        assert not reader.valid(SLOTS, 1)
+    finally:
+        reader.close()
+
+
+def test_restore_after_reopen_then_release_unclaimed(tmp_path: Path) -> None:
+    first = EpochTable(str(tmp_path), "epochs", SLOTS)
+    kept = first.alloc()
+    dropped = first.alloc()
+    wrong = first.alloc()
+    max_gen = max(g for _, g in (kept, dropped, wrong))
+    first.close(unlink=False)
+    assert (tmp_path / "epochs").exists()
+
+    second = EpochTable(str(tmp_path), "epochs", SLOTS, adopt=True)
+    reader = EpochReader(str(tmp_path), "epochs", SLOTS)
+    try:
+        # Before release, every old slot still reads as valid (readers keep working).
+        assert all(reader.valid(s, g) for s, g in (kept, dropped, wrong))
+        assert second.restore(*kept)
+        assert not second.restore(*kept)  # claimed once only
+        assert not second.restore(wrong[0], wrong[1] + 1)  # generation mismatch
+        assert not second.restore(SLOTS + 3, 1)
+        assert second.release_unclaimed() == 2
+        assert second.release_unclaimed() == 0
+        assert reader.valid(*kept)
+        assert not reader.valid(*dropped) and not reader.valid(*wrong)
+        # New generations continue above every generation the old table held.
+        slot, gen = second.alloc()
+        assert gen > max_gen and slot != kept[0]
+        # The released slots are free again; the kept one is not handed out.
+        taken = {slot} | {second.alloc()[0] for _ in range(SLOTS - 2)}
+        assert kept[0] not in taken
+        with pytest.raises(ResourceExhaustedError):
+            second.alloc()
+    finally:
+        reader.close()
+        second.close(unlink=True)
+    assert not (tmp_path / "epochs").exists()
+
+
+def test_reopen_without_adopt_starts_empty(tmp_path: Path) -> None:
+    first = EpochTable(str(tmp_path), "epochs", SLOTS)
+    slot, gen = first.alloc()
+    first.close(unlink=False)
+    second = EpochTable(str(tmp_path), "epochs", SLOTS)
+    reader = EpochReader(str(tmp_path), "epochs", SLOTS)
+    try:
+        assert not reader.valid(slot, gen)
+        assert not second.restore(slot, gen)
+        assert second.release_unclaimed() == 0
+    finally:
+        reader.close()
+        second.close(unlink=True)
+
+
+def test_adopt_of_wrong_size_starts_empty(tmp_path: Path) -> None:
+    first = EpochTable(str(tmp_path), "epochs", SLOTS)
+    first.alloc()
+    first.close(unlink=False)
+    second = EpochTable(str(tmp_path), "epochs", SLOTS * 2, adopt=True)
+    try:
+        assert os.path.getsize(tmp_path / "epochs") == SLOTS * 16
+        assert second.release_unclaimed() == 0
+        assert second.alloc()[1] == 1
+    finally:
+        second.close(unlink=True)
+
+
+def test_close_without_unlink_keeps_file(tmp_path: Path) -> None:
+    t = EpochTable(str(tmp_path), "epochs", SLOTS)
+    t.close(unlink=False)
+    assert (tmp_path / "epochs").exists()
+    t2 = EpochTable(str(tmp_path), "epochs", SLOTS, adopt=True)
+    t2.close(unlink=True)
+    assert not (tmp_path / "epochs").exists()
