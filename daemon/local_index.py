@@ -123,11 +123,13 @@ class AdmitDecision:
     used_bytes: int = 0
     requested_bytes: int = 0
 
-    def raise_if_rejected(self) -> None:
-        """Raise ResourceExhaustedError for a rejected ``must``; do nothing otherwise."""
+    def raise_if_rejected(self, what: str = "") -> None:
+        """Raise ResourceExhaustedError for a rejected ``must``; do nothing otherwise.
+
+        ``what`` names the artifact for the caller (its key); the internal id otherwise."""
         if self.status == "rejected":
             raise ResourceExhaustedError(
-                f"local stable DRAM cannot hold artifact {self.artifact_id!r}: capacity "
+                f"local stable DRAM cannot hold {what or repr(self.artifact_id)}: capacity "
                 f"{self.capacity_bytes} bytes, used {self.used_bytes}, requested "
                 f"{self.requested_bytes} ({self.reason}). Free space (delete or unpin "
                 "artifacts), raise the daemon's DRAM capacity, or relax the policy "

@@ -208,7 +208,7 @@ class LocalStore:
         self.metrics.local_stable_tier_seconds.labels(op=artifact.kind, status=status).observe(
             time.perf_counter() - start
         )
-        decision.raise_if_rejected()
+        decision.raise_if_rejected(artifact.key)
         if not decision.admitted:
             raise ResourceExhaustedError(
                 f"{artifact.key} ({artifact.nbytes} bytes) does not fit in local stable DRAM "
@@ -261,19 +261,23 @@ class LocalStore:
             write_id = uuid.uuid4().hex
             self._pending[write_id] = _Pending(write_id, artifact, sid, True)
         staged = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
+        claimed = list(staged)
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
-            segments = [
-                self._fit(
-                    staged.pop(0) if staged and self._stageable(size) else self._take(size),
-                    size,
-                )
-                for size in plan.segment_sizes
-            ]
+            for size in plan.segment_sizes:
+                seg = staged.pop(0) if staged and self._stageable(size) else self._take(size)
+                artifact.segments.append(self._fit(seg, size))
         except BaseException:
+            # The client takes its staged segments back: return them to its session whole,
+            # and free only the fresh ones.
+            names = {name for name, _ in claimed}
+            with self._lock:
+                for name, size in claimed:
+                    self._staged[name] = (size, sid)
+                self._trim = [t for t in self._trim if t[0] not in names]
+            artifact.segments = [seg for seg in artifact.segments if seg[0] not in names]
             self._abort(write_id)
             raise
-        artifact.segments = segments
         return daemon_pb2.BeginWriteResponse(
             write_id=write_id,
             artifact_id=artifact.artifact_id,
@@ -380,7 +384,7 @@ class LocalStore:
                 AdmitRequest(buffer_id, int(request.nbytes), "must", "pinned", None, "reject"),
                 self._now_ms(),
             )
-            decision.raise_if_rejected()
+            decision.raise_if_rejected(f"a tc.empty buffer of {request.nbytes} bytes")
         try:
             seg = self._fit(self._take(int(request.nbytes)), int(request.nbytes))
         except BaseException:

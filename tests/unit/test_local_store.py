@@ -1,0 +1,149 @@
+"""The daemon's LocalStore without Ray: staging, trimming, failure paths, crash recovery."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tensorcast_ray.daemon.local_store import LocalStore
+from tensorcast_ray.daemon.metrics import DaemonMetrics
+
+from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._errors import ResourceExhaustedError, UnavailableError
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+MiB = 1 << 20
+PREFIX = "tcr-unittest-000000000000-"
+
+
+def make_store(shm_dir: Path, **overrides: object) -> LocalStore:
+    config = DaemonConfig(
+        shm_dir=str(shm_dir),
+        shm_segment_bytes=4 * MiB,
+        shm_pool_bytes=0,
+        client_staging_bytes=8 * MiB,
+        **overrides,
+    )
+    return LocalStore(config, prefix=PREFIX, metrics=DaemonMetrics())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[LocalStore]:
+    s = make_store(tmp_path)
+    s.bind_session_pid("s1", os.getpid(), s.hostname)
+    yield s
+    s.close(unlink=True)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)], "segments leaked"
+
+
+def begin(
+    store: LocalStore, key: str, nbytes: int, staged: list[str] = ()
+) -> daemon_pb2.BeginWriteResponse:  # type: ignore[assignment]
+    request = daemon_pb2.BeginWriteRequest(
+        key=key,
+        kind=daemon_pb2.WRITE_KIND_PUT,
+        session_id="s1",
+        tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[nbytes])],
+        staged_segments=list(staged),
+    )
+    return store.rpc_BeginWrite(request, "")
+
+
+def write(store: LocalStore, started: daemon_pb2.BeginWriteResponse, fill: int) -> None:
+    for seg in started.segments:
+        with open(os.path.join(started.shm_dir, seg.name), "r+b") as f:
+            m = mmap.mmap(f.fileno(), seg.size)
+            m[: seg.size] = bytes([fill]) * seg.size
+            m.close()
+    store.rpc_CommitWrite(daemon_pb2.CommitWriteRequest(write_id=started.write_id), "")
+
+
+def lease(store: LocalStore, count: int) -> list[str]:
+    response = store.rpc_LeaseSegments(
+        daemon_pb2.LeaseSegmentsRequest(session_id="s1", count=count), ""
+    )
+    return [s.name for s in response.segments]
+
+
+def test_staged_segment_is_used_then_trimmed_to_the_artifact(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    (name,) = lease(store, 1)
+    started = begin(store, "a:v1", 2 * MiB, [name])
+    assert [s.name for s in started.segments] == [name]
+    assert started.segments[0].size == 2 * MiB
+    assert os.path.getsize(tmp_path / name) == 4 * MiB
+    write(store, started, 7)
+    store.tick()
+    assert os.path.getsize(tmp_path / name) == 2 * MiB, "the tick trims the unused half"
+
+
+def test_small_writes_do_not_consume_staged_segments(store: LocalStore) -> None:
+    (name,) = lease(store, 1)
+    started = begin(store, "small:v1", 4096, [name])
+    assert name not in {s.name for s in started.segments}
+    assert store._staged[name][1] == "s1", "the staged segment stays with its session"
+
+
+def test_staging_is_limited_per_session(store: LocalStore) -> None:
+    assert len(lease(store, 10)) == 2  # client_staging_bytes / shm_segment_bytes
+    assert lease(store, 1) == []
+
+
+def test_failed_begin_returns_staged_segments_and_frees_fresh_ones(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (name,) = lease(store, 1)
+
+    def full(size: int) -> object:
+        raise ResourceExhaustedError("tmpfs is full (simulated)")
+
+    monkeypatch.setattr(store._pool, "take", full)
+    with pytest.raises(ResourceExhaustedError):
+        # Two 4 MiB segments: the first from staging, the second from the (full) pool.
+        begin(store, "big:v1", 7 * MiB, [name])
+    assert store._staged[name] == (4 * MiB, "s1")
+    assert os.path.exists(tmp_path / name)
+    assert not store._catalog.exists("big:v1")
+    assert store.stats()["tiers"][0]["used_bytes"] == 0
+
+
+def test_register_needs_a_known_session(store: LocalStore) -> None:
+    request = daemon_pb2.BeginWriteRequest(
+        key="r:v1",
+        kind=daemon_pb2.WRITE_KIND_REGISTER,
+        session_id="gone",
+        tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[16])],
+    )
+    with pytest.raises(UnavailableError) as err:
+        store.rpc_BeginWrite(request, "")
+    assert err.value.retryable
+    with pytest.raises(UnavailableError):
+        store.rpc_AllocateBuffer(daemon_pb2.AllocateBufferRequest(session_id="gone", nbytes=16), "")
+
+
+def test_crash_recovery_readopts_artifacts_and_drops_orphans(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    started = begin(first, "keep:v1", MiB)
+    write(first, started, 9)
+    orphan = begin(first, "half:v1", MiB)  # never committed: a crash mid-put
+    first.close(unlink=False)  # a crash: segments and journal stay
+    journal = json.loads((tmp_path / f"{PREFIX}journal.json").read_text())
+    assert [a["key"] for a in journal["artifacts"]] == ["keep:v1"]
+
+    second = make_store(tmp_path)
+    try:
+        assert second.recovered == 1
+        info = second.rpc_Lookup(daemon_pb2.LookupRequest(key="keep:latest"), "")
+        seg = info.segments[0]
+        assert (tmp_path / seg.name).read_bytes()[:4] == bytes([9]) * 4
+        assert not os.path.exists(tmp_path / orphan.segments[0].name), "orphans are swept"
+        assert not second._catalog.exists("half:v1")
+    finally:
+        second.close(unlink=True)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)]
