@@ -251,6 +251,14 @@ def _touch(fd: int, size: int) -> None:
         m.close()
 
 
+def lower_thread_priority(niceness: int = 10) -> None:
+    """Make the calling background thread yield the CPU to hot paths (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass  # not permitted or not supported: background work just competes normally
+
+
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -388,6 +396,7 @@ class SegmentPool:
         return self.reserve_bytes // self.segment_bytes
 
     def _refill(self) -> None:
+        lower_thread_priority()
         while True:
             with self._cond:
                 seen = self._wakes

@@ -51,27 +51,36 @@ class Stager:
         self._cond = threading.Condition()
         self._closed = False
         self._wanted = False
+        # Writes between take() and their retire()/give_back(done=True): refilling waits for
+        # them, since mapping with MAP_POPULATE holds the GIL and would slow their copy.
+        self._in_flight = 0
         self._thread = threading.Thread(target=self._run, name="tc-staging", daemon=True)
         self._thread.start()
 
     def take(self, n: int) -> list[Staged]:
-        """Up to ``n`` ready segments (possibly none); wakes the refill either way."""
+        """Up to ``n`` ready segments (possibly none) for a write starting now. The write must
+        end with :meth:`retire` or ``give_back(..., done=True)``; refilling waits until then."""
         with self._cond:
             self._wanted = True
+            self._in_flight += 1
             taken, self._ready = self._ready[:n], self._ready[n:]
-            self._cond.notify_all()
         return taken
 
-    def give_back(self, staged: list[Staged]) -> None:
-        """Segments a write offered but did not use (still leased to this session)."""
+    def give_back(self, staged: list[Staged], *, done: bool = False) -> None:
+        """Segments a write offered but did not use (still leased to this session); ``done``
+        when the write ends here (it failed before using any)."""
         with self._cond:
             self._ready = staged + self._ready
+            if done:
+                self._in_flight -= 1
             self._cond.notify_all()
 
     def retire(self, mappings: list[mmap.mmap]) -> None:
-        """Mappings of committed writes: unmapped by the background thread, off the hot path."""
+        """The write is over: its mappings are unmapped by the background thread, off the hot
+        path, and refilling may start."""
         with self._cond:
             self._to_close.extend(mappings)
+            self._in_flight -= 1
             self._cond.notify_all()
 
     def ready_bytes(self) -> int:

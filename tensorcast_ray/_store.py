@@ -321,7 +321,7 @@ class Store:
                 started = self._call("BeginWrite", begin, timeout)
             except BaseException:
                 if stager is not None:
-                    stager.give_back(staged)
+                    stager.give_back(staged, done=True)
                 raise
             maps: list[Any] = []
             try:
