@@ -100,7 +100,7 @@ def timed(fn: Any, repeat: int) -> float:
 @ray.remote(num_cpus=0)
 class Reader:
     def __init__(self) -> None:
-        import torch  # noqa: F401  (its import costs ~0.4 GB of USS: keep it out of the measure)
+        import torch
 
         import tensorcast_ray as tc
 
