@@ -217,7 +217,7 @@ def daemon_status(obj: Ctx, as_json: bool, all_nodes: bool) -> None:
     if as_json:
         click.echo(json.dumps(statuses, indent=2, sort_keys=True))
     elif not statuses:
-        click.echo(f"no tensorcast daemon in namespace {obj.namespace!r}")
+        click.echo(f"no tensorcast daemon in namespace {obj.namespace!r}", err=True)
     else:
         click.echo(_table(statuses))
     if not statuses:
