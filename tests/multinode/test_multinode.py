@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 
-import tensorcast_ray as tc
 from tests.helpers import leftovers, named_actors, stop_namespace
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
@@ -64,8 +63,7 @@ def test_one_daemon_per_node_on_its_node(cluster: object, ns: str) -> None:
     def boot(namespace: str, index: int) -> tuple[str, str, str]:
         import ray
 
-        import tensorcast_ray as tc
-
+        
         ctx = tc.init(namespace=namespace)
         tc.put(
             {"x": __import__("torch").full((4,), float(len(ctx.node_id)))},
@@ -166,4 +164,3 @@ def test_cli_starts_and_stops_daemons_on_all_nodes(cluster: object, ns: str) -> 
         [*base, "daemon", "stop", "--all"], capture_output=True, text=True, timeout=180
     )
     assert again.returncode == 1 and "no tensorcast daemon" in again.stderr
-    assert tc.__version__
