@@ -63,6 +63,8 @@ def test_one_daemon_per_node_on_its_node(cluster: object, ns: str) -> None:
     def boot(namespace: str, index: int) -> tuple[str, str, str]:
         import ray
 
+        import tensorcast_ray as tc
+
         ctx = tc.init(namespace=namespace)
         tc.put(
             {"x": __import__("torch").full((4,), float(len(ctx.node_id)))},
