@@ -135,12 +135,8 @@ class DaemonActor:
     def stop(self) -> None:
         """A clean stop: close endpoints and free every segment of this node's daemon."""
         self.server.stop()
-        self.store.close(unlink=True)
-        for path in (
-            self._port_file,
-            os.path.join(self.config.shm_dir, f"{self.prefix}journal.json"),
-        ):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self.store.close(unlink=True)  # segments, validity table and journal
+        try:
+            os.unlink(self._port_file)
+        except FileNotFoundError:
+            pass

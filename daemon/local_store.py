@@ -29,9 +29,10 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tensorcast_ray.daemon.journal import Journal
 from tensorcast_ray.daemon.local_index import AdmitRequest, LocalIndex
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
@@ -53,8 +54,6 @@ from tensorcast_ray._shm import Segment, SegmentPool, list_segments, remove_segm
 
 logger = logging.getLogger(__name__)
 
-JOURNAL_VERSION = 1
-
 
 @dataclass
 class _Artifact:
@@ -73,6 +72,10 @@ class _Artifact:
     expires_at_ms: int = 0
     buffers: list[str] = field(default_factory=list)  # register of tc.empty buffers
     degraded_reasons: list[str] = field(default_factory=list)
+    # The local stable tier's admission terms, kept so a restart re-admits on the same terms.
+    requirement: str = "must"
+    retention: str = "pinned"
+    retention_ttl_ms: int | None = None
 
 
 @dataclass
@@ -123,13 +126,11 @@ class LocalStore:
         self._trim: list[tuple[str, int]] = []
         self.epoch_segment = f"{prefix}epochs"
         self.epoch_slots = config.epoch_slots
-        self._journal_path = os.path.join(self.shm_dir, f"{prefix}journal.json")
+        self._journal_path = os.path.join(self.shm_dir, f"{prefix}journal.jsonl")
+        self._journal = Journal(self._journal_path) if config.journal else None
         os.makedirs(self.shm_dir, exist_ok=True)
         self._epochs = EpochTable(self.shm_dir, self.epoch_segment, self.epoch_slots, adopt=True)
-        self.recovered = self._recover() if config.journal else 0
-        if not config.journal:
-            self._epochs.release_unclaimed()
-            self._sweep_orphans()
+        self.recovered = self._recover()
         self._pool = SegmentPool(
             self.shm_dir,
             prefix,
@@ -197,6 +198,9 @@ class LocalStore:
                 f"no tier can hold {artifact.key}: the policy asks for no local copy and "
                 "persistence is not configured; add a local stable tier (e.g. profile 'cache')"
             )
+        artifact.requirement = request.requirement
+        artifact.retention = request.retention_policy
+        artifact.retention_ttl_ms = request.retention_ttl_ms
         start = time.perf_counter()
         for expired in self._index.expire(self._now_ms()):
             self._free_artifact(expired, reason="retention ttl expired")
@@ -353,7 +357,7 @@ class LocalStore:
             artifact.epoch_slot, artifact.generation = self._epochs.alloc()
             self._catalog.commit(artifact.key)
             self._artifacts[artifact.artifact_id] = artifact
-            self._journal()
+            self._log("artifact", artifact)
             self._update_gauges()
         return _result(artifact)
 
@@ -393,6 +397,7 @@ class LocalStore:
             raise
         with self._lock:
             self._buffers[buffer_id] = _Buffer(buffer_id, seg, sid, self._session_pids.get(sid, 0))
+            self._log("buffer", self._buffers[buffer_id])
             self._update_gauges()
         return daemon_pb2.AllocateBufferResponse(
             buffer_id=buffer_id,
@@ -457,7 +462,7 @@ class LocalStore:
             artifact.epoch_slot, artifact.generation = self._epochs.alloc()
             self._catalog.commit(request.key)
             self._artifacts[artifact.artifact_id] = artifact
-            self._journal()
+            self._log("artifact", artifact)
             self._update_gauges()
         return _result(artifact)
 
@@ -525,7 +530,7 @@ class LocalStore:
         else:
             self._unlink(artifact.segments)
         logger.info("freed %s (%s): %s", artifact.key, artifact_id, reason)
-        self._journal()
+        self._log("drop", artifact_id)
         self._update_gauges()
 
     def _free_buffer(self, buffer_id: str) -> None:
@@ -533,6 +538,7 @@ class LocalStore:
         if buf is not None:
             self._index.remove(buffer_id)
             self._unlink([buf.segment])
+            self._log("unbuffer", buffer_id)
 
     def _unlink(self, segments: list[tuple[str, int]]) -> None:
         for name, size in segments:
@@ -570,7 +576,6 @@ class LocalStore:
                 self._free_buffer(buffer_id)
             for name in [n for n, (_, owner) in self._staged.items() if owner == session_id]:
                 self._unlink([(name, self._staged.pop(name)[0])])
-            self._journal()
             self._update_gauges()
 
     def tick(self) -> None:
@@ -582,6 +587,7 @@ class LocalStore:
                 os.truncate(os.path.join(self.shm_dir, name), used)
             except FileNotFoundError:
                 pass  # aborted or deleted meanwhile
+        self._compact_journal()
         now = self._now_ms()
         with self._lock:
             for artifact in list(self._artifacts.values()):
@@ -645,40 +651,40 @@ class LocalStore:
                 self._buffers.clear()
                 self._pending.clear()
                 remove_segments(self.shm_dir, self.prefix, keep=set())
+                if self._journal is not None:
+                    self._journal.remove()
+            elif self._journal is not None:
+                self._journal.close()
             self._epochs.close(unlink=unlink)
 
     # ---- journal --------------------------------------------------------------------------
-    def _journal(self) -> None:
-        if not self.config.journal:
+    def _log(self, op: str, value: Any) -> None:
+        if self._journal is None:
             return
-        data = {
-            "version": JOURNAL_VERSION,
-            "artifacts": [asdict(a) for a in self._artifacts.values()],
-            "buffers": [asdict(b) for b in self._buffers.values()],
-        }
-        tmp = self._journal_path + ".tmp"
-        fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self._journal_path)
+        if op == "artifact":
+            self._journal.add_artifact(_record(value))
+        elif op == "drop":
+            self._journal.drop_artifact(value)
+        elif op == "buffer":
+            self._journal.add_buffer(_record(value))
+        else:
+            self._journal.drop_buffer(value)
+
+    def _compact_journal(self) -> None:
+        with self._lock:
+            live = len(self._artifacts) + len(self._buffers)
+            if self._journal is not None and self._journal.needs_compaction(live):
+                self._journal.compact(
+                    [_record(a) for a in self._artifacts.values()],
+                    [_record(b) for b in self._buffers.values()],
+                )
 
     def _recover(self) -> int:
         """Re-adopt what a previous instance of this daemon left (a restart, not a stop)."""
-        try:
-            with open(self._journal_path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            self._epochs.release_unclaimed()
-            self._sweep_orphans()
-            return 0
-        except ValueError:
-            logger.warning("journal %s is corrupt; starting empty", self._journal_path)
-            self._epochs.release_unclaimed()
-            self._sweep_orphans()
-            return 0
+        state = self._journal.replay() if self._journal is not None else None
         now = self._now_ms()
-        for raw in data.get("buffers", []):
-            buf = _Buffer(**{**raw, "segment": tuple(raw["segment"])})
+        for raw in (state.buffers if state else {}).values():
+            buf = _Buffer(**{**raw, "segment": tuple(raw["segment"]), "refs": 0})
             if os.path.exists(os.path.join(self.shm_dir, buf.segment[0])):
                 buf.session_id = ""  # sessions do not survive a restart; pid re-binds them
                 self._buffers[buf.buffer_id] = buf
@@ -686,7 +692,7 @@ class LocalStore:
                     AdmitRequest(buf.buffer_id, buf.segment[1], "must", "pinned", None, "reject"),
                     now,
                 )
-        for raw in data.get("artifacts", []):
+        for raw in (state.artifacts if state else {}).values():
             artifact = _Artifact(**{**raw, "segments": [tuple(s) for s in raw["segments"]]})
             present = all(
                 os.path.exists(os.path.join(self.shm_dir, n)) for n, _ in artifact.segments
@@ -694,27 +700,45 @@ class LocalStore:
             if not present or not self._epochs.restore(artifact.epoch_slot, artifact.generation):
                 logger.warning("cannot re-adopt %s: its segments are gone", artifact.key)
                 continue
-            artifact.owner_session = ""
-            self._catalog.reserve(artifact.key, artifact.artifact_id)
-            self._catalog.commit(artifact.key)
-            retention = (
-                "pinned" if artifact.kind == "register" or artifact.buffers else "best_effort"
-            )
-            self._index.admit(
+            # Re-admit on the terms it was admitted with (reject: recovery never evicts).
+            decision = self._index.admit(
                 AdmitRequest(
-                    artifact.artifact_id, artifact.nbytes, "must", retention, None, "reject"
+                    artifact.artifact_id,
+                    artifact.nbytes,
+                    artifact.requirement,
+                    artifact.retention,
+                    artifact.retention_ttl_ms,
+                    "reject",
                 ),
                 now,
             )
+            if not decision.admitted:
+                logger.warning("cannot re-adopt %s: %s", artifact.key, decision.reason)
+                self._epochs.free(artifact.epoch_slot)
+                continue
+            artifact.owner_session = ""
+            self._catalog.reserve(artifact.key, artifact.artifact_id)
+            self._catalog.commit(artifact.key)
             self._artifacts[artifact.artifact_id] = artifact
-        # Zero validity slots nobody re-adopted, then drop segments nobody references.
+            for buffer_id in artifact.buffers:
+                if buffer_id in self._buffers:
+                    self._buffers[buffer_id].refs += 1
+        # Zero validity slots nobody re-adopted, drop segments nobody references, and start
+        # the journal afresh from what was re-adopted.
         self._epochs.release_unclaimed()
         self._sweep_orphans()
-        logger.info("re-adopted %d artifacts from %s", len(self._artifacts), self._journal_path)
+        if self._journal is not None:
+            self._journal.compact(
+                [_record(a) for a in self._artifacts.values()],
+                [_record(b) for b in self._buffers.values()],
+            )
+        if self._artifacts:
+            logger.info("re-adopted %d artifacts from %s", len(self._artifacts), self._journal_path)
         return len(self._artifacts)
 
     def _sweep_orphans(self) -> None:
-        keep = {self.epoch_segment, os.path.basename(self._journal_path), f"{self.prefix}port"}
+        journal = os.path.basename(self._journal_path)
+        keep = {self.epoch_segment, journal, journal + ".tmp", f"{self.prefix}port"}
         keep.update(n for a in self._artifacts.values() for n, _ in a.segments)
         keep.update(b.segment[0] for b in self._buffers.values())
         removed = remove_segments(self.shm_dir, self.prefix, keep)
@@ -723,6 +747,11 @@ class LocalStore:
 
     def segments_on_disk(self) -> list[str]:
         return list_segments(self.shm_dir, self.prefix)
+
+
+def _record(obj: Any) -> dict[str, Any]:
+    """A journal record of a dataclass: shallow (its lists hold plain JSON values)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
 
 
 def _numel(shape: Any) -> int:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import itertools
 import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tensorcast_ray.daemon.journal import Journal
 from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
@@ -133,8 +134,9 @@ def test_crash_recovery_readopts_artifacts_and_drops_orphans(tmp_path: Path) -> 
     write(first, started, 9)
     orphan = begin(first, "half:v1", MiB)  # never committed: a crash mid-put
     first.close(unlink=False)  # a crash: segments and journal stay
-    journal = json.loads((tmp_path / f"{PREFIX}journal.json").read_text())
-    assert [a["key"] for a in journal["artifacts"]] == ["keep:v1"]
+    replayed = Journal(str(tmp_path / f"{PREFIX}journal.jsonl")).replay()
+    assert replayed is not None
+    assert [a["key"] for a in replayed.artifacts.values()] == ["keep:v1"]
 
     second = make_store(tmp_path)
     try:
@@ -144,6 +146,38 @@ def test_crash_recovery_readopts_artifacts_and_drops_orphans(tmp_path: Path) -> 
         assert (tmp_path / seg.name).read_bytes()[:4] == bytes([9]) * 4
         assert not os.path.exists(tmp_path / orphan.segments[0].name), "orphans are swept"
         assert not second._catalog.exists("half:v1")
+    finally:
+        second.close(unlink=True)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)]
+
+
+def test_commit_cost_does_not_grow_with_the_store(store: LocalStore, tmp_path: Path) -> None:
+    """Each commit appends one journal line; it never rewrites the whole index."""
+    journal = tmp_path / f"{PREFIX}journal.jsonl"
+    sizes = []
+    for i in range(6):
+        write(store, begin(store, f"many:v{i}", 4096), 1)
+        sizes.append(journal.stat().st_size)
+    growth = [b - a for a, b in itertools.pairwise(sizes)]
+    assert max(growth) - min(growth) < 64, f"each commit should add one similar line: {growth}"
+
+
+def test_journal_replays_deletes_and_survives_a_torn_line(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    for i in range(3):
+        write(first, begin(first, f"k:v{i}", 4096), i)
+    first.rpc_Delete(daemon_pb2.DeleteRequest(key="k:v1"), "")
+    first.close(unlink=False)
+    with open(tmp_path / f"{PREFIX}journal.jsonl", "a") as f:
+        f.write('{"op": "artifact", "data": {"artif')  # a crash mid-append
+    second = make_store(tmp_path)
+    try:
+        assert second.recovered == 2
+        assert second._catalog.list_keys("k") == ["k:v0", "k:v2"]
+        # Puts come back evictable on their original terms, not pinned.
+        entry = second._index.get(second._catalog.resolve("k:v0")[1])
+        assert entry is not None and not entry.protected
     finally:
         second.close(unlink=True)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)]
