@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import ray
@@ -21,6 +22,7 @@ from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
 from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor, message_to_dict
 from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._gc import collect, read_owner, write_owner
 from tensorcast_ray._local_channel import METHODS
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 from tensorcast_ray._shm import segment_prefix
@@ -62,24 +64,39 @@ class DaemonActor:
         if self.config.local_socket:
             os.makedirs(socket_dir, mode=0o700, exist_ok=True)
             socket_path = os.path.join(socket_dir, f"{self.prefix}sock")
-        self._port_file = os.path.join(self.config.shm_dir, f"{self.prefix}port")
         self.server = DaemonServer(self.service, self.config, socket_path)
-        self.server.start(preferred_port=self._read_port())
-        self._write_port()
+        owner = read_owner(self.config.shm_dir, self.prefix) or {}
+        port = owner.get("port")
+        self.server.start(preferred_port=port if isinstance(port, int) else None)
+        write_owner(
+            self.config.shm_dir,
+            self.prefix,
+            port=self.server.port,
+            node_id=self.node_id,
+            namespace=namespace,
+            started_unix=time.time(),
+        )
+        self._collect_stale()
         self._connect_global_store()
         logger.info("daemon %s serving at %s", self.node_id, self.service.address)
 
-    def _read_port(self) -> int | None:
+    def _collect_stale(self) -> None:
+        """Free shared memory of daemons on this host that died for good (see _gc)."""
         try:
-            with open(self._port_file) as f:
-                return int(f.read().strip())
-        except (OSError, ValueError):
-            return None
-
-    def _write_port(self) -> None:
-        fd = os.open(self._port_file, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(str(self.server.port))
+            removed = collect(
+                self.config.shm_dir, min_age_s=self.config.stale_shm_grace_s, exclude=self.prefix
+            )
+        except OSError:
+            logger.exception("collecting stale shared memory failed")
+            return
+        for stale in removed:
+            logger.warning(
+                "removed %d files (%d bytes) of dead daemon %s (pid %s)",
+                len(stale.files),
+                stale.nbytes,
+                stale.prefix,
+                stale.owner_pid,
+            )
 
     def _connect_global_store(self) -> None:
         if self.global_store_mode == "none":
@@ -135,8 +152,4 @@ class DaemonActor:
     def stop(self) -> None:
         """A clean stop: close endpoints and free every segment of this node's daemon."""
         self.server.stop()
-        self.store.close(unlink=True)  # segments, validity table and journal
-        try:
-            os.unlink(self._port_file)
-        except FileNotFoundError:
-            pass
+        self.store.close(unlink=True)  # segments, validity table, journal and owner file

@@ -47,6 +47,7 @@ from tensorcast_ray._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tensorcast_ray._gc import OWNER_SUFFIX
 from tensorcast_ray._layout import LayoutPlan, TensorMeta, plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
@@ -738,7 +739,8 @@ class LocalStore:
 
     def _sweep_orphans(self) -> None:
         journal = os.path.basename(self._journal_path)
-        keep = {self.epoch_segment, journal, journal + ".tmp", f"{self.prefix}port"}
+        owner = self.prefix + OWNER_SUFFIX
+        keep = {self.epoch_segment, journal, journal + ".tmp", owner, owner + ".tmp"}
         keep.update(n for a in self._artifacts.values() for n, _ in a.segments)
         keep.update(b.segment[0] for b in self._buffers.values())
         removed = remove_segments(self.shm_dir, self.prefix, keep)

@@ -457,6 +457,57 @@ def import_cmd(
     click.echo(f"{result.key} {result.artifact_id} {result.nbytes} bytes {result.status}")
 
 
+@cli.command("gc")
+@click.option(
+    "--shm-dir", default=None, help="Shared-memory directory (default: the daemon config's)."
+)
+@click.option(
+    "--min-age",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Only prefixes whose files are all older than this many seconds.",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@guarded
+def gc_command(shm_dir: str | None, min_age: float, dry_run: bool, as_json: bool) -> None:
+    """Remove shared memory left on this host by daemons that died for good.
+
+    A prefix is stale when the daemon process that owned it is gone and none of its files
+    changed for --min-age seconds. Needs no Ray cluster.
+    """
+    from tensorcast_ray._gc import collect
+
+    directory = shm_dir or load_daemon_config().shm_dir
+    found = collect(directory, min_age_s=min_age, dry_run=dry_run)
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "prefix": f.prefix,
+                        "files": len(f.files),
+                        "bytes": f.nbytes,
+                        "owner_pid": f.owner_pid,
+                        "removed": not dry_run,
+                    }
+                    for f in found
+                ],
+                indent=2,
+            )
+        )
+        return
+    verb = "would remove" if dry_run else "removed"
+    for f in found:
+        click.echo(
+            f"{verb} {f.prefix}* : {len(f.files)} files, {_fmt_bytes(f.nbytes)} "
+            f"(owner pid {f.owner_pid or '?'})"
+        )
+    if not found:
+        click.echo(f"no stale tensorcast shared memory in {directory}")
+
+
 def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cli(prog_name="tensorcast-ray")

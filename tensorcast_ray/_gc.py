@@ -1,0 +1,117 @@
+"""Collect shared memory left by daemons that died for good.  [daemon, CLI]
+
+A daemon stopped cleanly frees its segments. One killed with its node (``ray stop``, the OOM
+killer, a crashed raylet) leaves them in ``shm_dir``: the next daemon of that node has a new
+Ray node id, so a new prefix, and never adopts them. Each daemon records its owner
+(``<prefix>owner.json``: pid, port, node, namespace); a prefix is stale when that process is
+gone *and* none of its files changed for ``min_age_s`` — the age test spares a daemon Ray is
+restarting right now (a restart takes seconds and re-adopts everything).
+
+Runs at every daemon start (for other prefixes on the host) and as ``tensorcast-ray gc``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+__all__ = ["OWNER_SUFFIX", "StalePrefix", "collect", "read_owner", "stale_prefixes", "write_owner"]
+
+OWNER_SUFFIX = "owner.json"
+#: ``tcr-<8 hex namespace hash>-<12 char node id>-`` (see tensorcast_ray._shm.segment_prefix)
+_PREFIX = re.compile(r"^(tcr-[0-9a-f]{8}-[0-9A-Za-z]{1,12}-)")
+
+
+@dataclass(frozen=True)
+class StalePrefix:
+    prefix: str
+    files: tuple[str, ...]
+    nbytes: int
+    owner_pid: int | None
+
+
+def write_owner(shm_dir: str, prefix: str, **fields: object) -> None:
+    """[daemon] Record this process as the owner of ``prefix`` (mode 0600, atomic)."""
+    path = os.path.join(shm_dir, prefix + OWNER_SUFFIX)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), **fields}, f)
+    os.replace(tmp, path)
+
+
+def read_owner(shm_dir: str, prefix: str) -> dict[str, object] | None:
+    try:
+        with open(os.path.join(shm_dir, prefix + OWNER_SUFFIX)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_prefixes(
+    shm_dir: str, *, min_age_s: float = 600.0, exclude: str = "", now: float | None = None
+) -> list[StalePrefix]:
+    """Prefixes in ``shm_dir`` whose owner is gone and whose files are all older than
+    ``min_age_s``. Only files this user owns are considered."""
+    now = time.time() if now is None else now
+    groups: dict[str, list[tuple[str, os.stat_result]]] = {}
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return []
+    for name in names:
+        match = _PREFIX.match(name)
+        if match is None or match.group(1) == exclude:
+            continue
+        try:
+            st = os.stat(os.path.join(shm_dir, name))
+        except OSError:
+            continue
+        if st.st_uid == os.getuid():
+            groups.setdefault(match.group(1), []).append((name, st))
+    stale = []
+    for prefix, entries in sorted(groups.items()):
+        owner = read_owner(shm_dir, prefix)
+        pid = owner.get("pid") if owner else None
+        if isinstance(pid, int) and _alive(pid):
+            continue
+        if now - max(st.st_mtime for _, st in entries) < min_age_s:
+            continue
+        stale.append(
+            StalePrefix(
+                prefix,
+                tuple(sorted(n for n, _ in entries)),
+                sum(st.st_size for _, st in entries),
+                pid if isinstance(pid, int) else None,
+            )
+        )
+    return stale
+
+
+def collect(
+    shm_dir: str, *, min_age_s: float = 600.0, exclude: str = "", dry_run: bool = False
+) -> list[StalePrefix]:
+    """Remove every stale prefix's files (unless ``dry_run``); returns what was found."""
+    found = stale_prefixes(shm_dir, min_age_s=min_age_s, exclude=exclude)
+    if not dry_run:
+        for stale in found:
+            for name in stale.files:
+                try:
+                    os.unlink(os.path.join(shm_dir, name))
+                except FileNotFoundError:
+                    pass
+    return found
