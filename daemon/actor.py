@@ -84,7 +84,10 @@ class DaemonActor:
         """Free shared memory of daemons on this host that died for good (see _gc)."""
         try:
             removed = collect(
-                self.config.shm_dir, min_age_s=self.config.stale_shm_grace_s, exclude=self.prefix
+                self.config.shm_dir,
+                min_age_s=self.config.stale_shm_grace_s,
+                exclude=self.prefix,
+                socket_dir=self.config.socket_dir or default_socket_dir(),
             )
         except OSError:
             logger.exception("collecting stale shared memory failed")

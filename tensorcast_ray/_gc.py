@@ -103,15 +103,24 @@ def stale_prefixes(
 
 
 def collect(
-    shm_dir: str, *, min_age_s: float = 600.0, exclude: str = "", dry_run: bool = False
+    shm_dir: str,
+    *,
+    min_age_s: float = 600.0,
+    exclude: str = "",
+    dry_run: bool = False,
+    socket_dir: str | None = None,
 ) -> list[StalePrefix]:
-    """Remove every stale prefix's files (unless ``dry_run``); returns what was found."""
+    """Remove every stale prefix's files, and its unix socket in ``socket_dir`` (unless
+    ``dry_run``); returns what was found."""
     found = stale_prefixes(shm_dir, min_age_s=min_age_s, exclude=exclude)
     if not dry_run:
         for stale in found:
-            for name in stale.files:
+            paths = [os.path.join(shm_dir, name) for name in stale.files]
+            if socket_dir:
+                paths.append(os.path.join(socket_dir, stale.prefix + "sock"))
+            for path in paths:
                 try:
-                    os.unlink(os.path.join(shm_dir, name))
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
     return found

@@ -479,8 +479,16 @@ def gc_command(shm_dir: str | None, min_age: float, dry_run: bool, as_json: bool
     """
     from tensorcast_ray._gc import collect
 
-    directory = shm_dir or load_daemon_config().shm_dir
-    found = collect(directory, min_age_s=min_age, dry_run=dry_run)
+    from tensorcast_ray.daemon.server import default_socket_dir
+
+    config = load_daemon_config()
+    directory = shm_dir or config.shm_dir
+    found = collect(
+        directory,
+        min_age_s=min_age,
+        dry_run=dry_run,
+        socket_dir=config.socket_dir or default_socket_dir(),
+    )
     if as_json:
         click.echo(
             json.dumps(

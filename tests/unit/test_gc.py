@@ -54,6 +54,20 @@ def test_recently_touched_prefix_is_spared_for_a_restart(tmp_path: Path) -> None
     assert [f.prefix for f in stale_prefixes(str(tmp_path), min_age_s=1)] == [DEAD]
 
 
+def test_collect_removes_the_dead_daemons_socket(tmp_path: Path) -> None:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    (sockets / f"{DEAD}sock").write_bytes(b"")
+    (sockets / f"{LIVE}sock").write_bytes(b"")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    make(shm, DEAD, dead_pid(), age_s=3600)
+    make(shm, LIVE, os.getpid(), age_s=3600)
+    collect(str(shm), min_age_s=600, socket_dir=str(sockets))
+    assert not (sockets / f"{DEAD}sock").exists()
+    assert (sockets / f"{LIVE}sock").exists()
+
+
 def test_dry_run_and_exclude_remove_nothing(tmp_path: Path) -> None:
     paths = make(tmp_path, DEAD, None, age_s=3600)
     assert [f.owner_pid for f in collect(str(tmp_path), min_age_s=0, dry_run=True)] == [None]
