@@ -478,7 +478,6 @@ def gc_command(shm_dir: str | None, min_age: float, dry_run: bool, as_json: bool
     changed for --min-age seconds. Needs no Ray cluster.
     """
     from tensorcast_ray._gc import collect
-
     from tensorcast_ray.daemon.server import default_socket_dir
 
     config = load_daemon_config()
