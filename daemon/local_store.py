@@ -48,10 +48,10 @@ from tensorcast_ray._errors import (
     UnavailableError,
 )
 from tensorcast_ray._gc import OWNER_SUFFIX
-from tensorcast_ray._layout import LayoutPlan, TensorMeta, plan_layout
+from tensorcast_ray._layout import TensorMeta, plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
-from tensorcast_ray._shm import Segment, SegmentPool, list_segments, remove_segments, round_up
+from tensorcast_ray._shm import Segment, SegmentPool, remove_segments, round_up
 
 logger = logging.getLogger(__name__)
 
@@ -747,9 +747,6 @@ class LocalStore:
         if removed:
             logger.info("removed %d orphaned segments", removed)
 
-    def segments_on_disk(self) -> list[str]:
-        return list_segments(self.shm_dir, self.prefix)
-
 
 def _record(obj: Any) -> dict[str, Any]:
     """A journal record of a dataclass: shallow (its lists hold plain JSON values)."""
@@ -793,14 +790,4 @@ def _result(artifact: _Artifact) -> daemon_pb2.WriteResult:
         nbytes=artifact.nbytes,
         status="degraded" if artifact.degraded_reasons else "ready",
         degraded_reasons=artifact.degraded_reasons,
-    )
-
-
-def layout_from_info(info: daemon_pb2.ArtifactInfo) -> LayoutPlan:
-    return LayoutPlan(
-        tensors=tuple(
-            TensorMeta(t.name, t.dtype, tuple(t.shape), t.segment, t.offset, t.nbytes)
-            for t in info.tensors
-        ),
-        segment_sizes=tuple(s.size for s in info.segments),
     )

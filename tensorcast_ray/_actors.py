@@ -187,17 +187,3 @@ def named_actors(namespace: str) -> list[str]:
         for a in ray.util.list_named_actors(all_namespaces=True)
         if a["namespace"] == namespace
     ]
-
-
-def list_actors(namespace: str, prefix: str = "") -> list[dict[str, Any]]:
-    """Alive named actors of ``namespace`` (needs the Ray state API of ray[default])."""
-    from ray.util.state import list_actors as state_list_actors
-
-    actors = state_list_actors(
-        filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False
-    )
-    return [
-        {"name": a.name, "node_id": a.node_id, "pid": a.pid, "class_name": a.class_name}
-        for a in actors
-        if a.ray_namespace == namespace and a.name and a.name.startswith(prefix)
-    ]

@@ -91,8 +91,6 @@ def test_one_daemon_per_node_on_its_node(cluster: object, ns: str) -> None:
     assert all(len(addrs) == 1 for addrs in by_node.values())
 
     # Each daemon actor really runs on its node.
-    from ray.util.state import list_actors  # noqa: F401  (dashboard-free check below)
-
     for node in nodes:
         handle = ray.get_actor(f"daemon:{node}", namespace=ns)
         info = ray.get(handle.info.remote(), timeout=30)
