@@ -144,6 +144,7 @@ class DaemonActor:
             "global_store_version": self._gs_version,
             "shm_dir": self.config.shm_dir,
             "segment_prefix": self.prefix,
+            "config_fingerprint": self.config.fingerprint(),
         }
 
     @ray.method(concurrency_group="control")

@@ -26,6 +26,7 @@ from typing import Any
 from tensorcast_ray import _actors
 from tensorcast_ray._client import DaemonClient, versions_compatible
 from tensorcast_ray._config import (
+    DaemonConfig,
     EnvSettings,
     PortConfig,
     from_env,
@@ -270,6 +271,11 @@ def _init_with_ray(
             )
             owned = handle if mode == "create" else None
         info = _actors.call(handle, "info")
+        if mode == "auto":
+            explicit = daemon_config_path is not None or (
+                ports.daemon_listen_port is not None or ports.daemon_metrics_port is not None
+            )
+            _check_same_config(daemon_cfg, info, explicit=explicit)
 
         def resolve() -> str:
             # A restarting actor answers ActorUnavailableError at once; let Ray hold the call
@@ -295,6 +301,26 @@ def _init_with_ray(
             if started_ray:
                 ray.shutdown()
         raise
+
+
+def _check_same_config(wanted: DaemonConfig, info: dict[str, Any], *, explicit: bool) -> None:
+    """``auto`` attaches to the node's daemon if one runs; say so when it runs another config.
+
+    Explicit settings (a config path or daemon ports) that the running daemon does not have
+    are an error — the caller would silently not get them; a differing default is a warning
+    (e.g. an operator started the daemon with its own config and the app calls ``init()``).
+    """
+    running = info.get("config_fingerprint")
+    if not running or running == wanted.fingerprint():
+        return
+    message = (
+        f"this node's daemon ({info.get('address')}) runs with another config than this process "
+        "resolved (config path / TENSORCAST_RAY_DAEMON_CONFIG / port_config); it keeps its own. "
+        "Pass identical startup arguments to every auto init, or use mode='connect'"
+    )
+    if explicit:
+        raise FailedPreconditionError(message)
+    logger.warning(message)
 
 
 def _global_store(

@@ -42,6 +42,14 @@ class _Strict(BaseModel):
 class DaemonConfig(_Strict):
     """``store_daemon_config.yaml``: one node daemon. See docs/configuration.md."""
 
+    def fingerprint(self) -> str:
+        """A short hash of every field, to tell whether two processes ask for the same daemon."""
+        import hashlib
+        import json
+
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     listen_host: str = "127.0.0.1"
     listen_port: Port = 0
     metrics_host: str = "127.0.0.1"

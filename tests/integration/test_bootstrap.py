@@ -213,3 +213,27 @@ def _try_info(handle: object, old_instance: str) -> dict | None:
     except tc.ArtifactError:
         return None
     return info if info["instance_id"] != old_instance else None
+
+
+def test_auto_with_another_explicit_config_fails_implicit_warns(
+    namespace: str, tmp_path: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    first = os.path.join(str(tmp_path), "first.yaml")
+    with open(first, "w") as f:
+        f.write("stable_dram_capacity_bytes: 1GiB\nshm_pool_bytes: 0\n")
+    ctx = tc.init(namespace=namespace, daemon_config_path=first, global_store_mode="none")
+    tc.shutdown()
+    # Explicitly asking for another config: refused, the caller would not get it.
+    with pytest.raises(tc.FailedPreconditionError) as err:
+        tc.init(namespace=namespace, global_store_mode="none", port_config=tc.PortConfig(0, 0))
+    assert "another config" in str(err.value)
+    # The same explicit config attaches; relying on the defaults attaches with a warning.
+    assert (
+        tc.init(namespace=namespace, daemon_config_path=first).daemon_address == ctx.daemon_address
+    )
+    tc.shutdown()
+    caplog.set_level(logging.WARNING, logger="tensorcast_ray._bootstrap")
+    assert tc.init(namespace=namespace).daemon_address == ctx.daemon_address
+    assert any("another config" in r.getMessage() for r in caplog.records)
