@@ -84,7 +84,6 @@ class _Pending:
     write_id: str
     artifact: _Artifact
     session_id: str
-    admitted: bool
 
 
 @dataclass
@@ -264,7 +263,7 @@ class LocalStore:
                 self._catalog.abort(request.key)
                 raise
             write_id = uuid.uuid4().hex
-            self._pending[write_id] = _Pending(write_id, artifact, sid, True)
+            self._pending[write_id] = _Pending(write_id, artifact, sid)
         staged = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
         claimed = list(staged)
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.

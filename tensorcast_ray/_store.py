@@ -488,12 +488,12 @@ def _stager(state: Any) -> Stager | None:
 
 
 def _segments_needed(specs: list[tuple[str, str, tuple[int, ...]]], state: Any) -> int:
-    """How many pooled-size segments the daemon's layout of ``specs`` will use."""
+    """How many staged segments to offer: one per planned segment that fits in one. The
+    daemon decides which it uses (it keeps small ones out of staging) and the rest are
+    given back, so this rule lives in one place, the daemon."""
     segment_bytes = int(state.client.hello.segment_bytes)
     plan = plan_layout(specs, segment_bytes)
-    # The daemon places only segments of at least a quarter segment in staged ones
-    # (SegmentPool.min_pooled_bytes): smaller ones get exact-size fresh segments.
-    return sum(1 for size in plan.segment_sizes if segment_bytes // 4 <= size <= segment_bytes)
+    return sum(1 for size in plan.segment_sizes if size <= segment_bytes)
 
 
 def _map_for_write(

@@ -67,3 +67,32 @@ def test_first_put_is_unstaged_later_puts_use_staged_segments(
     path = os.path.join(info.shm_dir, segment.name)
     wait_for(lambda: os.path.getsize(path) == 4 << 20, 30, "the staged segment to be trimmed")
     assert torch.equal(tc.get("staged:v2")["w"], data["w"])
+
+
+def test_a_copy_failing_mid_put_aborts_the_write(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorcast_ray import _store
+
+    tc.init(namespace=namespace, global_store_mode="none")
+    written: list[str] = []
+    real_map = _store._map_for_write
+
+    def recording_map(started, staged, stager):  # type: ignore[no-untyped-def]
+        written.extend(os.path.join(started.shm_dir, seg.name) for seg in started.segments)
+        return real_map(started, staged, stager)
+
+    def broken_copy(tensor: object, dest: object, offset: int) -> None:
+        raise RuntimeError("simulated failure while copying")
+
+    monkeypatch.setattr(_store, "_map_for_write", recording_map)
+    monkeypatch.setattr(_store, "copy_into", broken_copy)
+    with pytest.raises(tc.ArtifactError) as err:
+        tc.put({"w": torch.ones(1 << 20)}, key="broken:v1")
+    assert written, "the failure must happen after BeginWrite, during the copy"
+    assert err.value.status_code.name == "INTERNAL"
+    monkeypatch.undo()
+    assert not tc.exists("broken:v1")
+    assert not [p for p in written if os.path.exists(p)], "aborted segments must be unlinked"
+    tc.put({"w": torch.ones(4)}, key="broken:v1")  # the version is free again
+    assert torch.equal(tc.get("broken:v1")["w"], torch.ones(4))
