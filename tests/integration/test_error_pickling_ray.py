@@ -18,6 +18,7 @@ from tensorcast_ray._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tests.helpers import wait_for
 
 _ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -83,10 +84,21 @@ def test_call_on_killed_actor_maps_to_unavailable_retryable(ray_local: None) -> 
     actor = Failer.remote()  # type: ignore[attr-defined]
     assert ray.get(actor.ping.remote(), timeout=60) == "pong"
     ray.kill(actor, no_restart=True)
-    with pytest.raises(ray.exceptions.RayActorError) as info:
-        ray.get(actor.ping.remote(), timeout=60)
-    err = map_exception(info.value, context="get('llama')")
+    # ray.kill is asynchronous: a call sent right after it may still be served. Call until
+    # the death is visible (bounded), then map the error Ray raised.
+    raised: list[ray.exceptions.RayActorError] = []
+
+    def dead() -> bool:
+        try:
+            ray.get(actor.ping.remote(), timeout=60)
+        except ray.exceptions.RayActorError as exc:
+            raised.append(exc)
+            return True
+        return False
+
+    wait_for(dead, timeout=60, what="the killed actor to refuse calls")
+    err = map_exception(raised[0], context="get('llama')")
     assert isinstance(err, UnavailableError)
     assert err.status_code is grpc.StatusCode.UNAVAILABLE and err.retryable
-    assert err.__cause__ is info.value
+    assert err.__cause__ is raised[0]
     assert "tensorcast-ray daemon status" in err.message
