@@ -179,7 +179,7 @@ def bench_size(size_mib: int, repeat: int, readers: list[Any]) -> dict[str, Any]
         # Steady state: this process's staging and the daemon's pool are both refilled, as
         # they are between two weight pushes of a training loop.
         if state.stager is not None:
-            state.stager.wait_ready(state.stager._count, timeout=60)
+            state.stager.wait_ready(timeout=60)
         wait_pool_full(state)
         start = time.perf_counter()
         tc.put(sd, key=f"bench{size_mib}:v{i}")

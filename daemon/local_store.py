@@ -288,6 +288,7 @@ class LocalStore:
             segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in artifact.segments],
             tensors=[_layout_pb(t) for t in artifact.tensors],
             shm_dir=self.shm_dir,
+            stageable=sum(1 for size in plan.segment_sizes if self._stageable(size)),
         )
 
     def _stageable(self, size: int) -> bool:

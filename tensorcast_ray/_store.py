@@ -323,6 +323,8 @@ class Store:
                 if stager is not None:
                     stager.give_back(staged, done=True)
                 raise
+            if stager is not None:
+                stager.expect(started.stageable)  # staged for the next write, once this ends
             maps: list[Any] = []
             try:
                 maps = _map_for_write(started, staged, stager)

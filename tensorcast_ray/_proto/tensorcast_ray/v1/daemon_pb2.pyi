@@ -160,18 +160,20 @@ class BeginWriteRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BeginWriteResponse(_message.Message):
-    __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir")
+    __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir", "stageable")
     WRITE_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    STAGEABLE_FIELD_NUMBER: _ClassVar[int]
     write_id: str
     artifact_id: str
     segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
     tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
     shm_dir: str
-    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ...) -> None: ...
+    stageable: int
+    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ...) -> None: ...
 
 class CommitWriteRequest(_message.Message):
     __slots__ = ("write_id",)
