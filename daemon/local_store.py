@@ -84,6 +84,9 @@ class _Pending:
     write_id: str
     artifact: _Artifact
     session_id: str
+    # Pooled/staged segments larger than what the artifact uses: trimmed once it commits
+    # (never before: a failed write hands staged segments back to the client whole).
+    trims: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -263,24 +266,35 @@ class LocalStore:
                 self._catalog.abort(request.key)
                 raise
             write_id = uuid.uuid4().hex
-            self._pending[write_id] = _Pending(write_id, artifact, sid)
+            pending = _Pending(write_id, artifact, sid)
+            self._pending[write_id] = pending
         staged = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
         claimed = list(staged)
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
             for size in plan.segment_sizes:
                 seg = staged.pop(0) if staged and self._stageable(size) else self._take(size)
-                artifact.segments.append(self._fit(seg, size))
+                artifact.segments.append(_fit(seg, size, pending.trims))
+            with self._lock:
+                if write_id not in self._pending:  # the session ended meanwhile
+                    raise UnavailableError(
+                        f"the write of {request.key!r} was aborted while it started (its client "
+                        "session ended); retry the put"
+                    )
         except BaseException:
-            # The client takes its staged segments back: return them to its session whole,
-            # and free only the fresh ones.
             names = {name for name, _ in claimed}
             with self._lock:
-                for name, size in claimed:
-                    self._staged[name] = (size, sid)
-                self._trim = [t for t in self._trim if t[0] not in names]
-            artifact.segments = [seg for seg in artifact.segments if seg[0] not in names]
-            self._abort(write_id)
+                live = write_id in self._pending and sid in self._session_pids
+                if live:
+                    # The client takes its staged segments back: return them to its session
+                    # whole (never trimmed before commit), and free only the fresh ones.
+                    for name, size in claimed:
+                        self._staged[name] = (size, sid)
+                    artifact.segments = [seg for seg in artifact.segments if seg[0] not in names]
+                else:  # nobody will use them again
+                    used = {name for name, _ in artifact.segments}
+                    self._unlink(artifact.segments + [c for c in claimed if c[0] not in used])
+                self._abort(write_id)
             raise
         return daemon_pb2.BeginWriteResponse(
             write_id=write_id,
@@ -299,16 +313,6 @@ class LocalStore:
     def _take(self, size: int) -> tuple[str, int]:
         seg = self._pool.take(size)
         return seg.name, seg.size
-
-    def _fit(self, segment: tuple[str, int], size: int) -> tuple[str, int]:
-        """Use ``size`` bytes of ``segment``; a pooled or staged segment larger than that is
-        trimmed by the next tick (off the hot path) so memory and accounting match."""
-        name, actual = segment
-        used = round_up(size)
-        if actual > used:
-            with self._lock:
-                self._trim.append((name, used))
-        return name, used
 
     def _claim_staged(
         self, names: Any, session_id: str, sizes: tuple[int, ...]
@@ -331,12 +335,29 @@ class LocalStore:
     ) -> daemon_pb2.LeaseSegmentsResponse:
         sid = self._lease_owner(request.session_id, session_id)
         segment_bytes = int(self.config.shm_segment_bytes)
+        keep = set(request.held)
         with self._lock:
+            lost = [n for n, (_, owner) in self._staged.items() if owner == sid and n not in keep]
+            for name in lost:
+                self._unlink([(name, self._staged.pop(name)[0])])
             held = sum(1 for _, owner in self._staged.values() if owner == sid)
+        if lost:
+            logger.info("freed %d staged segments session %s no longer holds", len(lost), sid)
         allowed = int(self.config.client_staging_bytes) // segment_bytes - held
         count = max(0, min(int(request.count), allowed))
-        segments = [self._pool.take(segment_bytes) for _ in range(count)]
+        segments: list[Segment] = []
+        try:
+            for _ in range(count):
+                segments.append(self._pool.take(segment_bytes))
+        except BaseException:
+            for seg in segments:
+                seg.unlink()
+            raise
         with self._lock:
+            if sid not in self._session_pids:  # the session ended meanwhile
+                for seg in segments:
+                    seg.unlink()
+                raise UnavailableError(f"session {sid} ended while leasing segments")
             for seg in segments:
                 self._staged[seg.name] = (seg.size, sid)
         return daemon_pb2.LeaseSegmentsResponse(
@@ -355,6 +376,7 @@ class LocalStore:
                     "or the daemon restarted; start the put again"
                 )
             artifact = pending.artifact
+            self._trim.extend(pending.trims)
             artifact.epoch_slot, artifact.generation = self._epochs.alloc()
             self._catalog.commit(artifact.key)
             self._artifacts[artifact.artifact_id] = artifact
@@ -391,12 +413,18 @@ class LocalStore:
             )
             decision.raise_if_rejected(f"a tc.empty buffer of {request.nbytes} bytes")
         try:
-            seg = self._fit(self._take(int(request.nbytes)), int(request.nbytes))
+            trims: list[tuple[str, int]] = []
+            seg = _fit(self._take(int(request.nbytes)), int(request.nbytes), trims)
         except BaseException:
             with self._lock:
                 self._index.remove(buffer_id)
             raise
         with self._lock:
+            if sid not in self._session_pids:  # the session ended meanwhile
+                self._index.remove(buffer_id)
+                self._unlink([seg])
+                raise UnavailableError(f"session {sid} ended while allocating a buffer")
+            self._trim.extend(trims)
             self._buffers[buffer_id] = _Buffer(buffer_id, seg, sid, self._session_pids.get(sid, 0))
             self._log("buffer", self._buffers[buffer_id])
             self._update_gauges()
@@ -561,6 +589,8 @@ class LocalStore:
             for buf in self._buffers.values():
                 if buf.session_id == session_id and not buf.pid:
                     buf.pid = pid
+                elif not buf.session_id and buf.pid == pid:  # re-adopted after a restart
+                    buf.session_id = session_id
 
     def end_session(self, session_id: str) -> None:
         """The producer went away: end its leases, abort its unfinished writes."""
@@ -603,6 +633,12 @@ class LocalStore:
                     self._free_artifact(artifact.artifact_id, reason="producer process exited")
             for artifact_id in self._index.expire(now):
                 self._free_artifact(artifact_id, reason="retention ttl expired")
+            for buffer_id in [
+                b
+                for b, buf in self._buffers.items()
+                if not buf.session_id and not _pid_alive(buf.pid)
+            ]:
+                self._free_buffer(buffer_id)  # re-adopted, and its process is gone
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -746,6 +782,16 @@ class LocalStore:
         removed = remove_segments(self.shm_dir, self.prefix, keep)
         if removed:
             logger.info("removed %d orphaned segments", removed)
+
+
+def _fit(segment: tuple[str, int], size: int, trims: list[tuple[str, int]]) -> tuple[str, int]:
+    """Use ``size`` bytes of ``segment``; a pooled or staged segment larger than that goes on
+    ``trims``, shrunk by a later tick (off the hot path) so memory and accounting match."""
+    name, actual = segment
+    used = round_up(size)
+    if actual > used:
+        trims.append((name, used))
+    return name, used
 
 
 def _record(obj: Any) -> dict[str, Any]:

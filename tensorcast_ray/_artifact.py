@@ -56,13 +56,23 @@ class ReadCache:
         self._by_id: dict[str, _Entry] = {}
         self._by_key: dict[str, str] = {}
         self._epochs: EpochReader | None = None
+        self._instance = ""
 
-    def attach_epochs(self, shm_dir: str, name: str, slots: int) -> None:
-        if name and self._epochs is None:
-            try:
-                self._epochs = EpochReader(shm_dir, name, slots)
-            except OSError:
-                self._epochs = None  # no validity table: every lookup asks the daemon
+    def attach_epochs(self, shm_dir: str, name: str, slots: int, instance: str = "") -> None:
+        """Map the validity table of daemon ``instance``. A different instance (the daemon
+        was stopped and started again) has a new table: forget everything cached."""
+        with self._lock:
+            if self._epochs is not None and instance != self._instance:
+                # Not closed here: another thread may be reading it; it unmaps when dropped.
+                self._by_id.clear()
+                self._by_key.clear()
+                self._epochs = None
+            if name and self._epochs is None:
+                try:
+                    self._epochs = EpochReader(shm_dir, name, slots)
+                    self._instance = instance
+                except OSError:
+                    self._epochs = None  # no validity table: every lookup asks the daemon
 
     def valid(self, info: daemon_pb2.ArtifactInfo) -> bool:
         return self._epochs is not None and self._epochs.valid(info.epoch_slot, info.generation)

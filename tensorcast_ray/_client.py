@@ -138,6 +138,17 @@ class DaemonClient:
                 "(`tensorcast-ray daemon stop --all`)"
             )
 
+    def connection_lost(self) -> bool:
+        """Whether the session with the daemon is gone (a closed local socket, or an ended
+        gRPC session stream). Only then may a retry reconnect: closing a live session would
+        end this process's leases (``register``, ``tc.empty`` buffers, staged segments)."""
+        if self._lost is not None:
+            return True
+        if self._local is not None:
+            return False
+        call = self._session_call
+        return call is None or bool(call.done())
+
     def reconnect(self) -> None:
         """Drop the connection and connect again (re-resolving the address when we can)."""
         self._close_transports()

@@ -10,12 +10,18 @@ Walk-through: [daemon] ``commit`` → ``alloc()`` gives ``(slot, gen)`` and writ
 into the slot; [SDK] ``get`` of a cached artifact → ``EpochReader.valid(slot, gen)``;
 [daemon] ``delete`` → ``free(slot)`` writes 0; the SDK's next check fails and it asks the
 daemon, which answers NOT_FOUND.
+
+A table that goes away (a clean daemon stop, or a new daemon that does not adopt it) is
+zeroed before it is unlinked, so a process still mapping it sees nothing valid and asks the
+new daemon; and a new table starts its generations at a random point, so a (slot, gen) pair
+from an old table never matches a new one.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import secrets
 
 from tensorcast_ray._errors import ResourceExhaustedError
 
@@ -35,6 +41,7 @@ class EpochTable:
             fd = os.open(path, os.O_RDWR)
         else:
             if os.path.exists(path):
+                _invalidate(path)
                 os.unlink(path)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             os.ftruncate(fd, size)
@@ -44,7 +51,8 @@ class EpochTable:
             os.close(fd)
         self._view = memoryview(self._map).cast("Q")
         live = [i for i in range(slots) if self._view[i]]
-        self._next_gen = max((self._view[i] for i in live), default=0) + 1
+        # Generations only grow within a table; a new table starts at a random point.
+        self._next_gen = max((self._view[i] for i in live), default=secrets.randbits(62)) + 1
         self._free = [i for i in range(slots - 1, -1, -1) if not self._view[i]]
         # Slots a previous instance left live; restore() claims them, the rest are freed.
         self._unclaimed = set(live)
@@ -82,6 +90,8 @@ class EpochTable:
             self._free.append(slot)
 
     def close(self, *, unlink: bool) -> None:
+        if unlink:  # readers that still map the table must see every artifact gone
+            self._map[:] = bytes(len(self._map))
         self._view.release()
         self._map.close()
         if unlink:
@@ -89,6 +99,21 @@ class EpochTable:
                 os.unlink(os.path.join(self.shm_dir, self.name))
             except FileNotFoundError:
                 pass
+
+
+def _invalidate(path: str) -> None:
+    """Zero a table some reader may still map (best effort: it is unlinked right after)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m[:] = bytes(size)
+    finally:
+        os.close(fd)
 
 
 class EpochReader:

@@ -129,24 +129,29 @@ class Stager:
                 # Never while a write is in flight: leasing and MAP_POPULATE would compete
                 # with its copy for the CPU and memory bandwidth (measured: 2-3x slower puts).
                 missing = self._target - len(self._ready) if self._in_flight == 0 else 0
+                held = [s.name for s in self._ready]
             for m in to_close:
                 _close(m)
-            if missing > 0 and not self._refill(missing):
+            if missing > 0 and not self._refill(missing, held):
                 with self._cond:  # the daemon refused or failed: wait for the next put
                     self._target = 0
 
-    def _refill(self, missing: int) -> bool:
+    def _refill(self, missing: int, held: list[str]) -> bool:
+        """Lease ``missing`` more segments. ``held`` tells the daemon which of this session's
+        staged segments we still have, so it frees any we lost (a lost reply, a failed map)."""
+        staged: list[Staged] = []
         try:
             request = daemon_pb2.LeaseSegmentsRequest(
-                session_id=self._session_hint(), count=missing
+                session_id=self._session_hint(), count=missing, held=held
             )
             response = self._call("LeaseSegments", request)
-            staged = [
-                Staged(s.name, s.size, map_segment(response.shm_dir, s.name, s.size, writable=True))
-                for s in response.segments
-            ]
+            for s in response.segments:
+                mapping = map_segment(response.shm_dir, s.name, s.size, writable=True)
+                staged.append(Staged(s.name, s.size, mapping))
         except ArtifactError as exc:
             logger.info("write staging unavailable: %s", exc)
+            for s in staged:
+                _close(s.mapping)
             return False
         with self._cond:
             if self._closed:

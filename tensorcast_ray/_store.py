@@ -139,8 +139,12 @@ def _process_caches() -> tuple[ReadCache, _BufferRegistry]:
 
 
 def _reconnect() -> None:
-    """Between retry attempts: connect again; staged segments of the old session are gone."""
+    """Between retry attempts: connect again if the session is gone (its staged segments went
+    with it); a live session is kept, so a slow or aborted call never ends this process's
+    leases."""
     state = _bootstrap.current()
+    if not state.client.connection_lost():
+        return
     if state.stager is not None:
         state.stager.close()
         state.stager = None
@@ -176,6 +180,12 @@ class Store:
 
     def _call(self, method: str, request: Any, timeout: float) -> Any:
         return _bootstrap.current().client.call(method, request, timeout=max(timeout, 0.001))
+
+    def _call_in_session(self, method: str, request: Any, timeout: float) -> Any:
+        """``_call`` for a request that names its session: named afresh on every attempt,
+        since a retry may have reconnected."""
+        request.session_id = _bootstrap.current().client.session_hint
+        return self._call(method, request, timeout)
 
     def _check_source(self) -> None:
         source = self.opts.get.source
@@ -261,13 +271,12 @@ class Store:
             if refs is not None:
                 request = daemon_pb2.RegisterBuffersRequest(
                     key=key,
-                    session_id=_bootstrap.current().client.session_hint,
                     tensors=refs,
                     policy_json=policy_json,
                     ttl_ms=ttl_ms or 0,
                 )
                 result = self._retrier.call(
-                    verb, lambda t: self._call("RegisterBuffers", request, t)
+                    verb, lambda t: self._call_in_session("RegisterBuffers", request, t)
                 )
                 get_sdk_metrics().record_data_path("shm")
                 return _put_result(result)
@@ -307,14 +316,6 @@ class Store:
             stager = _stager(state)
             needed = _segments_needed(specs, state)
             staged = stager.take(needed) if stager else []
-            if stager is not None and len(staged) < needed:
-                log_fallback(
-                    "staging_empty",
-                    f"{verb} found {len(staged)} of {needed} staged segments ready; the rest "
-                    "fault pages while copying",
-                    key=begin.key,
-                    mode="unstaged",
-                )
             begin.session_id = state.client.session_hint
             begin.staged_segments[:] = [st.name for st in staged]
             try:
@@ -325,6 +326,17 @@ class Store:
                 raise
             if stager is not None:
                 stager.expect(started.stageable)  # staged for the next write, once this ends
+                offered = {st.name for st in staged}
+                used = sum(1 for seg in started.segments if seg.name in offered)
+                if used < started.stageable:
+                    log_fallback(
+                        "staging_empty",
+                        f"{verb} had {used} of {started.stageable} stageable segments staged; "
+                        "the rest fault pages while copying",
+                        key=begin.key,
+                        mode="unstaged",
+                        artifact_id=started.artifact_id,
+                    )
             maps: list[Any] = []
             try:
                 maps = _map_for_write(started, staged, stager)
@@ -390,12 +402,10 @@ class Store:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         self._require_same_host()
-        request = daemon_pb2.AllocateBufferRequest(
-            session_id=_bootstrap.current().client.session_hint, nbytes=nbytes
-        )
+        request = daemon_pb2.AllocateBufferRequest(nbytes=nbytes)
         with self._verb("register"):
             resp = self._retrier.call(
-                "register", lambda t: self._call("AllocateBuffer", request, t)
+                "register", lambda t: self._call_in_session("AllocateBuffer", request, t)
             )
         mapping = map_segment(resp.shm_dir, resp.segment.name, resp.segment.size, writable=True)
         tensor = wrap_tensor(mapping, TensorMeta("empty", name, shape, 0, 0, nbytes))
@@ -429,7 +439,9 @@ class Store:
         info = self._retrier.call(verb, lambda t: self._call("Lookup", request, t))
         hello = _bootstrap.current().client.hello
         if hello is not None:
-            cache.attach_epochs(hello.shm_dir, hello.epoch_segment, hello.epoch_slots)
+            cache.attach_epochs(
+                hello.shm_dir, hello.epoch_segment, hello.epoch_slots, hello.instance_id
+            )
         return Artifact(cache.admit(info), self)
 
     def get(

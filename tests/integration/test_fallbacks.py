@@ -48,6 +48,10 @@ def test_first_put_is_unstaged_later_puts_use_staged_segments(
 ) -> None:
     tc.init(namespace=namespace, global_store_mode="none")
     caplog.set_level(logging.INFO, logger="tensorcast_ray.store")
+    tiny_before = fallbacks("staging_empty")
+    tc.put({"t": torch.zeros(4)}, key="tiny:v1")  # too small to stage: not a fallback
+    assert fallbacks("staging_empty") == tiny_before and not records(caplog, "unstaged")
+    assert _bootstrap.current().stager.target == 0  # type: ignore[union-attr]
     data = {"w": torch.arange(1 << 20, dtype=torch.float32)}  # 4 MiB: one pooled segment
     tc.put(data, key="staged:v1")
     assert records(caplog, "unstaged"), "the first put of a process has nothing staged yet"
@@ -96,3 +100,39 @@ def test_a_copy_failing_mid_put_aborts_the_write(
     assert not [p for p in written if os.path.exists(p)], "aborted segments must be unlinked"
     tc.put({"w": torch.ones(4)}, key="broken:v1")  # the version is free again
     assert torch.equal(tc.get("broken:v1")["w"], torch.ones(4))
+
+
+@pytest.mark.parametrize("transient", ["DeadlineExceededError", "AbortedError"])
+def test_a_retried_error_on_a_live_connection_keeps_the_session(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, transient: str
+) -> None:
+    """A retry reconnects only when the session is gone: ending a live one would end this
+    process's register leases and tc.empty buffers behind its back."""
+    from tensorcast_ray import _errors
+
+    tc.init(namespace=namespace, global_store_mode="none")
+    buf = tc.empty((16,), torch.float32)
+    buf.fill_(3.0)
+    tc.register({"w": buf}, key="lease:v1")
+    tc.register({"w": torch.ones(4)}, key="copied:v1")
+    client = _bootstrap.current().client
+    real_call = client.call
+    failures = iter([getattr(_errors, transient)(f"{transient} (injected)", None, True)])
+
+    def flaky(method: str, request: object, timeout: float | None = None) -> object:
+        if method == "Exists":
+            err = next(failures, None)
+            if err is not None:
+                raise err
+        return real_call(method, request, timeout)
+
+    monkeypatch.setattr(client, "call", flaky)
+    assert tc.exists("lease:v1"), "the retry succeeds"
+    assert next(failures, None) is None, "the injected error was raised and retried"
+    monkeypatch.undo()
+    assert not client.connection_lost()
+    assert _bootstrap.current().client is client
+    # Both leases are still there: the session was never closed.
+    assert torch.equal(tc.get("lease:v1")["w"], torch.full((16,), 3.0))
+    assert torch.equal(tc.get("copied:v1")["w"], torch.ones(4))
+    assert sorted(tc.list_keys()) == ["copied:v1", "lease:v1"]

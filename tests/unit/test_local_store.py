@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,11 +64,20 @@ def write(store: LocalStore, started: daemon_pb2.BeginWriteResponse, fill: int) 
     store.rpc_CommitWrite(daemon_pb2.CommitWriteRequest(write_id=started.write_id), "")
 
 
-def lease(store: LocalStore, count: int) -> list[str]:
+def lease(store: LocalStore, count: int, held: list[str] = ()) -> list[str]:  # type: ignore[assignment]
     response = store.rpc_LeaseSegments(
-        daemon_pb2.LeaseSegmentsRequest(session_id="s1", count=count), ""
+        daemon_pb2.LeaseSegmentsRequest(session_id="s1", count=count, held=list(held)), ""
     )
     return [s.name for s in response.segments]
+
+
+def segment_files(shm_dir: Path) -> set[str]:
+    """Data segments in ``shm_dir`` (not the validity table or the journal)."""
+    return {
+        n
+        for n in os.listdir(shm_dir)
+        if n.startswith(PREFIX) and not n.endswith(("epochs", ".jsonl", ".tmp"))
+    }
 
 
 def test_staged_segment_is_used_then_trimmed_to_the_artifact(
@@ -91,8 +101,113 @@ def test_small_writes_do_not_consume_staged_segments(store: LocalStore) -> None:
 
 
 def test_staging_is_limited_per_session(store: LocalStore) -> None:
-    assert len(lease(store, 10)) == 2  # client_staging_bytes / shm_segment_bytes
-    assert lease(store, 1) == []
+    first = lease(store, 10)
+    assert len(first) == 2  # client_staging_bytes / shm_segment_bytes
+    assert lease(store, 1, held=first) == []
+
+
+def test_lease_frees_staged_segments_the_client_no_longer_holds(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """A lost lease reply (or a failed map) must not pin memory and disable staging for the
+    rest of the session: the next lease says what the client holds; the daemon frees the rest."""
+    kept, lost = lease(store, 2)
+    again = lease(store, 1, held=[kept])
+    assert len(again) == 1
+    assert set(store._staged) == {kept, *again}
+    assert not (tmp_path / lost).exists()
+
+
+def test_lease_failing_midway_leaves_no_segment(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_take = store._pool.take
+    calls = iter(range(10))
+
+    def take_then_fail(size: int) -> object:
+        if next(calls) == 1:
+            raise ResourceExhaustedError("tmpfs is full (simulated)")
+        return real_take(size)
+
+    monkeypatch.setattr(store._pool, "take", take_then_fail)
+    with pytest.raises(ResourceExhaustedError):
+        lease(store, 2)
+    assert store._staged == {} and segment_files(tmp_path) == set()
+
+
+def test_lease_for_a_session_that_ends_meanwhile_leaves_no_segment(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_take = store._pool.take
+
+    def take_while_session_ends(size: int) -> object:
+        store.end_session("s1")
+        return real_take(size)
+
+    monkeypatch.setattr(store._pool, "take", take_while_session_ends)
+    with pytest.raises(UnavailableError):
+        lease(store, 1)
+    assert store._staged == {} and segment_files(tmp_path) == set()
+
+
+def test_failed_begin_hands_staged_segments_back_untrimmed(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tick between placing a write in a staged segment and the write failing must not
+    shrink the segment: the client still maps it whole and will write all of it later."""
+    (name,) = lease(store, 1)
+
+    def tick_then_fail(size: int) -> object:
+        store.tick()
+        raise ResourceExhaustedError("tmpfs is full (simulated)")
+
+    monkeypatch.setattr(store, "_take", tick_then_fail)
+    request = daemon_pb2.BeginWriteRequest(
+        key="two:v1",
+        kind=daemon_pb2.WRITE_KIND_PUT,
+        session_id="s1",
+        # 3 MiB in the staged 4 MiB segment (would be trimmed), then 4 MiB fresh: fails.
+        tensors=[
+            daemon_pb2.TensorSpec(name="a", dtype="uint8", shape=[3 * MiB]),
+            daemon_pb2.TensorSpec(name="b", dtype="uint8", shape=[4 * MiB]),
+        ],
+        staged_segments=[name],
+    )
+    with pytest.raises(ResourceExhaustedError):
+        store.rpc_BeginWrite(request, "")
+    assert store._staged[name] == (4 * MiB, "s1")
+    assert os.path.getsize(tmp_path / name) == 4 * MiB
+    store.tick()
+    assert os.path.getsize(tmp_path / name) == 4 * MiB
+
+
+def test_session_ending_during_begin_write_leaves_no_segment(
+    store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (name,) = lease(store, 1)
+    real_take = store._take
+
+    def take_while_session_ends(size: int) -> tuple[str, int]:
+        store.end_session("s1")
+        return real_take(size)
+
+    monkeypatch.setattr(store, "_take", take_while_session_ends)
+    request = daemon_pb2.BeginWriteRequest(
+        key="two:v1",
+        kind=daemon_pb2.WRITE_KIND_PUT,
+        session_id="s1",
+        tensors=[
+            daemon_pb2.TensorSpec(name="a", dtype="uint8", shape=[3 * MiB]),
+            daemon_pb2.TensorSpec(name="b", dtype="uint8", shape=[4 * MiB]),
+        ],
+        staged_segments=[name],
+    )
+    with pytest.raises(UnavailableError):
+        store.rpc_BeginWrite(request, "")
+    assert segment_files(tmp_path) == set()
+    assert store._staged == {} and store._pending == {}
+    assert not store._catalog.exists("two:v1")
+    assert store.stats()["tiers"][0]["used_bytes"] == 0
 
 
 def test_failed_begin_returns_staged_segments_and_frees_fresh_ones(
@@ -181,3 +296,47 @@ def test_journal_replays_deletes_and_survives_a_torn_line(tmp_path: Path) -> Non
     finally:
         second.close(unlink=True)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)]
+
+
+def allocate(store: LocalStore, session: str, nbytes: int = MiB) -> str:
+    response = store.rpc_AllocateBuffer(
+        daemon_pb2.AllocateBufferRequest(session_id=session, nbytes=nbytes), ""
+    )
+    return response.segment.name
+
+
+def test_readopted_buffer_rebinds_to_its_process_and_ends_with_it(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    name = allocate(first, "s1")
+    first.close(unlink=False)  # a crash: the tc.empty buffer's process lives on
+    second = make_store(tmp_path)
+    try:
+        (buf,) = second._buffers.values()
+        assert buf.session_id == "" and buf.pid == os.getpid()
+        second.tick()
+        assert (tmp_path / name).exists(), "its process is alive: the buffer stays"
+        second.bind_session_pid("s2", os.getpid(), second.hostname)  # the process reconnects
+        assert buf.session_id == "s2"
+        second.end_session("s2")
+        assert not (tmp_path / name).exists() and second._buffers == {}
+        assert second.stats()["tiers"][0]["used_bytes"] == 0
+    finally:
+        second.close(unlink=True)
+
+
+def test_readopted_buffer_of_a_dead_process_is_freed(tmp_path: Path) -> None:
+    child = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    dead_pid = int(child.stdout)
+    first = make_store(tmp_path)
+    first.bind_session_pid("s1", dead_pid, first.hostname)
+    name = allocate(first, "s1")
+    first.close(unlink=False)
+    second = make_store(tmp_path)
+    try:
+        assert len(second._buffers) == 1
+        second.tick()
+        assert second._buffers == {} and not (tmp_path / name).exists()
+        assert second.stats()["tiers"][0]["used_bytes"] == 0
+    finally:
+        second.close(unlink=True)

@@ -208,12 +208,14 @@ class AbortWriteResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LeaseSegmentsRequest(_message.Message):
-    __slots__ = ("session_id", "count")
+    __slots__ = ("session_id", "count", "held")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     count: int
-    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaseSegmentsResponse(_message.Message):
     __slots__ = ("segments", "shm_dir")
