@@ -77,6 +77,7 @@ class _Artifact:
     requirement: str = "must"
     retention: str = "pinned"
     retention_ttl_ms: int | None = None
+    request_id: str = ""  # the client's id for the put that wrote it (retries after lost replies)
 
 
 @dataclass
@@ -239,6 +240,12 @@ class LocalStore:
             specs.append((t.name, t.dtype, tuple(int(d) for d in t.shape)))
         plan = plan_layout(specs, int(self.config.shm_segment_bytes))
         policy = self._policy(request.policy_json)
+        if request.request_id:
+            done = self._retried_write(request.key, request.request_id)
+            if done is not None:
+                return daemon_pb2.BeginWriteResponse(
+                    artifact_id=done.artifact_id, committed=_result(done)
+                )
         sid = (
             self._lease_owner(request.session_id, session_id)
             if kind == "register"
@@ -256,6 +263,7 @@ class LocalStore:
             owner_pid=self._session_pids.get(sid, 0) if kind == "register" else 0,
             owner_host=self.hostname if kind == "register" else "",
             expires_at_ms=self._now_ms() + request.ttl_ms if request.ttl_ms else 0,
+            request_id=request.request_id,
         )
         with self._lock:
             artifact.degraded_reasons = self._tier_outcomes(policy)
@@ -304,6 +312,20 @@ class LocalStore:
             shm_dir=self.shm_dir,
             stageable=sum(1 for size in plan.segment_sizes if self._stageable(size)),
         )
+
+    def _retried_write(self, key: str, request_id: str) -> _Artifact | None:
+        """A BeginWrite whose ``request_id`` was seen before is a retry after a lost reply:
+        abort the attempt its client never heard of; if that attempt committed, return it."""
+        with self._lock:
+            for write_id, pending in list(self._pending.items()):
+                if pending.artifact.request_id == request_id:
+                    self._abort(write_id)
+            try:
+                _, artifact_id = self._catalog.resolve(key)
+            except NotFoundError:
+                return None
+            done = self._artifacts.get(artifact_id)
+            return done if done is not None and done.request_id == request_id else None
 
     def _stageable(self, size: int) -> bool:
         """Whether a planned segment of ``size`` may use a staged (whole pooled) segment: the
@@ -440,6 +462,10 @@ class LocalStore:
         parse_key(request.key, for_write=True)
         policy = self._policy(request.policy_json)
         sid = self._lease_owner(request.session_id, session_id)
+        if request.request_id:
+            done = self._retried_write(request.key, request.request_id)
+            if done is not None:
+                return _result(done)
         with self._lock:
             segments: list[tuple[str, int]] = []
             tensors: list[dict[str, Any]] = []
@@ -480,6 +506,7 @@ class LocalStore:
                 created_ms=self._now_ms(),
                 owner_session=sid,
                 owner_pid=self._session_pids.get(sid, 0),
+                request_id=request.request_id,
                 owner_host=self.hostname,
                 expires_at_ms=self._now_ms() + request.ttl_ms if request.ttl_ms > 0 else 0,
                 buffers=used,

@@ -17,8 +17,9 @@ last error's class, code and retryable flag, a message that starts with
 set to the last error.  The class stays so ``except UnavailableError`` still works; the message
 says the SDK already spent its budget.
 
-``put`` and ``register`` get two attempts only: a retry after a lost response may find the
-first attempt's version already there (ALREADY_EXISTS), which the SDK resolves, not this loop.
+``put`` and ``register`` get two attempts only. Their retries are safe: every attempt of one
+write carries the same request id, so the daemon aborts an attempt whose reply was lost, or
+answers with the committed result instead of ALREADY_EXISTS (``_store.Store._write_segments``).
 
 The loop is ``tenacity.Retrying`` with our stop / wait / retry callables; time, sleep and
 randomness are injected so tests run without waiting.

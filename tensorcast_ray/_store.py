@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -271,6 +272,7 @@ class Store:
             if refs is not None:
                 request = daemon_pb2.RegisterBuffersRequest(
                     key=key,
+                    request_id=uuid.uuid4().hex,
                     tensors=refs,
                     policy_json=policy_json,
                     ttl_ms=ttl_ms or 0,
@@ -311,6 +313,9 @@ class Store:
         CommitWrite. Any failure after BeginWrite (mapping and ``fill`` included) sends
         AbortWrite and re-raises. put, register (copy) and import differ only in ``fill``."""
 
+        if not begin.request_id:  # one id for every attempt of this write
+            begin.request_id = uuid.uuid4().hex
+
         def attempt(timeout: float) -> Any:
             state = _bootstrap.current()
             stager = _stager(state)
@@ -324,6 +329,10 @@ class Store:
                 if stager is not None:
                     stager.give_back(staged, done=True)
                 raise
+            if started.HasField("committed"):  # an earlier attempt committed; its reply was lost
+                if stager is not None:
+                    stager.give_back(staged, done=True)
+                return started.committed
             if stager is not None:
                 stager.expect(started.stageable)  # staged for the next write, once this ends
                 offered = {st.name for st in staged}

@@ -136,3 +136,35 @@ def test_a_retried_error_on_a_live_connection_keeps_the_session(
     assert torch.equal(tc.get("lease:v1")["w"], torch.full((16,), 3.0))
     assert torch.equal(tc.get("copied:v1")["w"], torch.ones(4))
     assert sorted(tc.list_keys()) == ["copied:v1", "lease:v1"]
+
+
+@pytest.mark.parametrize("lost_reply", ["BeginWrite", "CommitWrite"])
+def test_a_put_whose_reply_is_lost_succeeds_once(
+    namespace: str, monkeypatch: pytest.MonkeyPatch, lost_reply: str
+) -> None:
+    """The daemon did the work but the reply never came back: the retry must neither fail
+    with ALREADY_EXISTS (commit) nor leave the unheard write holding the key (begin)."""
+    from tensorcast_ray._errors import DeadlineExceededError
+
+    tc.init(namespace=namespace, global_store_mode="none")
+    client = _bootstrap.current().client
+    real_call = client.call
+    lost: list[str] = []
+
+    def lossy(method: str, request: object, timeout: float | None = None) -> object:
+        response = real_call(method, request, timeout)
+        if method == lost_reply and not lost:
+            lost.append(method)
+            raise DeadlineExceededError(f"{method} reply lost (injected)", None, True)
+        return response
+
+    monkeypatch.setattr(client, "call", lossy)
+    data = {"w": torch.arange(1024, dtype=torch.float32)}
+    result = tc.put(data, key="lossy:v1")
+    monkeypatch.undo()
+    assert lost == [lost_reply]
+    assert result.key == "lossy:v1" and result.status == "ready"
+    assert tc.artifact("lossy:v1").artifact_id == result.artifact_id
+    assert torch.equal(tc.get("lossy:v1")["w"], data["w"])
+    assert tc.list_keys() == ["lossy:v1"]
+    assert tc.delete("lossy:v1") and not tc.exists("lossy:v1")

@@ -15,7 +15,7 @@ from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
 from tensorcast_ray._config import DaemonConfig
-from tensorcast_ray._errors import ResourceExhaustedError, UnavailableError
+from tensorcast_ray._errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
 MiB = 1 << 20
@@ -340,3 +340,83 @@ def test_readopted_buffer_of_a_dead_process_is_freed(tmp_path: Path) -> None:
         assert second.stats()["tiers"][0]["used_bytes"] == 0
     finally:
         second.close(unlink=True)
+
+
+def begin_request(key: str, nbytes: int, request_id: str) -> daemon_pb2.BeginWriteRequest:
+    return daemon_pb2.BeginWriteRequest(
+        key=key,
+        kind=daemon_pb2.WRITE_KIND_PUT,
+        session_id="s1",
+        tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[nbytes])],
+        request_id=request_id,
+    )
+
+
+def test_retry_after_a_lost_begin_reply_replaces_the_unheard_write(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    lost = store.rpc_BeginWrite(begin_request("r:v1", MiB, "req-1"), "")  # reply never arrives
+    retry = store.rpc_BeginWrite(begin_request("r:v1", MiB, "req-1"), "")
+    assert retry.write_id != lost.write_id and not retry.HasField("committed")
+    assert set(store._pending) == {retry.write_id}, "the unheard attempt is aborted"
+    assert not (tmp_path / lost.segments[0].name).exists()
+    write(store, retry, 5)
+    assert store._catalog.exists("r:v1")
+    assert store.stats()["tiers"][0]["used_bytes"] == MiB
+
+
+def test_retry_after_a_lost_commit_reply_gets_the_committed_write(store: LocalStore) -> None:
+    started = store.rpc_BeginWrite(begin_request("c:v1", MiB, "req-2"), "")
+    write(store, started, 6)  # committed; say the reply was lost
+    retry = store.rpc_BeginWrite(begin_request("c:v1", MiB, "req-2"), "")
+    assert retry.HasField("committed") and not retry.write_id and not retry.segments
+    assert retry.committed.key == "c:v1" and retry.committed.artifact_id == started.artifact_id
+    assert store._pending == {}
+    # Another put of the same version is still refused: versions are immutable.
+    with pytest.raises(AlreadyExistsError):
+        store.rpc_BeginWrite(begin_request("c:v1", MiB, "req-3"), "")
+    with pytest.raises(AlreadyExistsError):
+        store.rpc_BeginWrite(begin_request("c:v1", MiB, ""), "")
+
+
+def test_the_committed_answer_survives_a_daemon_restart(tmp_path: Path) -> None:
+    first = make_store(tmp_path)
+    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    started = first.rpc_BeginWrite(begin_request("k:v1", MiB, "req-4"), "")
+    write(first, started, 7)
+    first.close(unlink=False)  # the daemon dies before the commit reply is sent
+    second = make_store(tmp_path)
+    try:
+        second.bind_session_pid("s1", os.getpid(), second.hostname)
+        retry = second.rpc_BeginWrite(begin_request("k:v1", MiB, "req-4"), "")
+        assert retry.HasField("committed")
+        assert retry.committed.artifact_id == started.artifact_id
+    finally:
+        second.close(unlink=True)
+
+
+def test_retry_of_a_committed_register_returns_it(store: LocalStore) -> None:
+    buffer = store.rpc_AllocateBuffer(
+        daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=4096), ""
+    )
+    request = daemon_pb2.RegisterBuffersRequest(
+        key="reg:v1",
+        session_id="s1",
+        request_id="req-5",
+        tensors=[
+            daemon_pb2.BufferTensor(
+                name="w",
+                dtype="uint8",
+                shape=[4096],
+                buffer_id=buffer.buffer_id,
+                offset=0,
+                nbytes=4096,
+            )
+        ],
+    )
+    first = store.rpc_RegisterBuffers(request, "")
+    again = store.rpc_RegisterBuffers(request, "")
+    assert again.artifact_id == first.artifact_id
+    request.request_id = "req-6"
+    with pytest.raises(AlreadyExistsError):
+        store.rpc_RegisterBuffers(request, "")

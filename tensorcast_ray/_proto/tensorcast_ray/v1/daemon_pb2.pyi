@@ -142,7 +142,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BeginWriteRequest(_message.Message):
-    __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms", "staged_segments")
+    __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms", "staged_segments", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class BeginWriteRequest(_message.Message):
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     STAGED_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     kind: WriteKind
     session_id: str
@@ -157,23 +158,26 @@ class BeginWriteRequest(_message.Message):
     policy_json: str
     ttl_ms: int
     staged_segments: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ...) -> None: ...
+    request_id: str
+    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BeginWriteResponse(_message.Message):
-    __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir", "stageable")
+    __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir", "stageable", "committed")
     WRITE_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGEABLE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
     write_id: str
     artifact_id: str
     segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
     tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
     shm_dir: str
     stageable: int
-    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ...) -> None: ...
+    committed: WriteResult
+    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ..., committed: _Optional[_Union[WriteResult, _Mapping]] = ...) -> None: ...
 
 class CommitWriteRequest(_message.Message):
     __slots__ = ("write_id",)
@@ -260,18 +264,20 @@ class BufferTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., buffer_id: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class RegisterBuffersRequest(_message.Message):
-    __slots__ = ("key", "session_id", "tensors", "policy_json", "ttl_ms")
+    __slots__ = ("key", "session_id", "tensors", "policy_json", "ttl_ms", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     session_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[BufferTensor]
     policy_json: str
     ttl_ms: int
-    def __init__(self, key: _Optional[str] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[BufferTensor, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, key: _Optional[str] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[BufferTensor, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("key", "artifact_id")
