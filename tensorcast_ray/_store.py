@@ -495,8 +495,18 @@ class Store:
             )
 
 
+_stager_lock = threading.Lock()
+
+
 def _stager(state: Any) -> Stager | None:
     """This process's write stager, started at its first put when the daemon allows one."""
+    if state.stager is not None:
+        return state.stager
+    with _stager_lock:  # two threads' first puts must not start two stagers
+        return _start_stager(state)
+
+
+def _start_stager(state: Any) -> Stager | None:
     hello = state.client.hello
     if state.stager is None and hello is not None and hello.staging_bytes and hello.segment_bytes:
         count = int(hello.staging_bytes // hello.segment_bytes)
