@@ -188,6 +188,7 @@ class Artifact:
             return list(self._entry.metas.values())
         if isinstance(names, str):
             raise InvalidArgumentError("names must be a list of tensor names, not a single str")
+        names = list(names)  # a generator would be used up by the check below
         missing = [n for n in names if n not in self._entry.metas]
         if missing:
             raise InvalidArgumentError(
@@ -223,8 +224,7 @@ class Artifact:
         metas = self._select(list(targets) if names is None else names)
         _validate_targets(self.key, targets, {m.name: (m.dtype, m.shape) for m in metas})
         self._check_alive()
-        for meta in metas:
-            targets[meta.name].copy_(self._wrap(meta))
+        _copy_into_targets(targets, [(m.name, self._wrap(m)) for m in metas])
         get_sdk_metrics().record_data_path("shm")
 
     def view(self, slices: Mapping[str, Any]) -> ArtifactView:
@@ -276,8 +276,7 @@ class ArtifactView:
             expected[m.name] = (m.dtype, shape)
         _validate_targets(self._artifact.key, targets, expected)
         self._artifact._check_alive()
-        for m in metas:
-            targets[m.name].copy_(self._tensor(m)[0])
+        _copy_into_targets(targets, [(m.name, self._tensor(m)[0]) for m in metas])
 
 
 def _materialize(out: dict[str, Any], dev: Any, copy: bool) -> dict[str, Any]:
@@ -285,6 +284,17 @@ def _materialize(out: dict[str, Any], dev: Any, copy: bool) -> dict[str, Any]:
         return {k: v.clone() for k, v in out.items()} if copy else out
     # CPU tier → GPU consumer: one host-to-device copy per tensor.
     return {k: v.to(dev, non_blocking=False) for k, v in out.items()}
+
+
+def _copy_into_targets(targets: Mapping[str, Any], sources: list[tuple[str, Any]]) -> None:
+    """In-place copies into validated targets. Under no_grad: targets are often parameters
+    (``dict(model.named_parameters())``), and copying into a leaf that requires grad is an
+    autograd error, not a weight update."""
+    import torch
+
+    with torch.no_grad():
+        for name, source in sources:
+            targets[name].copy_(source)
 
 
 def _validate_targets(
@@ -306,4 +316,15 @@ def _validate_targets(
             raise InvalidArgumentError(
                 f"target {name!r} is {dtype_name(target.dtype)}{list(target.shape)} but {key} "
                 f"holds {dtype}{list(shape)}; allocate a matching tensor"
+            )
+        # Checked here, before any copy, so a bad target never leaves the others half-written.
+        if target.is_inference() and not torch.is_inference_mode_enabled():
+            raise InvalidArgumentError(
+                f"target {name!r} was created in inference mode and cannot be written outside "
+                "it; call get_into inside torch.inference_mode() or allocate it normally"
+            )
+        if target.numel() > 1 and torch._debug_has_internal_overlap(target) == 1:
+            raise InvalidArgumentError(
+                f"target {name!r} has elements that share memory (e.g. made by expand()); "
+                "copy into a tensor with its own storage"
             )

@@ -73,7 +73,8 @@ class _State:
     pid: int
     ctx: InitContext
     client: DaemonClient
-    started_ray: bool = False
+    started_ray: bool = False  # this process called ray.init (and so ray.shutdown)
+    started_cluster: bool = False  # ... and that started a new cluster, not joined one
     owned_daemon: Any = None
     owned_global_store: Any = None
     stager: Any = None  # tensorcast_ray._staging.Stager, started at the first put
@@ -203,6 +204,7 @@ def _connect_address(address: str, namespace: str) -> _State:
 
 
 def _ensure_ray(env: EnvSettings) -> bool:
+    """Join or start Ray when the caller has not; True if it called ``ray.init``."""
     import ray
 
     if ray.is_initialized():
@@ -219,6 +221,18 @@ def _ensure_ray(env: EnvSettings) -> bool:
     return True
 
 
+def _started_new_cluster() -> bool:
+    """Whether ``ray.init`` started a new cluster rather than joining a running one (through
+    ``ray_address``, ``$RAY_ADDRESS`` — set by job submission — or a local ``ray start``).
+    Only a cluster we started is ours to empty at ``shutdown``."""
+    try:
+        from ray._private import worker
+
+        return bool(getattr(worker._global_node, "head", False))
+    except Exception:  # an internal that moved: assume we joined, never stop others' actors
+        return False
+
+
 def _init_with_ray(
     mode: str,
     namespace: str,
@@ -233,6 +247,7 @@ def _init_with_ray(
     import ray
 
     started_ray = _ensure_ray(env)
+    started_cluster = started_ray and _started_new_cluster()
     state: _State | None = None
     owned_gs = None
     try:
@@ -292,7 +307,7 @@ def _init_with_ray(
 
         client = DaemonClient(info["address"], resolve_address=resolve)
         ctx = _context(client, mode, namespace)
-        state = _State(os.getpid(), ctx, client, started_ray, owned, owned_gs)
+        state = _State(os.getpid(), ctx, client, started_ray, started_cluster, owned, owned_gs)
         return state
     except BaseException:
         if state is None:
@@ -399,12 +414,14 @@ def shutdown() -> None:
     if state.started_ray:
         import ray
 
-        # Ray goes away with us: stop the tensorcast actors cleanly first, or their shared
-        # memory would outlive them in /dev/shm.
-        for name in _actors.named_actors(state.ctx.namespace):
-            handle = _actors.get_actor(name, state.ctx.namespace)
-            if handle is not None:
-                _actors.kill(handle)
+        if state.started_cluster:
+            # Ray goes away with us: stop the tensorcast actors cleanly first, or their
+            # shared memory would outlive them in /dev/shm. A cluster we only joined keeps
+            # its daemons: other jobs use them.
+            for name in _actors.named_actors(state.ctx.namespace):
+                handle = _actors.get_actor(name, state.ctx.namespace)
+                if handle is not None:
+                    _actors.kill(handle)
         ray.shutdown()
     if errors:
         raise errors[0]

@@ -32,7 +32,12 @@ from typing import Any
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from tensorcast_ray._errors import ArtifactError, UnavailableError, error_for_code
+from tensorcast_ray._errors import (
+    ArtifactError,
+    DeadlineExceededError,
+    UnavailableError,
+    error_for_code,
+)
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ _BY_INDEX = {index: (name, req, resp) for name, (index, req, resp) in METHODS.it
 
 #: Handler signature: (method name, request, connection id) -> response.
 Handler = Callable[[str, Any, str], Message]
+
+
+class _NotStarted(Exception):
+    """[SDK] A wait for a reply ended before its first byte (see LocalChannel._read_reply)."""
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -104,6 +113,28 @@ class LocalChannel:
                 "the daemon may be restarting"
             ) from exc
         self._sock: socket.socket | None = sock
+        # Replies still to come for calls that gave up waiting (timeout, interrupt). The
+        # connection is this process's session, so it is kept: the next call reads and drops
+        # them first, which keeps requests and replies in step.
+        self._owed = 0
+
+    def _read_reply(self, sock: socket.socket) -> tuple[int, bytes]:
+        """One reply frame. Raises _NotStarted if the wait ended before its first byte."""
+        head = bytearray(_HEADER.size)
+        view = memoryview(head)
+        got = 0
+        while got < len(head):
+            try:
+                k = sock.recv_into(view[got:])
+            except (TimeoutError, InterruptedError, KeyboardInterrupt) as exc:
+                if got == 0:
+                    raise _NotStarted from exc
+                raise
+            if k == 0:
+                raise EOFError
+            got += k
+        length, status = _HEADER.unpack(head)
+        return status, bytes(_recv_exact(sock, length))
 
     def call(self, method: str, request: Message, timeout: float | None = None) -> Any:
         index, _, resp_cls = METHODS[method]
@@ -112,18 +143,37 @@ class LocalChannel:
             sock = self._sock
             if sock is None:
                 raise UnavailableError(f"local channel {self.path} is closed")
+            sent = False
             try:
                 if timeout is not None:
                     sock.settimeout(max(timeout, 0.001))
+                while self._owed:
+                    self._read_reply(sock)  # a reply nobody waits for any more
+                    self._owed -= 1
                 sock.sendall(_HEADER.pack(len(payload), index) + payload)
-                length, status = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-                body = bytes(_recv_exact(sock, length))
+                sent = True
+                status, body = self._read_reply(sock)
+            except _NotStarted as exc:
+                # No byte of the reply was read: the stream is still in step.
+                self._owed += int(sent)
+                if isinstance(exc.__cause__, KeyboardInterrupt):
+                    raise exc.__cause__ from None
+                raise DeadlineExceededError(
+                    f"{method} got no reply from the daemon's local socket within "
+                    f"{timeout if timeout is not None else 0:.3f} s; the daemon may be busy",
+                    None,
+                    True,
+                ) from exc.__cause__
             except (OSError, EOFError) as exc:
                 self._close_locked()
                 raise UnavailableError(
                     f"the daemon's local socket {self.path} closed during {method}: "
                     f"{exc or 'connection closed'}; the daemon may be restarting"
                 ) from exc
+            except BaseException:
+                # Interrupted mid-frame: requests and replies can no longer be matched.
+                self._close_locked()
+                raise
         if status != 0:
             raise _decode_error(body)
         response = resp_cls()

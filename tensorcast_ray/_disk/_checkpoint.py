@@ -198,9 +198,8 @@ def read_checkpoint_into(
         def dest_of(t: ManifestTensor) -> memoryview:
             return dest(by_name[t.name])
 
-        root = ckpt.url.rstrip("/").rsplit("/", 1)[0]
         read_into(
-            root,
+            "",
             ckpt.manifest,
             dest_of,
             names=names,
@@ -209,6 +208,7 @@ def read_checkpoint_into(
             max_buffer_bytes=max_buffer_bytes,
             parallelism=parallelism,
             progress=progress,
+            directory_url=ckpt.url,  # where it was scanned, whatever its name now
         )
         return
     fs, directory = filesystem(ckpt.url, storage_options)

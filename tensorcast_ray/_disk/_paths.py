@@ -184,13 +184,17 @@ def _fsync_dir(path: str) -> None:
 
 
 def map_os_error(exc: BaseException, what: str) -> Exception:
-    """One mapping of OS / storage errors to the public tree (with ``raise ... from``)."""
-    from tensorcast_ray._errors import NotFoundError, ResourceExhaustedError
+    """OS / storage errors → the public tree (with ``raise ... from``): the SDK's one OS
+    mapping (docs/errors.md), except that an OSError without an errno — how fsspec's remote
+    backends report a failed request — is UNAVAILABLE (retryable) rather than INTERNAL."""
+    from tensorcast_ray._error_mapping import map_exception
 
-    if isinstance(exc, FileNotFoundError):
-        return NotFoundError(f"{what}: {exc}")
     if isinstance(exc, PermissionError):
         return PermissionDeniedError(f"{what}: {exc}; check the credentials or file modes")
     if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        from tensorcast_ray._errors import ResourceExhaustedError
+
         return ResourceExhaustedError(f"{what}: {exc}; free space on the shared disk")
-    return UnavailableError(f"{what}: {exc}; the storage may be temporarily unreachable")
+    if isinstance(exc, OSError) and exc.errno is None and type(exc) is OSError:
+        return UnavailableError(f"{what}: {exc}; the storage may be temporarily unreachable")
+    return map_exception(exc, context=what)

@@ -159,11 +159,18 @@ def read_into(
     max_buffer_bytes: int = 64 << 20,
     parallelism: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    directory_url: str | None = None,
 ) -> None:
-    """Read the tensors of ``manifest`` (all, or ``names``) into the buffers ``dest`` gives."""
+    """Read the tensors of ``manifest`` (all, or ``names``) into the buffers ``dest`` gives.
+
+    The artifact's directory is ``root`` + the key's directory name, or ``directory_url``
+    when given (an export that was copied or renamed, opened by its own path)."""
     check_tuning(max_buffer_bytes, parallelism)
-    fs, root_path = filesystem(root, storage_options)
-    directory = join(root_path, artifact_dirname(manifest.key))
+    if directory_url is not None:
+        fs, directory = filesystem(directory_url, storage_options)
+    else:
+        fs, root_path = filesystem(root, storage_options)
+        directory = join(root_path, artifact_dirname(manifest.key))
     wanted = select([t.name for t in manifest.tensors], names, f"artifact {manifest.key!r}")
     chosen = [t for t in manifest.tensors if t.name in wanted]
     touched = {t.shard for t in chosen}

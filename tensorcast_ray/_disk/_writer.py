@@ -5,9 +5,12 @@ Runs in the daemon's persistence tasks (and in the SDK for a direct export).  On
 1. Validate the sources and plan shards: all tensors in one file up to ``shard_threshold``,
    else files of at most ``shard_bytes`` of data (tensors whole and in order; a tensor
    above the cap gets a file of its own).
-2. If the directory already has a valid manifest: same tensors and bytes → return it
-   (idempotent re-export); different → :class:`AlreadyExistsError` (versions are
-   immutable).  With no valid manifest, leftovers of a crashed export are removed.
+2. If the directory already has a valid manifest: same tensors and bytes → verify the shard
+   files against their checksums and return it (idempotent re-export), or rewrite them if
+   one is damaged; different → :class:`AlreadyExistsError` (versions are immutable).  With
+   no valid manifest, leftovers of a crashed export are removed.  A manifest that cannot be
+   read for another reason (permissions, storage down) fails the export: it is never taken
+   for a missing one.
 3. Write the shards, ``parallelism`` at a time, each streamed from the source memoryviews
    in chunks of at most ``max_buffer_bytes`` (never a whole shard in memory) and published
    atomically (see :class:`atomic_writer`), checksumming as the bytes go.
@@ -44,7 +47,7 @@ from tensorcast_ray._disk._streams import Progress, check_tuning
 from tensorcast_ray._dtypes import itemsize
 from tensorcast_ray._errors import (
     AlreadyExistsError,
-    ArtifactError,
+    DataLossError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -150,8 +153,10 @@ def _existing(fs: fsspec.AbstractFileSystem, directory: str, where: str) -> Mani
         return load_manifest(fs, directory, where)
     except NotFoundError:
         return None
-    except ArtifactError:
+    except DataLossError:
         return None  # corrupt: nothing was committed that readers trust; write it again
+    # Anything else (PERMISSION_DENIED, UNAVAILABLE, ...) propagates: the directory may hold
+    # a committed version we could not read, and it must not be removed or overwritten.
 
 
 def _matches(
@@ -171,11 +176,26 @@ def _matches(
     return all(algo.of(v) == int(t.checksum, 16) for t, v in zip(old.tensors, views, strict=True))
 
 
-def _shards_intact(fs: fsspec.AbstractFileSystem, directory: str, m: Manifest) -> bool:
+def _shards_intact(
+    fs: fsspec.AbstractFileSystem, directory: str, m: Manifest, chunk_bytes: int
+) -> bool:
+    """Every shard file has its recorded size and whole-file checksum (streamed in chunks of
+    ``chunk_bytes``: a re-export reads what it would otherwise write, never all at once)."""
+    algo = checksum_for(m.checksum_algorithm)
     try:
-        return all(fs.size(join(directory, s.file)) == s.size for s in m.shards)
-    except (OSError, FileNotFoundError):
+        for shard in m.shards:
+            path = join(directory, shard.file)
+            if fs.size(path) != shard.size:
+                return False
+            crc = 0
+            with fs.open(path, "rb") as f:
+                while chunk := f.read(chunk_bytes):
+                    crc = algo.update(crc, chunk)
+            if to_hex(crc) != shard.checksum:
+                return False
+    except FileNotFoundError:
         return False
+    return True
 
 
 def write_artifact(
@@ -213,8 +233,11 @@ def write_artifact(
                 f"{where} is already committed with different tensors; versions are immutable: "
                 "export under a new version key, or delete_artifact() it first"
             )
-        if _shards_intact(fs, directory, old):
-            return old
+        try:
+            if _shards_intact(fs, directory, old, max_buffer_bytes):
+                return old
+        except OSError as exc:
+            raise map_os_error(exc, f"verifying {where}") from exc
     try:
         fs.invalidate_cache(directory)
         if old is None and fs.exists(directory):

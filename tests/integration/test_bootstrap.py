@@ -237,3 +237,35 @@ def test_auto_with_another_explicit_config_fails_implicit_warns(
     caplog.set_level(logging.WARNING, logger="tensorcast_ray._bootstrap")
     assert tc.init(namespace=namespace).daemon_address == ctx.daemon_address
     assert any("another config" in r.getMessage() for r in caplog.records)
+
+
+def test_shutdown_of_a_process_that_joined_a_running_cluster_leaves_its_daemons(
+    namespace: str,
+) -> None:
+    """A job's driver joins the cluster through $RAY_ADDRESS (what job submission sets) and
+    lets tc.init() call ray.init(); its tc.shutdown() must not stop the cluster's daemons."""
+    import ray
+
+    ctx = tc.init(namespace=namespace, global_store_mode="none")
+    daemons = named_actors(namespace)
+    assert daemons
+    script = textwrap.dedent(
+        f"""
+        import torch, tensorcast_ray as tc
+        tc.init(namespace={namespace!r}, global_store_mode="none")
+        tc.put({{"w": torch.ones(4)}}, key="job:v1")
+        tc.shutdown()
+        print("done")
+        """
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("done")
+    assert named_actors(namespace) == daemons, "the joined cluster's daemons must stay"
+    assert tc.exists("job:v1") and float(tc.get("job:v1")["w"].sum()) == 4.0
+    assert tc.init(namespace=namespace, global_store_mode="none").daemon_address == (
+        ctx.daemon_address
+    )

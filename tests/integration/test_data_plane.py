@@ -654,6 +654,28 @@ def test_get_into_fills_targets_and_names_subset(driver: str) -> None:
     assert torch.equal(again["w"], sample(4)["w"]) and torch.equal(again["b"], sample(4)["b"])
 
 
+def _inference_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.zeros(shape, dtype=dtype)
+
+
+def test_get_into_model_parameters(driver: str) -> None:
+    """The common case: load pushed weights into a live model's parameters in place."""
+    model = torch.nn.Linear(8, 4)
+    pushed = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    tc.put(pushed, key="policy:v1")
+    params = dict(model.named_parameters())
+    ptrs = {n: p.data_ptr() for n, p in params.items()}
+    tc.get_into("policy:latest", params)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), pushed[name]) and p.requires_grad
+        assert p.data_ptr() == ptrs[name], "in place"
+    view_targets = {"weight": torch.nn.Parameter(torch.zeros(2, 8))}
+    tc.artifact("policy:v1").view(slices={"weight": (slice(0, 2),)}).tensor_dict_into(view_targets)
+    assert torch.equal(view_targets["weight"].detach(), pushed["weight"][:2])
+    assert list(tc.get("policy:v1", names=(n for n in ["bias"]))) == ["bias"]
+
+
 def test_get_into_validates_before_copying(driver: str) -> None:
     tc.put(sample(5), key="gi:v2")
     cases = {
@@ -661,6 +683,9 @@ def test_get_into_validates_before_copying(driver: str) -> None:
         "dtype": ("h", torch.zeros((8, 8), dtype=torch.float16)),
         "numpy": ("h", np.zeros((8, 8))),
         "unknown-name": ("extra", torch.zeros(3)),
+        # Right name, shape and dtype, but not writable in place:
+        "expanded": ("h", torch.zeros((1, 8), dtype=torch.bfloat16).expand(8, 8)),
+        "inference": ("h", _inference_tensor((8, 8), torch.bfloat16)),
     }
     for case, (bad_name, bad_target) in cases.items():
         targets: dict[str, Any] = _targets()

@@ -517,3 +517,77 @@ def test_memory_stays_bounded_for_a_96_mib_artifact(tmp_path: Path) -> None:
     assert grown["shards"] == 2
     assert grown["write"] < 24 << 20, grown
     assert grown["read"] < 24 << 20, grown
+
+
+def test_reexport_repairs_a_damaged_shard(root: str) -> None:
+    """Every DATA_LOSS message says "re-export": doing so must fix the files."""
+    a = random_tensor("float32", (256,), 3)
+    m = write_artifact(root, "r:1", [source("a", a)])
+    (path,) = shard_paths(root, "r:1")
+    proto = root.split("://")[0]
+    _flip(f"{proto}://{path}", m.tensor("a").offset + 3)
+    with pytest.raises(DataLossError):
+        read_all(root, "r:1")
+    repaired = write_artifact(root, "r:1", [source("a", a)])
+    assert repaired.tensors == m.tensors and repaired.shards == m.shards
+    assert same(read_all(root, "r:1")["a"], a)
+
+
+def test_an_unreadable_manifest_never_lets_an_export_replace_a_version(
+    root: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorcast_ray._errors import PermissionDeniedError, UnavailableError
+
+    a = random_tensor("int16", (32,), 4)
+    m = write_artifact(root, "u:1", [source("a", a)], artifact_id="first")
+    other = [source("a", random_tensor("int16", (32,), 5))]
+    for err in (UnavailableError("storage is down (test)"), PermissionDeniedError("no (test)")):
+
+        def unreadable(*_: object, err: Exception = err) -> object:
+            raise err
+
+        monkeypatch.setattr(_writer, "load_manifest", unreadable)
+        with pytest.raises(type(err)):
+            write_artifact(root, "u:1", other, artifact_id="second")
+        monkeypatch.undo()
+        assert read_manifest(root, "u:1") == m
+        assert same(read_all(root, "u:1")["a"], a)
+
+
+def test_a_copied_or_renamed_export_imports_from_where_it_is(tmp_path: Path) -> None:
+    t = random_tensor("bfloat16", (8, 8), 6)
+    write_artifact(str(tmp_path / "exports"), "m:v1", [source("w", t)])
+    copied = tmp_path / "elsewhere" / "my-model"
+    fs = fsspec.filesystem("file")
+    fs.copy(artifact_path(str(tmp_path / "exports"), "m:v1"), str(copied), recursive=True)
+    for url in (str(copied), os.path.relpath(copied)):
+        ck = scan_checkpoint(url)
+        got = torch.empty(8, 8, dtype=torch.bfloat16)
+        read_checkpoint_into(ck, lambda _, got=got: as_bytes(got))
+        assert same(got, t), url
+
+
+def test_storage_errors_get_the_documented_codes() -> None:
+    import errno
+
+    import grpc
+
+    from tensorcast_ray._disk._paths import map_os_error
+
+    cases = [
+        (FileNotFoundError(errno.ENOENT, "gone"), grpc.StatusCode.NOT_FOUND, False),
+        (PermissionError(errno.EACCES, "no"), grpc.StatusCode.PERMISSION_DENIED, False),
+        (FileExistsError(errno.EEXIST, "there"), grpc.StatusCode.ALREADY_EXISTS, False),
+        (TimeoutError("slow"), grpc.StatusCode.DEADLINE_EXCEEDED, True),
+        (OSError(errno.ENOSPC, "full"), grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+        (OSError(errno.EMFILE, "fds"), grpc.StatusCode.RESOURCE_EXHAUSTED, None),
+        (OSError("request failed"), grpc.StatusCode.UNAVAILABLE, True),  # fsspec remote
+        (ConnectionResetError(errno.ECONNRESET, "reset"), grpc.StatusCode.UNAVAILABLE, True),
+        (IsADirectoryError(errno.EISDIR, "dir"), grpc.StatusCode.INTERNAL, False),
+    ]
+    for exc, code, retryable in cases:
+        err = map_os_error(exc, "reading x")
+        assert err.status_code is code, (exc, err)  # type: ignore[attr-defined]
+        if retryable is not None:
+            assert err.retryable is retryable, exc  # type: ignore[attr-defined]
+        assert "reading x" in str(err)

@@ -1,0 +1,90 @@
+"""The same-host unix-socket channel, client and server, without Ray or a daemon: the
+handler below stands in for the daemon's service."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tensorcast_ray._errors import DeadlineExceededError, NotFoundError
+from tensorcast_ray._local_channel import LocalChannel, LocalChannelServer
+from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
+from tests.helpers import wait_for
+
+
+class Service:
+    """Answers Health with its version string; Exists blocks until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.connected: list[str] = []
+        self.disconnected: list[str] = []
+        self.calls: list[str] = []
+
+    def __call__(self, method: str, request: Any, conn_id: str) -> Any:
+        self.calls.append(method)
+        if method == "Health":
+            return common_pb2.HealthResponse(version="health-reply")
+        if method == "Exists":
+            self.release.wait(30)
+            return daemon_pb2.ExistsResponse(exists=True)
+        if method == "Delete":
+            raise NotFoundError(f"{request.key} does not exist (test)")
+        return daemon_pb2.StatusResponse()
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[Service, LocalChannel]]:
+    path = f"/tmp/tcr-test-{uuid.uuid4().hex[:10]}.sock"
+    service = Service()
+    server = LocalChannelServer(
+        path, service, service.connected.append, service.disconnected.append
+    )
+    channel = LocalChannel(path, timeout=10)
+    try:
+        yield service, channel
+    finally:
+        service.release.set()
+        channel.close()
+        server.close()
+        assert not os.path.exists(path) or os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_a_call_that_times_out_keeps_the_session_and_the_stream_in_step(
+    served: tuple[Service, LocalChannel],
+) -> None:
+    service, channel = served
+    wait_for(lambda: service.connected, 10, "the server to see the connection")
+    with pytest.raises(DeadlineExceededError) as err:
+        channel.call("Exists", daemon_pb2.ExistsRequest(key="k:v1"), timeout=0.2)
+    assert err.value.retryable
+    # The connection is the process's session: a slow call must not end it.
+    assert service.disconnected == []
+    service.release.set()
+    # The next call first drops the late Exists reply, then gets its own answer.
+    reply = channel.call("Health", common_pb2.HealthRequest(), timeout=10)
+    assert isinstance(reply, common_pb2.HealthResponse) and reply.version == "health-reply"
+    assert service.calls == ["Exists", "Health"]
+    assert isinstance(
+        channel.call("Status", daemon_pb2.StatusRequest(), timeout=10), daemon_pb2.StatusResponse
+    )
+    assert service.disconnected == []
+
+
+def test_errors_cross_the_channel_with_their_class(served: tuple[Service, LocalChannel]) -> None:
+    _, channel = served
+    with pytest.raises(NotFoundError, match="does not exist"):
+        channel.call("Delete", daemon_pb2.DeleteRequest(key="gone:v1"), timeout=10)
+    assert channel.call("Health", common_pb2.HealthRequest(), timeout=10).version == "health-reply"
+
+
+def test_closing_the_client_ends_the_session(served: tuple[Service, LocalChannel]) -> None:
+    service, channel = served
+    wait_for(lambda: service.connected, 10, "the server to see the connection")
+    channel.close()
+    wait_for(lambda: service.disconnected == service.connected, 10, "the session to end")
