@@ -160,7 +160,16 @@ def init(
         if metrics_port is not None:
             from tensorcast_ray._metrics import get_sdk_metrics
 
-            bound = get_sdk_metrics().serve(metrics_port)
+            try:
+                bound = get_sdk_metrics().serve(metrics_port)
+            except BaseException as exc:
+                _release(state)  # a busy port must not leave a connection or daemon behind
+                if isinstance(exc, OSError):
+                    raise FailedPreconditionError(
+                        f"cannot serve SDK metrics on 127.0.0.1:{metrics_port}: {exc}; pick "
+                        "another metrics_port, or 0 for any free one"
+                    ) from exc
+                raise
             state.ctx = _replace_ctx(state.ctx, metrics_address=f"127.0.0.1:{bound}")
         _state = state
         logger.info("tensorcast_ray initialized: %s", state.ctx)
@@ -250,6 +259,7 @@ def _init_with_ray(
     started_cluster = started_ray and _started_new_cluster()
     state: _State | None = None
     owned_gs = None
+    owned = None
     try:
         node_id = ray.get_runtime_context().get_node_id()
         name = _actors.daemon_name(node_id)
@@ -300,7 +310,10 @@ def _init_with_ray(
             from tensorcast_ray._error_mapping import map_exception
 
             try:
-                ref = handle.info.options(max_task_retries=-1).remote()
+                # By name: after `daemon stop` + `daemon start` the node's daemon is another
+                # actor, and the handle from init() points at the dead one.
+                current = _actors.get_actor(name, namespace) or handle
+                ref = current.info.options(max_task_retries=-1).remote()
                 return str(ray.get(ref, timeout=_actors.ACTOR_READY_TIMEOUT_S)["address"])
             except Exception as exc:
                 raise map_exception(exc, context="re-resolving the daemon") from exc
@@ -310,9 +323,13 @@ def _init_with_ray(
         state = _State(os.getpid(), ctx, client, started_ray, started_cluster, owned, owned_gs)
         return state
     except BaseException:
-        if state is None:
-            if owned_gs is not None:
-                _actors.kill(owned_gs)
+        if state is None:  # undo what this call started: a retry must find nothing of it
+            for started in (owned, owned_gs):
+                if started is not None:
+                    try:
+                        _actors.kill(started)
+                    except ArtifactError:
+                        logger.warning("could not stop %s after a failed init", started)
             if started_ray:
                 ray.shutdown()
         raise
@@ -396,6 +413,11 @@ def shutdown() -> None:
         state, _state = _state, None
     if state is None:
         return
+    _release(state)
+
+
+def _release(state: _State) -> None:
+    """Close ``state``'s connection and stop what it started (see :func:`shutdown`)."""
     if state.pid != os.getpid():
         return
     errors: list[ArtifactError] = []

@@ -269,3 +269,60 @@ def test_shutdown_of_a_process_that_joined_a_running_cluster_leaves_its_daemons(
     assert tc.init(namespace=namespace, global_store_mode="none").daemon_address == (
         ctx.daemon_address
     )
+
+
+def test_failed_init_leaves_nothing_it_started(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from tensorcast_ray._metrics import get_sdk_metrics
+
+    def busy(port: int, host: str = "127.0.0.1") -> int:
+        raise OSError(errno.EADDRINUSE, "Address already in use")
+
+    monkeypatch.setattr(get_sdk_metrics(), "serve", busy)
+    with pytest.raises(tc.FailedPreconditionError, match="metrics_port"):
+        tc.init(mode="create", namespace=namespace, global_store_mode="none", metrics_port=1)
+    monkeypatch.undo()
+    wait_for(lambda: not named_actors(namespace), 60, "the created daemon to be stopped")
+    # Nothing half-initialized is left either: a plain retry works.
+    ctx = tc.init(mode="create", namespace=namespace, global_store_mode="none")
+    assert ctx.mode == "create" and len(named_actors(namespace)) == 1
+
+
+def test_client_follows_a_daemon_that_was_stopped_and_started_again(namespace: str) -> None:
+    """`tensorcast-ray daemon stop` then `start` (here: another job's init): the node's
+    daemon is a new actor; a long-running process reconnects to it on its own."""
+    import ray
+
+    from tests.helpers import stop_namespace
+
+    tc.init(namespace=namespace, global_store_mode="none")
+    tc.put({"w": __import__("torch").ones(2)}, key="old:v1")
+    stop_namespace(namespace)
+    script = textwrap.dedent(
+        f"""
+        import tensorcast_ray as tc
+        tc.init(namespace={namespace!r}, global_store_mode="none")
+        print(tc.init(namespace={namespace!r}, global_store_mode="none").daemon_address)
+        tc.shutdown()
+        """
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    new_address = out.stdout.strip().splitlines()[-1]
+    # The old version went with the stopped daemon; the verbs work against the new one.
+    assert not tc.exists("old:v1")
+    tc.put({"w": __import__("torch").ones(2)}, key="new:v1")
+    assert tc.list_keys() == ["new:v1"]
+    assert _bootstrap_client_address() == new_address
+
+
+def _bootstrap_client_address() -> str:
+    from tensorcast_ray import _bootstrap
+
+    return str(_bootstrap.current().client.address)
