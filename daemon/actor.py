@@ -17,7 +17,7 @@ from typing import Any
 import ray
 from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
-from tensorcast_ray.daemon.server import DaemonServer, default_socket_dir
+from tensorcast_ray.daemon.server import DaemonServer, default_socket_dir, private_socket_dir
 from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
 from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor, message_to_dict
@@ -62,7 +62,7 @@ class DaemonActor:
         socket_dir = self.config.socket_dir or default_socket_dir()
         socket_path = None
         if self.config.local_socket:
-            os.makedirs(socket_dir, mode=0o700, exist_ok=True)
+            private_socket_dir(socket_dir)
             socket_path = os.path.join(socket_dir, f"{self.prefix}sock")
         self.server = DaemonServer(self.service, self.config, socket_path)
         owner = read_owner(self.config.shm_dir, self.prefix) or {}

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -23,7 +24,7 @@ from tensorcast_ray.daemon.service import DaemonService
 
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._error_mapping import abort_with, map_exception
-from tensorcast_ray._errors import ArtifactError, UnavailableError
+from tensorcast_ray._errors import ArtifactError, FailedPreconditionError, UnavailableError
 from tensorcast_ray._local_channel import METHODS, LocalChannelServer
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
@@ -216,3 +217,18 @@ def _host_for_clients(host: str) -> str:
 
 def default_socket_dir() -> str:
     return f"/tmp/tcr-{os.getuid()}"
+
+
+def private_socket_dir(path: str) -> str:
+    """Create ``path`` (mode 0700) or accept it only if it is a real directory of this user
+    that nobody else can enter: in a shared /tmp another user could create the predictable
+    default first and put their own socket in it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise FailedPreconditionError(
+            f"socket_dir {path} is not a private directory of this user (owner uid "
+            f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}; need uid {os.getuid()}, mode "
+            "700); remove it, or set socket_dir in the daemon config"
+        )
+    return path

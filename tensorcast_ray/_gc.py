@@ -37,7 +37,11 @@ def write_owner(shm_dir: str, prefix: str, **fields: object) -> None:
     """[daemon] Record this process as the owner of ``prefix`` (mode 0600, atomic)."""
     path = os.path.join(shm_dir, prefix + OWNER_SUFFIX)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    try:
+        os.unlink(tmp)  # a leftover (or a planted link): never write through it
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump({"pid": os.getpid(), **fields}, f)
     os.replace(tmp, path)
@@ -45,7 +49,10 @@ def write_owner(shm_dir: str, prefix: str, **fields: object) -> None:
 
 def read_owner(shm_dir: str, prefix: str) -> dict[str, object] | None:
     try:
-        with open(os.path.join(shm_dir, prefix + OWNER_SUFFIX)) as f:
+        fd = os.open(os.path.join(shm_dir, prefix + OWNER_SUFFIX), os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd) as f:
+            if os.fstat(f.fileno()).st_uid != os.getuid():
+                return None  # not ours: never trust another user's record
             data = json.load(f)
     except (OSError, ValueError):
         return None

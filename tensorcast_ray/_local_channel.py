@@ -60,6 +60,25 @@ _BY_INDEX = {index: (name, req, resp) for name, (index, req, resp) in METHODS.it
 Handler = Callable[[str, Any, str], Message]
 
 
+def _check_private_socket(path: str) -> None:
+    """[SDK] Only talk to a socket of this user: in a shared /tmp another user could plant
+    one where the daemon said its socket is, and answer with segment names of their choice."""
+    import stat
+
+    from tensorcast_ray._errors import PermissionDeniedError
+
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise UnavailableError(
+            f"cannot open the daemon's local socket {path}: {exc}; the daemon may be restarting"
+        ) from exc
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionDeniedError(
+            f"{path} is not a socket owned by this user (uid {st.st_uid}); refusing to use it"
+        )
+
+
 class _NotStarted(Exception):
     """[SDK] A wait for a reply ended before its first byte (see LocalChannel._read_reply)."""
 
@@ -102,6 +121,7 @@ class LocalChannel:
         self.path = path
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        _check_private_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:

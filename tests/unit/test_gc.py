@@ -94,3 +94,15 @@ def test_cli_gc_reports_and_removes(tmp_path: Path) -> None:
     (row,) = json.loads(done.stdout)
     assert row["prefix"] == DEAD and row["removed"] and row["files"] == len(paths)
     assert not any(p.exists() for p in paths)
+
+
+def test_owner_file_is_never_written_through_a_planted_link(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / f"{LIVE}owner.json.tmp").symlink_to(victim)
+    write_owner(str(tmp_path), LIVE, port=1)
+    assert victim.read_text() == "keep me"
+    assert read_owner(str(tmp_path), LIVE)["port"] == 1  # type: ignore[index]
+    (tmp_path / f"{LIVE}owner.json").unlink()
+    (tmp_path / f"{LIVE}owner.json").symlink_to(victim)
+    assert read_owner(str(tmp_path), LIVE) is None, "a link is not our owner record"

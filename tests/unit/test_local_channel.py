@@ -88,3 +88,33 @@ def test_closing_the_client_ends_the_session(served: tuple[Service, LocalChannel
     wait_for(lambda: service.connected, 10, "the server to see the connection")
     channel.close()
     wait_for(lambda: service.disconnected == service.connected, 10, "the session to end")
+
+
+def test_client_refuses_a_path_that_is_not_its_users_socket(tmp_path: Any) -> None:
+    from tensorcast_ray._errors import PermissionDeniedError, UnavailableError
+
+    planted = tmp_path / "tcr-x-sock"
+    planted.write_text("not a socket")
+    with pytest.raises(PermissionDeniedError, match="not a socket"):
+        LocalChannel(str(planted), timeout=1)
+    with pytest.raises(UnavailableError):
+        LocalChannel(str(tmp_path / "missing.sock"), timeout=1)
+
+
+def test_daemon_socket_dir_must_be_private(tmp_path: Any) -> None:
+    from tensorcast_ray.daemon.server import private_socket_dir
+
+    from tensorcast_ray._errors import FailedPreconditionError
+
+    fresh = tmp_path / "fresh"
+    assert private_socket_dir(str(fresh)) == str(fresh)
+    assert os.stat(fresh).st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    with pytest.raises(FailedPreconditionError, match="not a private directory"):
+        private_socket_dir(str(shared))
+    link = tmp_path / "link"
+    link.symlink_to(fresh)
+    with pytest.raises(FailedPreconditionError, match="not a private directory"):
+        private_socket_dir(str(link))
