@@ -180,11 +180,13 @@ class DaemonServer:
     ) -> AsyncIterator[daemon_pb2.SessionEvent]:
         session_id = "grpc-" + uuid.uuid4().hex[:12]
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.service.open_session, session_id, "grpc")
-        await loop.run_in_executor(
-            self._executor, self.service.describe_session, session_id, request
-        )
-        try:
+        try:  # from the first await: a client gone meanwhile must still close its session
+            await loop.run_in_executor(
+                self._executor, self.service.open_session, session_id, "grpc"
+            )
+            await loop.run_in_executor(
+                self._executor, self.service.describe_session, session_id, request
+            )
             yield daemon_pb2.SessionEvent(session_id=session_id)
             await asyncio.Event().wait()  # held until the client goes away or we stop
         finally:

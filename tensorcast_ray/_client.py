@@ -201,6 +201,11 @@ class DaemonClient:
 
     def close(self) -> None:
         if os.getpid() != self.pid:
-            _INHERITED.append(self)  # never close the parent's sockets from a forked child
+            # The gRPC objects stay referenced, never closed from a forked child; the local
+            # socket's descriptor copy is dropped so it cannot keep the parent's session open.
+            if self._local is not None:
+                self._local.close()
+                self._local = None
+            _INHERITED.append(self)
             return
         self._close_transports()

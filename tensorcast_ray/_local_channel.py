@@ -209,7 +209,13 @@ class LocalChannel:
 
     def close(self) -> None:
         if os.getpid() != self._pid:
-            return  # a forked child must not touch the parent's socket
+            # A forked child drops its copy of the descriptor (the parent's connection is
+            # unaffected; only the last close ends it), so the parent's session still ends
+            # when the parent exits. No lock: a parent thread may have held it at fork.
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                sock.close()
+            return
         with self._lock:
             self._close_locked()
 

@@ -118,3 +118,29 @@ def test_daemon_socket_dir_must_be_private(tmp_path: Any) -> None:
     link.symlink_to(fresh)
     with pytest.raises(FailedPreconditionError, match="not a private directory"):
         private_socket_dir(str(link))
+
+
+def test_a_forked_child_does_not_keep_the_parents_session_open(
+    served: tuple[Service, LocalChannel],
+) -> None:
+    service, channel = served
+    wait_for(lambda: service.connected, 10, "the server to see the connection")
+    release_r, release_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what the SDK does when a forked process calls init() again
+        try:
+            channel.close()
+            os.write(ready_w, b"x")
+            os.read(release_r, 1)  # stay alive while the parent checks
+        finally:
+            os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        channel.close()  # the parent goes away: its session must end now
+        wait_for(lambda: service.disconnected == service.connected, 10, "the session to end")
+    finally:
+        os.write(release_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (release_r, release_w, ready_r, ready_w):
+            os.close(fd)
