@@ -128,6 +128,7 @@ class LocalStore:
         self._staged: dict[str, tuple[int, str]] = {}
         # Segments to shrink to the bytes their artifact uses: (name, used bytes).
         self._trim: list[tuple[str, int]] = []
+        self._heartbeat_s = 0.0  # when the owner file was last touched (see tick)
         self.epoch_segment = f"{prefix}epochs"
         self.epoch_slots = config.epoch_slots
         self._journal_path = os.path.join(self.shm_dir, f"{prefix}journal.jsonl")
@@ -637,7 +638,15 @@ class LocalStore:
             self._update_gauges()
 
     def tick(self) -> None:
-        """Periodic: trim segments, expire TTLs, end leases whose producer process is gone."""
+        """Periodic: trim segments, expire TTLs, end leases whose producer process is gone, and
+        touch the owner file once a minute, so the files of a daemon that just died (and that
+        Ray is restarting) look recent to ``tensorcast-ray gc`` and other daemons' sweeps."""
+        if self._clock() - self._heartbeat_s >= 60.0:
+            self._heartbeat_s = self._clock()
+            try:
+                os.utime(os.path.join(self.shm_dir, self.prefix + OWNER_SUFFIX))
+            except OSError:
+                pass  # not written yet (the actor writes it after the server starts)
         with self._lock:
             trim, self._trim = self._trim, []
         for name, used in trim:

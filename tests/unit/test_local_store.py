@@ -420,3 +420,19 @@ def test_retry_of_a_committed_register_returns_it(store: LocalStore) -> None:
     request.request_id = "req-6"
     with pytest.raises(AlreadyExistsError):
         store.rpc_RegisterBuffers(request, "")
+
+
+def test_tick_keeps_the_owner_file_fresh_for_gc(store: LocalStore, tmp_path: Path) -> None:
+    """gc spares a prefix whose newest file is recent: a daemon that died a moment ago (and
+    that Ray is restarting) must not look stale because it was idle for an hour."""
+    from tensorcast_ray._gc import OWNER_SUFFIX
+
+    owner = tmp_path / f"{PREFIX}{OWNER_SUFFIX}"
+    owner.write_text('{"pid": 1}')
+    hour_ago = os.path.getmtime(owner) - 3600
+    os.utime(owner, (hour_ago, hour_ago))
+    store.tick()
+    assert os.path.getmtime(owner) > hour_ago + 3000, "the first tick touches it"
+    os.utime(owner, (hour_ago, hour_ago))
+    store.tick()
+    assert os.path.getmtime(owner) == hour_ago, "then at most once a minute"
