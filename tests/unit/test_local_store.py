@@ -150,6 +150,21 @@ def test_lease_for_a_session_that_ends_meanwhile_leaves_no_segment(
     assert store._staged == {} and segment_files(tmp_path) == set()
 
 
+def two_segment_request(staged: str) -> daemon_pb2.BeginWriteRequest:
+    """ "two:v1": 3 MiB placed in the staged 4 MiB segment (trimmed after commit), then 4 MiB
+    in a fresh segment."""
+    return daemon_pb2.BeginWriteRequest(
+        key="two:v1",
+        kind=daemon_pb2.WRITE_KIND_PUT,
+        session_id="s1",
+        tensors=[
+            daemon_pb2.TensorSpec(name="a", dtype="uint8", shape=[3 * MiB]),
+            daemon_pb2.TensorSpec(name="b", dtype="uint8", shape=[4 * MiB]),
+        ],
+        staged_segments=[staged],
+    )
+
+
 def test_failed_begin_hands_staged_segments_back_untrimmed(
     store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -162,19 +177,8 @@ def test_failed_begin_hands_staged_segments_back_untrimmed(
         raise ResourceExhaustedError("tmpfs is full (simulated)")
 
     monkeypatch.setattr(store, "_take", tick_then_fail)
-    request = daemon_pb2.BeginWriteRequest(
-        key="two:v1",
-        kind=daemon_pb2.WRITE_KIND_PUT,
-        session_id="s1",
-        # 3 MiB in the staged 4 MiB segment (would be trimmed), then 4 MiB fresh: fails.
-        tensors=[
-            daemon_pb2.TensorSpec(name="a", dtype="uint8", shape=[3 * MiB]),
-            daemon_pb2.TensorSpec(name="b", dtype="uint8", shape=[4 * MiB]),
-        ],
-        staged_segments=[name],
-    )
     with pytest.raises(ResourceExhaustedError):
-        store.rpc_BeginWrite(request, "")
+        store.rpc_BeginWrite(two_segment_request(name), "")
     assert store._staged[name] == (4 * MiB, "s1")
     assert os.path.getsize(tmp_path / name) == 4 * MiB
     store.tick()
@@ -192,18 +196,8 @@ def test_session_ending_during_begin_write_leaves_no_segment(
         return real_take(size)
 
     monkeypatch.setattr(store, "_take", take_while_session_ends)
-    request = daemon_pb2.BeginWriteRequest(
-        key="two:v1",
-        kind=daemon_pb2.WRITE_KIND_PUT,
-        session_id="s1",
-        tensors=[
-            daemon_pb2.TensorSpec(name="a", dtype="uint8", shape=[3 * MiB]),
-            daemon_pb2.TensorSpec(name="b", dtype="uint8", shape=[4 * MiB]),
-        ],
-        staged_segments=[name],
-    )
     with pytest.raises(UnavailableError):
-        store.rpc_BeginWrite(request, "")
+        store.rpc_BeginWrite(two_segment_request(name), "")
     assert segment_files(tmp_path) == set()
     assert store._staged == {} and store._pending == {}
     assert not store._catalog.exists("two:v1")
