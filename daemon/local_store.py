@@ -88,6 +88,9 @@ class _Pending:
     # Pooled/staged segments larger than what the artifact uses: trimmed once it commits
     # (never before: a failed write hands staged segments back to the client whole).
     trims: list[tuple[str, int]] = field(default_factory=list)
+    # The client's staged segments this write took: (name, whole size). An abort hands them
+    # back to the session whole (the client still maps them), or frees them if it is gone.
+    claimed: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -241,12 +244,6 @@ class LocalStore:
             specs.append((t.name, t.dtype, tuple(int(d) for d in t.shape)))
         plan = plan_layout(specs, int(self.config.shm_segment_bytes))
         policy = self._policy(request.policy_json)
-        if request.request_id:
-            done = self._retried_write(request.key, request.request_id)
-            if done is not None:
-                return daemon_pb2.BeginWriteResponse(
-                    artifact_id=done.artifact_id, committed=_result(done)
-                )
         sid = (
             self._lease_owner(request.session_id, session_id)
             if kind == "register"
@@ -266,7 +263,13 @@ class LocalStore:
             expires_at_ms=self._now_ms() + request.ttl_ms if request.ttl_ms else 0,
             request_id=request.request_id,
         )
-        with self._lock:
+        with self._lock:  # one block: a retry's check, the reservation and the claim
+            if request.request_id:
+                done = self._retried_write(request.key, request.request_id)
+                if done is not None:
+                    return daemon_pb2.BeginWriteResponse(
+                        artifact_id=done.artifact_id, committed=_result(done)
+                    )
             artifact.degraded_reasons = self._tier_outcomes(policy)
             self._catalog.reserve(request.key, artifact.artifact_id)
             try:
@@ -276,9 +279,9 @@ class LocalStore:
                 raise
             write_id = uuid.uuid4().hex
             pending = _Pending(write_id, artifact, sid)
+            pending.claimed = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
             self._pending[write_id] = pending
-        staged = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
-        claimed = list(staged)
+        staged = list(pending.claimed)
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
             for size in plan.segment_sizes:
@@ -288,22 +291,15 @@ class LocalStore:
                 if write_id not in self._pending:  # the session ended meanwhile
                     raise UnavailableError(
                         f"the write of {request.key!r} was aborted while it started (its client "
-                        "session ended); retry the put"
+                        "session ended, or a retry replaced it); retry the put"
                     )
         except BaseException:
-            names = {name for name, _ in claimed}
             with self._lock:
-                live = write_id in self._pending and sid in self._session_pids
-                if live:
-                    # The client takes its staged segments back: return them to its session
-                    # whole (never trimmed before commit), and free only the fresh ones.
-                    for name, size in claimed:
-                        self._staged[name] = (size, sid)
-                    artifact.segments = [seg for seg in artifact.segments if seg[0] not in names]
-                else:  # nobody will use them again
-                    used = {name for name, _ in artifact.segments}
-                    self._unlink(artifact.segments + [c for c in claimed if c[0] not in used])
-                self._abort(write_id)
+                if write_id in self._pending:
+                    self._abort(write_id)
+                else:  # aborted meanwhile, claimed segments included: free what came after
+                    claimed = {name for name, _ in pending.claimed}
+                    self._unlink([s for s in artifact.segments if s[0] not in claimed])
             raise
         return daemon_pb2.BeginWriteResponse(
             write_id=write_id,
@@ -319,7 +315,7 @@ class LocalStore:
         abort the attempt its client never heard of; if that attempt committed, return it."""
         with self._lock:
             for write_id, pending in list(self._pending.items()):
-                if pending.artifact.request_id == request_id:
+                if pending.artifact.request_id == request_id and pending.artifact.key == key:
                     self._abort(write_id)
             try:
                 _, artifact_id = self._catalog.resolve(key)
@@ -420,7 +416,13 @@ class LocalStore:
                 return
             self._catalog.abort(pending.artifact.key)
             self._index.remove(pending.artifact.artifact_id)
-            self._unlink(pending.artifact.segments)
+            claimed = {name for name, _ in pending.claimed}
+            if pending.session_id in self._session_pids:
+                for name, size in pending.claimed:  # back to the session, whole (no trim yet)
+                    self._staged[name] = (size, pending.session_id)
+            else:
+                self._unlink(pending.claimed)
+            self._unlink([s for s in pending.artifact.segments if s[0] not in claimed])
 
     def rpc_AllocateBuffer(
         self, request: daemon_pb2.AllocateBufferRequest, session_id: str
@@ -463,11 +465,11 @@ class LocalStore:
         parse_key(request.key, for_write=True)
         policy = self._policy(request.policy_json)
         sid = self._lease_owner(request.session_id, session_id)
-        if request.request_id:
-            done = self._retried_write(request.key, request.request_id)
-            if done is not None:
-                return _result(done)
         with self._lock:
+            if request.request_id:
+                done = self._retried_write(request.key, request.request_id)
+                if done is not None:
+                    return _result(done)
             segments: list[tuple[str, int]] = []
             tensors: list[dict[str, Any]] = []
             used: list[str] = []

@@ -75,7 +75,8 @@ class ReadCache:
                     self._epochs = None  # no validity table: every lookup asks the daemon
 
     def valid(self, info: daemon_pb2.ArtifactInfo) -> bool:
-        return self._epochs is not None and self._epochs.valid(info.epoch_slot, info.generation)
+        epochs = self._epochs  # once: attach_epochs may swap it from another thread
+        return epochs is not None and epochs.valid(info.epoch_slot, info.generation)
 
     def lookup_key(self, key: str) -> _Entry | None:
         """A cached, still-valid entry for an explicit version, else None."""

@@ -145,7 +145,7 @@ class DaemonClient:
         if self._lost is not None:
             return True
         if self._local is not None:
-            return False
+            return self._local.closed  # closed after an interrupt mid-reply
         call = self._session_call
         return call is None or bool(call.done())
 

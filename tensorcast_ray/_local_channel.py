@@ -133,10 +133,27 @@ class LocalChannel:
                 "the daemon may be restarting"
             ) from exc
         self._sock: socket.socket | None = sock
-        # Replies still to come for calls that gave up waiting (timeout, interrupt). The
-        # connection is this process's session, so it is kept: the next call reads and drops
-        # them first, which keeps requests and replies in step.
-        self._owed = 0
+        # Methods whose replies are still to come: calls that gave up waiting (timeout,
+        # interrupt). The connection is this process's session, so it is kept: the next call
+        # reads and drops them first, which keeps requests and replies in step.
+        self._owed: list[str] = []
+
+    @property
+    def closed(self) -> bool:
+        return self._sock is None
+
+    def _settle_owed(self, sock: socket.socket) -> None:
+        """Read the replies of calls that gave up. A write begun for a caller that stopped
+        waiting is aborted: nobody will fill or commit it, and it holds its key."""
+        while self._owed:
+            status, body = self._read_reply(sock)
+            method = self._owed.pop(0)
+            if method == "BeginWrite" and status == 0:
+                write_id = daemon_pb2.BeginWriteResponse.FromString(body).write_id
+                if write_id:
+                    abort = daemon_pb2.AbortWriteRequest(write_id=write_id).SerializeToString()
+                    sock.sendall(_HEADER.pack(len(abort), METHODS["AbortWrite"][0]) + abort)
+                    self._owed.append("AbortWrite")
 
     def _read_reply(self, sock: socket.socket) -> tuple[int, bytes]:
         """One reply frame. Raises _NotStarted if the wait ended before its first byte."""
@@ -167,15 +184,14 @@ class LocalChannel:
             try:
                 if timeout is not None:
                     sock.settimeout(max(timeout, 0.001))
-                while self._owed:
-                    self._read_reply(sock)  # a reply nobody waits for any more
-                    self._owed -= 1
+                self._settle_owed(sock)
                 sock.sendall(_HEADER.pack(len(payload), index) + payload)
                 sent = True
                 status, body = self._read_reply(sock)
             except _NotStarted as exc:
                 # No byte of the reply was read: the stream is still in step.
-                self._owed += int(sent)
+                if sent:
+                    self._owed.append(method)
                 if isinstance(exc.__cause__, KeyboardInterrupt):
                     raise exc.__cause__ from None
                 raise DeadlineExceededError(

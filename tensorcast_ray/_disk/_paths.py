@@ -17,6 +17,7 @@ Roots are any fsspec URL or plain path; ``storage_options`` go to the file syste
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -183,18 +184,31 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: OS errors that say the request itself is wrong (a path that is a directory, a read-only
+#: mount ...): retrying cannot help, so they stay INTERNAL.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EROFS, errno.ELOOP}
+)
+
+
 def map_os_error(exc: BaseException, what: str) -> Exception:
     """OS / storage errors → the public tree (with ``raise ... from``): the SDK's one OS
-    mapping (docs/errors.md), except that an OSError without an errno — how fsspec's remote
-    backends report a failed request — is UNAVAILABLE (retryable) rather than INTERNAL."""
+    mapping (docs/errors.md) for the specific classes and errnos; any other OS error is
+    UNAVAILABLE (retryable), since that is how fsspec's remote backends report failed or
+    throttled requests (no errno, EIO, EBUSY for S3 SlowDown, EREMOTEIO ...)."""
     from tensorcast_ray._error_mapping import map_exception
 
     if isinstance(exc, PermissionError):
         return PermissionDeniedError(f"{what}: {exc}; check the credentials or file modes")
-    if isinstance(exc, OSError) and exc.errno in (28, 122):  # ENOSPC, EDQUOT
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         from tensorcast_ray._errors import ResourceExhaustedError
 
         return ResourceExhaustedError(f"{what}: {exc}; free space on the shared disk")
-    if isinstance(exc, OSError) and exc.errno is None and type(exc) is OSError:
+    mapped = map_exception(exc, context=what)
+    if (
+        isinstance(exc, OSError)
+        and mapped.status_code.name == "INTERNAL"
+        and exc.errno not in _PERMANENT_ERRNOS
+    ):
         return UnavailableError(f"{what}: {exc}; the storage may be temporarily unreachable")
-    return map_exception(exc, context=what)
+    return mapped

@@ -584,6 +584,10 @@ def test_storage_errors_get_the_documented_codes() -> None:
         (OSError("request failed"), grpc.StatusCode.UNAVAILABLE, True),  # fsspec remote
         (ConnectionResetError(errno.ECONNRESET, "reset"), grpc.StatusCode.UNAVAILABLE, True),
         (IsADirectoryError(errno.EISDIR, "dir"), grpc.StatusCode.INTERNAL, False),
+        # How s3fs reports throttling (SlowDown), server errors and its fallback: retried.
+        (OSError(errno.EBUSY, "SlowDown"), grpc.StatusCode.UNAVAILABLE, True),
+        (OSError(errno.EREMOTEIO, "500"), grpc.StatusCode.UNAVAILABLE, True),
+        (OSError(errno.EIO, "error"), grpc.StatusCode.UNAVAILABLE, True),
     ]
     for exc, code, retryable in cases:
         err = map_os_error(exc, "reading x")

@@ -25,6 +25,7 @@ class Service:
         self.connected: list[str] = []
         self.disconnected: list[str] = []
         self.calls: list[str] = []
+        self.aborted: list[str] = []
 
     def __call__(self, method: str, request: Any, conn_id: str) -> Any:
         self.calls.append(method)
@@ -35,6 +36,12 @@ class Service:
             return daemon_pb2.ExistsResponse(exists=True)
         if method == "Delete":
             raise NotFoundError(f"{request.key} does not exist (test)")
+        if method == "BeginWrite":
+            self.release.wait(30)
+            return daemon_pb2.BeginWriteResponse(write_id="w-unheard")
+        if method == "AbortWrite":
+            self.aborted.append(request.write_id)
+            return daemon_pb2.AbortWriteResponse()
         return daemon_pb2.StatusResponse()
 
 
@@ -144,3 +151,18 @@ def test_a_forked_child_does_not_keep_the_parents_session_open(
         os.waitpid(pid, 0)
         for fd in (release_r, release_w, ready_r, ready_w):
             os.close(fd)
+
+
+def test_a_write_begun_for_a_caller_that_stopped_waiting_is_aborted(
+    served: tuple[Service, LocalChannel],
+) -> None:
+    """Nobody will fill or commit it, and it holds its key: the late BeginWrite reply is
+    answered with AbortWrite before the next call goes out."""
+    service, channel = served
+    with pytest.raises(DeadlineExceededError):
+        channel.call("BeginWrite", daemon_pb2.BeginWriteRequest(key="k:v1"), timeout=0.2)
+    service.release.set()
+    reply = channel.call("Health", common_pb2.HealthRequest(), timeout=10)
+    assert reply.version == "health-reply"
+    assert service.calls == ["BeginWrite", "AbortWrite", "Health"]
+    assert service.aborted == ["w-unheard"]

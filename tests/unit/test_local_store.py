@@ -430,3 +430,20 @@ def test_tick_keeps_the_owner_file_fresh_for_gc(store: LocalStore, tmp_path: Pat
     os.utime(owner, (hour_ago, hour_ago))
     store.tick()
     assert os.path.getmtime(owner) == hour_ago, "then at most once a minute"
+
+
+def test_a_retry_gives_the_unheard_writes_staged_segment_back(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """The client put the staged segment back in its ready list when the reply was lost; the
+    retry offers it again. Aborting the unheard attempt must not destroy it."""
+    (name,) = lease(store, 1)
+    request = begin_request("s:v1", 4 * MiB, "req-7")
+    request.staged_segments[:] = [name]
+    lost = store.rpc_BeginWrite(request, "")
+    assert [s.name for s in lost.segments] == [name]
+    retry = store.rpc_BeginWrite(request, "")
+    assert [s.name for s in retry.segments] == [name], "the retry uses it again"
+    assert os.path.getsize(tmp_path / name) == 4 * MiB
+    write(store, retry, 1)
+    assert store._pending == {} and store._staged == {}
