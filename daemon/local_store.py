@@ -229,6 +229,9 @@ class LocalStore:
             )
         for victim in decision.evict:
             self._free_artifact(victim, reason="evicted to admit " + artifact.key)
+        # Held like a reader until the write commits or aborts: an unfinished write must not
+        # be evicted or expired (its bytes would stay, uncounted).
+        self._index.acquire(artifact.artifact_id)
 
     # ---- writes -----------------------------------------------------------------------
     def rpc_BeginWrite(
@@ -395,6 +398,7 @@ class LocalStore:
                     "or the daemon restarted; start the put again"
                 )
             artifact = pending.artifact
+            self._index.release(artifact.artifact_id)
             self._trim.extend(pending.trims)
             artifact.epoch_slot, artifact.generation = self._epochs.alloc()
             self._catalog.commit(artifact.key)
@@ -415,6 +419,7 @@ class LocalStore:
             if pending is None:
                 return
             self._catalog.abort(pending.artifact.key)
+            self._index.release(pending.artifact.artifact_id)
             self._index.remove(pending.artifact.artifact_id)
             claimed = {name for name, _ in pending.claimed}
             if pending.session_id in self._session_pids:
@@ -775,19 +780,25 @@ class LocalStore:
             if not present or not self._epochs.restore(artifact.epoch_slot, artifact.generation):
                 logger.warning("cannot re-adopt %s: its segments are gone", artifact.key)
                 continue
-            # Re-admit on the terms it was admitted with (reject: recovery never evicts).
-            decision = self._index.admit(
-                AdmitRequest(
-                    artifact.artifact_id,
-                    artifact.nbytes,
-                    artifact.requirement,
-                    artifact.retention,
-                    artifact.retention_ttl_ms,
-                    "reject",
-                ),
-                now,
+            # Re-admit on the terms it was admitted with (reject: recovery never evicts). A
+            # register of tc.empty buffers holds no bytes of its own (its buffers, re-admitted
+            # above, do), so it is not admitted at all, as at runtime.
+            decision = (
+                self._index.admit(
+                    AdmitRequest(
+                        artifact.artifact_id,
+                        artifact.nbytes,
+                        artifact.requirement,
+                        artifact.retention,
+                        artifact.retention_ttl_ms,
+                        "reject",
+                    ),
+                    now,
+                )
+                if not artifact.buffers
+                else None
             )
-            if not decision.admitted:
+            if decision is not None and not decision.admitted:
                 logger.warning("cannot re-adopt %s: %s", artifact.key, decision.reason)
                 self._epochs.free(artifact.epoch_slot)
                 continue

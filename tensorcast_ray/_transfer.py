@@ -127,6 +127,10 @@ def _select(ckpt: Checkpoint, names: Sequence[str] | None) -> list[CheckpointTen
     if names is None:
         return list(ckpt.tensors)
     wanted = set(names)
+    if not wanted:
+        raise InvalidArgumentError(
+            "names is empty: an artifact needs at least one tensor; pass None for all"
+        )
     missing = sorted(wanted - {t.name for t in ckpt.tensors})
     if missing:
         raise NotFoundError(f"checkpoint {ckpt.url!r} has no tensors named {missing[:10]}")

@@ -193,6 +193,10 @@ def test_import_safetensors_file_and_sharded_index(namespace: str, tmp_path: Pat
         tc.import_checkpoint(str(sharded), "st:partial", names=["layers.1.w", "nope"])
     assert err.value.status_code == grpc.StatusCode.NOT_FOUND and "nope" in str(err.value)
     assert not tc.exists("st:partial")
+    # No names at all (e.g. `--names ""`): refused, not an empty artifact.
+    with pytest.raises(tc.InvalidArgumentError, match="at least one tensor"):
+        tc.import_checkpoint(str(sharded), "st:none", names=[])
+    assert not tc.exists("st:none")
 
 
 def test_s3_round_trip(namespace: str, s3_options: dict[str, Any], bucket: str) -> None:

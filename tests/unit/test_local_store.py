@@ -447,3 +447,89 @@ def test_a_retry_gives_the_unheard_writes_staged_segment_back(
     assert os.path.getsize(tmp_path / name) == 4 * MiB
     write(store, retry, 1)
     assert store._pending == {} and store._staged == {}
+
+
+def _policy_json(policy: object) -> str:
+    import json
+
+    from tensorcast_ray._policy import resolve_policy
+
+    return json.dumps(resolve_policy(policy).to_dict())  # type: ignore[arg-type]
+
+
+def test_an_unfinished_write_is_never_evicted_or_expired(tmp_path: Path) -> None:
+    """Its bytes are being copied: evicting it would leave them resident and uncounted."""
+    from tensorcast_ray._policy import StorePolicy, TierSpec
+
+    now = [1_000.0]
+    store = LocalStore(
+        DaemonConfig(
+            shm_dir=str(tmp_path),
+            shm_segment_bytes=4 * MiB,
+            shm_pool_bytes=0,
+            stable_dram_capacity_bytes=10 * MiB,
+        ),
+        prefix=PREFIX,
+        metrics=DaemonMetrics(),
+        clock=lambda: now[0],
+    )
+    store.bind_session_pid("s1", os.getpid(), store.hostname)
+    try:
+        cache = _policy_json(StorePolicy(profile="cache"))  # evictable, LRU
+        first = begin_request("a:v1", 6 * MiB, "ra")
+        first.policy_json = cache
+        a = store.rpc_BeginWrite(first, "")
+        second = begin_request("b:v1", 6 * MiB, "rb")
+        second.policy_json = cache
+        with pytest.raises(ResourceExhaustedError):  # a:v1 cannot make room: it is in flight
+            store.rpc_BeginWrite(second, "")
+        ttl = TierSpec("stable_dram", "local", retention_policy="ttl", retention_ttl_ms=1000)
+        third = begin_request("t:v1", 2 * MiB, "rt")
+        third.policy_json = _policy_json(StorePolicy(should=[ttl]))
+        t = store.rpc_BeginWrite(third, "")
+        now[0] += 5.0  # the TTL passes while t:v1 is still being copied
+        store.tick()
+        write(store, a, 1)
+        write(store, t, 2)
+        assert store._catalog.exists("a:v1") and store._catalog.exists("t:v1")
+        assert store.stats()["tiers"][0]["used_bytes"] == 8 * MiB, "both still counted"
+        now[0] += 5.0  # committed now: the TTL applies again
+        store.tick()
+        assert not store._catalog.exists("t:v1") and store._catalog.exists("a:v1")
+        assert store.stats()["tiers"][0]["used_bytes"] == 6 * MiB
+    finally:
+        store.close(unlink=True)
+
+
+def test_a_restart_does_not_count_a_buffer_lease_twice(tmp_path: Path) -> None:
+    first = make_store(tmp_path, stable_dram_capacity_bytes=3 * MiB)
+    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    buffer = first.rpc_AllocateBuffer(
+        daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=2 * MiB), ""
+    )
+    first.rpc_RegisterBuffers(
+        daemon_pb2.RegisterBuffersRequest(
+            key="buf:v1",
+            session_id="s1",
+            tensors=[
+                daemon_pb2.BufferTensor(
+                    name="w",
+                    dtype="uint8",
+                    shape=[2 * MiB],
+                    buffer_id=buffer.buffer_id,
+                    offset=0,
+                    nbytes=2 * MiB,
+                )
+            ],
+        ),
+        "",
+    )
+    assert first.stats()["tiers"][0]["used_bytes"] == 2 * MiB
+    first.close(unlink=False)
+    second = make_store(tmp_path, stable_dram_capacity_bytes=3 * MiB)
+    try:
+        assert second.recovered == 1, "the committed lease is re-adopted"
+        assert second._catalog.exists("buf:v1")
+        assert second.stats()["tiers"][0]["used_bytes"] == 2 * MiB
+    finally:
+        second.close(unlink=True)
