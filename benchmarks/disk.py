@@ -32,10 +32,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from _timing import timed  # benchmarks/ is on sys.path when run as a script
 from safetensors.torch import load_file, save_file
 
 from tensorcast_ray._disk import (
@@ -75,16 +75,6 @@ def state_dict(size_mib: int, hidden: int = 1024) -> dict[str, torch.Tensor]:
 
 def byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def timed(fn: Callable[[], Any], repeat: int = 2) -> float:
-    """Best of ``repeat`` runs (the first run of a new file pays page-cache allocation)."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def anon_bytes() -> int:

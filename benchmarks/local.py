@@ -29,6 +29,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray
 import torch
+from _timing import timed  # benchmarks/ is on sys.path when run as a script
 
 import tensorcast_ray as tc
 
@@ -85,16 +86,6 @@ def wait_pool_full(state: Any, timeout: float = 60.0) -> None:
         if status.shm_pool_bytes >= POOL_BYTES:
             return
         time.sleep(0.05)
-
-
-def timed(fn: Any, repeat: int) -> float:
-    """Best wall time of ``repeat`` runs, in seconds."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @ray.remote(num_cpus=0)

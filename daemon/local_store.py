@@ -47,7 +47,7 @@ from tensorcast_ray._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from tensorcast_ray._gc import OWNER_SUFFIX
+from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
 from tensorcast_ray._layout import TensorMeta, plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
@@ -671,7 +671,7 @@ class LocalStore:
                     artifact.kind == "register"
                     and not artifact.owner_session
                     and artifact.owner_host == self.hostname
-                    and not _pid_alive(artifact.owner_pid)
+                    and not pid_alive(artifact.owner_pid)
                 ):
                     self._free_artifact(artifact.artifact_id, reason="producer process exited")
             for artifact_id in self._index.expire(now):
@@ -679,7 +679,7 @@ class LocalStore:
             for buffer_id in [
                 b
                 for b, buf in self._buffers.items()
-                if not buf.session_id and not _pid_alive(buf.pid)
+                if not buf.session_id and not pid_alive(buf.pid)
             ]:
                 self._free_buffer(buffer_id)  # re-adopted, and its process is gone
 
@@ -853,18 +853,6 @@ def _numel(shape: Any) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _layout_pb(t: dict[str, Any]) -> common_pb2.TensorLayout:

@@ -59,7 +59,10 @@ def read_owner(shm_dir: str, prefix: str) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's process counts)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,7 +97,7 @@ def stale_prefixes(
     for prefix, entries in sorted(groups.items()):
         owner = read_owner(shm_dir, prefix)
         pid = owner.get("pid") if owner else None
-        if isinstance(pid, int) and _alive(pid):
+        if isinstance(pid, int) and pid_alive(pid):
             continue
         if now - max(st.st_mtime for _, st in entries) < min_age_s:
             continue

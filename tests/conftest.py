@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +64,39 @@ def namespace(ray_local: object) -> Iterator[str]:
     for path in left:
         os.unlink(path)
     assert not left, f"test leaked shared memory or sockets: {left}"
+
+
+# ---- S3: a real S3-protocol server (moto) on loopback, for the S3 path of the disk layer.
+@pytest.fixture(scope="module")
+def s3_options() -> Iterator[dict[str, Any]]:
+    """fsspec ``storage_options`` of a moto server started for this module (skips without
+    moto[server] / s3fs, the ``s3`` extra)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield {
+            "endpoint_url": f"http://{host}:{port}",
+            "key": "test",
+            "secret": "test",
+            "client_kwargs": {"region_name": "us-east-1"},
+        }
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_options: dict[str, Any]) -> str:
+    """A fresh bucket on the module's moto server."""
+    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
+    name = f"tc-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_options["endpoint_url"],
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)  # us-east-1: no location constraint
+    return name

@@ -95,40 +95,6 @@ def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         fs.rm(url, recursive=True)
 
 
-# ---- S3: a moto server on loopback. Duplicated (minimal) from tests/unit/test_disk_s3.py:
-# importing that module would skip this whole module when moto is missing.
-@pytest.fixture(scope="module")
-def s3_options() -> Iterator[dict[str, Any]]:
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    pytest.importorskip("s3fs", reason="s3fs is not installed")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield {
-            "endpoint_url": f"http://{host}:{port}",
-            "key": "test",
-            "secret": "test",
-            "client_kwargs": {"region_name": "us-east-1"},
-        }
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def bucket(s3_options: dict[str, Any]) -> str:
-    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-    name = f"tc-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3",
-        endpoint_url=s3_options["endpoint_url"],
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=name)
-    return name
-
-
 # ---- round trips ------------------------------------------------------------------------------
 def test_round_trip_every_dtype(namespace: str, root: str) -> None:
     tc.init(namespace=namespace, global_store_mode="none")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,38 +25,6 @@ from tensorcast_ray._disk import (  # noqa: E402
     write_artifact,
 )
 from tensorcast_ray._errors import DataLossError, NotFoundError  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def s3_options() -> Iterator[dict[str, Any]]:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {
-        "endpoint_url": f"http://{host}:{port}",
-        "key": "test",
-        "secret": "test",
-        "client_kwargs": {"region_name": "us-east-1"},
-    }
-    try:
-        yield options
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def bucket(s3_options: dict[str, Any]) -> str:
-    boto3 = pytest.importorskip("boto3", reason="boto3 is not installed")
-    name = f"tc-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_options["endpoint_url"],
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=name)  # us-east-1: no location constraint
-    return name
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
