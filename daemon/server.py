@@ -15,97 +15,21 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 from tensorcast_ray.daemon.service import DaemonService
 
 from tensorcast_ray._config import DaemonConfig
-from tensorcast_ray._error_mapping import abort_with, map_exception
-from tensorcast_ray._errors import ArtifactError, FailedPreconditionError, UnavailableError
+from tensorcast_ray._errors import FailedPreconditionError, UnavailableError
+from tensorcast_ray._grpc_server import AioServerThread, bind_error, unary_handlers
 from tensorcast_ray._local_channel import METHODS, LocalChannelServer
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "tensorcast_ray.v1.StoreDaemon"
-
-
-def bind_error(what: str, host: str, port: int, exc: BaseException) -> UnavailableError:
-    return UnavailableError(
-        f"cannot bind the {what} to {host}:{port}: {exc}; pick another port in the config "
-        "or PortConfig (0 = any free port)",
-        retryable=False,
-    )
-
-
-class AioServerThread:
-    """[daemon, Global Store] A grpc.aio server running on its own event-loop thread."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-        self.server: grpc.aio.Server | None = None
-
-    def start(self, handlers: list[grpc.GenericRpcHandler], host: str, port: int) -> int:
-        async def _start() -> int:
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            server.add_generic_rpc_handlers(handlers)
-            bound = server.add_insecure_port(f"{host}:{port}")
-            await server.start()
-            self.server = server
-            return bound
-
-        try:
-            return asyncio.run_coroutine_threadsafe(_start(), self.loop).result(timeout=30)
-        except Exception as exc:
-            raise bind_error("gRPC server", host, port, exc) from exc
-
-    def stop(self, grace: float = 1.0) -> None:
-        if self.server is not None:
-            server = self.server
-            asyncio.run_coroutine_threadsafe(server.stop(grace), self.loop).result(
-                timeout=grace + 10
-            )
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-
-
-def unary_handlers(
-    service_name: str,
-    methods: Mapping[str, tuple[int, type[Message], type[Message]]],
-    call: Callable[[str, Any], Any],
-    executor: concurrent.futures.Executor,
-) -> grpc.GenericRpcHandler:
-    """gRPC handlers that run ``call(method, request)`` in ``executor``; errors become statuses."""
-
-    def make(name: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]:
-        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            loop = asyncio.get_running_loop()
-            try:
-                return await loop.run_in_executor(executor, call, name, request)
-            except ArtifactError as err:
-                await abort_with(context, err)
-            except Exception as exc:
-                logger.exception("%s failed", name)
-                await abort_with(context, map_exception(exc, context=name))
-
-        return handler
-
-    return grpc.method_handlers_generic_handler(
-        service_name,
-        {
-            name: grpc.unary_unary_rpc_method_handler(
-                make(name),
-                request_deserializer=req.FromString,
-                response_serializer=resp.SerializeToString,
-            )
-            for name, (_, req, resp) in methods.items()
-        },
-    )
 
 
 class DaemonServer:

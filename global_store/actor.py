@@ -17,13 +17,13 @@ from typing import Any
 
 import ray
 from google.protobuf.message import Message
-from tensorcast_ray.daemon.server import AioServerThread, bind_error, unary_handlers
 from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 
 from tensorcast_ray._actors import message_to_dict
 from tensorcast_ray._catalog import Catalog
 from tensorcast_ray._config import GlobalStoreConfig
 from tensorcast_ray._errors import InvalidArgumentError
+from tensorcast_ray._grpc_server import AioServerThread, bind_error, unary_handlers
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, global_store_pb2
 from tensorcast_ray._version import PROTOCOL_VERSION, __version__
 

@@ -1,0 +1,103 @@
+"""gRPC server helpers shared by the node daemon and the Global Store.  [daemon, Global Store]
+
+Both serve a ``grpc.aio`` server on an event loop of its own thread, so held-open streams
+cost no thread each, and run their synchronous handlers in a thread pool. Errors leave
+through :func:`tensorcast_ray._error_mapping.abort_with`, the one codec both daemon
+channels share. The Global Store imports this module, never the daemon package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from tensorcast_ray._error_mapping import abort_with, map_exception
+from tensorcast_ray._errors import ArtifactError, UnavailableError
+
+__all__ = ["AioServerThread", "bind_error", "unary_handlers"]
+
+logger = logging.getLogger(__name__)
+
+
+def bind_error(what: str, host: str, port: int, exc: BaseException) -> UnavailableError:
+    """The error for an endpoint that cannot bind: not retryable, the config must change."""
+    return UnavailableError(
+        f"cannot bind the {what} to {host}:{port}: {exc}; pick another port in the config "
+        "or PortConfig (0 = any free port)",
+        retryable=False,
+    )
+
+
+class AioServerThread:
+    """[daemon, Global Store] A grpc.aio server running on its own event-loop thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+        self.server: grpc.aio.Server | None = None
+
+    def start(self, handlers: list[grpc.GenericRpcHandler], host: str, port: int) -> int:
+        async def _start() -> int:
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            server.add_generic_rpc_handlers(handlers)
+            bound = server.add_insecure_port(f"{host}:{port}")
+            await server.start()
+            self.server = server
+            return bound
+
+        try:
+            return asyncio.run_coroutine_threadsafe(_start(), self.loop).result(timeout=30)
+        except Exception as exc:
+            raise bind_error("gRPC server", host, port, exc) from exc
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None:
+            server = self.server
+            asyncio.run_coroutine_threadsafe(server.stop(grace), self.loop).result(
+                timeout=grace + 10
+            )
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def unary_handlers(
+    service_name: str,
+    methods: Mapping[str, tuple[int, type[Message], type[Message]]],
+    call: Callable[[str, Any], Any],
+    executor: concurrent.futures.Executor,
+) -> grpc.GenericRpcHandler:
+    """gRPC handlers that run ``call(method, request)`` in ``executor``; errors become statuses."""
+
+    def make(name: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]:
+        async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(executor, call, name, request)
+            except ArtifactError as err:
+                await abort_with(context, err)
+            except Exception as exc:
+                logger.exception("%s failed", name)
+                await abort_with(context, map_exception(exc, context=name))
+
+        return handler
+
+    return grpc.method_handlers_generic_handler(
+        service_name,
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                make(name),
+                request_deserializer=req.FromString,
+                response_serializer=resp.SerializeToString,
+            )
+            for name, (_, req, resp) in methods.items()
+        },
+    )
