@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 
 from tensorcast_ray._disk._manifest import Manifest, ManifestTensor
-from tensorcast_ray._disk._paths import MANIFEST_NAME, filesystem, join, map_os_error
+from tensorcast_ray._disk._paths import MANIFEST_NAME, cat, filesystem, join, map_os_error
 from tensorcast_ray._disk._reader import as_dest, load_manifest, read_into, select
 from tensorcast_ray._disk._safetensors import ParsedHeader, header_length, parse_header
 from tensorcast_ray._disk._streams import Progress, ReadTarget, check_tuning, read_targets
@@ -69,12 +69,12 @@ class Checkpoint:
 def _read_header(fs: fsspec.AbstractFileSystem, path: str, where: str) -> tuple[ParsedHeader, int]:
     try:
         size = fs.size(path)
-        head = bytes(fs.cat_file(path, start=0, end=min(size, _FIRST_READ)))
+        head = cat(fs, path, start=0, end=min(size, _FIRST_READ))
         n = header_length(head, where)
         if len(head) < 8 + n:
             if size < 8 + n:
                 raise DataLossError(f"{where} is truncated inside its header")
-            head = bytes(fs.cat_file(path, start=0, end=8 + n))
+            head = cat(fs, path, start=0, end=8 + n)
     except FileNotFoundError:
         raise NotFoundError(f"{where} does not exist") from None
     except OSError as exc:
@@ -116,7 +116,7 @@ def _listing(
     if indexes:
         where = f"{indexes[0]} of checkpoint {url!r}"
         try:
-            weight_map = json.loads(fs.cat_file(join(directory, indexes[0])))["weight_map"]
+            weight_map = json.loads(cat(fs, join(directory, indexes[0])))["weight_map"]
             if not isinstance(weight_map, dict) or not all(
                 isinstance(v, str) and "/" not in v for v in weight_map.values()
             ):

@@ -21,6 +21,7 @@ import errno
 import hashlib
 import os
 import re
+import stat
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -40,9 +41,11 @@ __all__ = [
     "artifact_dirname",
     "artifact_path",
     "atomic_writer",
+    "cat",
     "filesystem",
     "is_local",
     "join",
+    "open_read",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -101,6 +104,61 @@ def filesystem(
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def _open_local(path: str) -> Any:
+    """Open a local file to read, refusing anything that is not a regular file lying in the
+    directory that lists it.
+
+    A FIFO or device named ``*.safetensors`` would block ``open()`` forever or stream
+    endless bytes; a link could point anywhere on the host.  So: open non-blocking (a FIFO
+    then opens at once), check the opened file (not the name, so a swap after the check
+    changes nothing), and resolve where it really is through ``/proc/self/fd``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise InvalidArgumentError(
+                f"{path} is {kind}; checkpoints are read only from regular files: remove "
+                "it or point at another directory"
+            )
+        proc = f"/proc/self/fd/{fd}"
+        real = os.readlink(proc) if os.path.exists(proc) else os.path.realpath(path)
+        home = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+        if os.path.dirname(real) != home:
+            raise PermissionDeniedError(
+                f"{path} is a link to {real}, outside its directory {home}; tensorcast never "
+                "reads outside the directory it is given: copy the file in (e.g. "
+                "`huggingface-cli download --local-dir DIR` writes real files)"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_read(fs: fsspec.AbstractFileSystem, path: str, **kwargs: Any) -> Any:
+    """[SDK, daemon] A binary file to read; local files only if regular and not linked out of
+    their directory (see :func:`_open_local`)."""
+    if is_local(fs):
+        return _open_local(path)
+    return fs.open(path, "rb", **kwargs)
+
+
+def cat(
+    fs: fsspec.AbstractFileSystem, path: str, start: int | None = None, end: int | None = None
+) -> bytes:
+    """[SDK, daemon] Bytes ``[start, end)`` of a file (all of it by default), through
+    :func:`open_read` on local disks so a hostile file is refused, never waited on."""
+    if not is_local(fs):
+        return bytes(fs.cat_file(path, start=start, end=end))
+    with _open_local(path) as f:
+        if start:
+            f.seek(start)
+        return bytes(f.read() if end is None else f.read(end - (start or 0)))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:

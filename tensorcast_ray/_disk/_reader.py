@@ -25,6 +25,7 @@ from tensorcast_ray._disk._manifest import Manifest, ManifestTensor
 from tensorcast_ray._disk._paths import (
     MANIFEST_NAME,
     artifact_dirname,
+    cat,
     filesystem,
     join,
     map_os_error,
@@ -40,7 +41,7 @@ _log = logging.getLogger(__name__)
 def load_manifest(fs: fsspec.AbstractFileSystem, directory: str, where: str) -> Manifest:
     path = join(directory, MANIFEST_NAME)
     try:
-        raw = fs.cat_file(path)
+        raw = cat(fs, path)
     except FileNotFoundError:
         raise NotFoundError(
             f"{where} has no committed manifest (never exported, deleted, or its export "
@@ -134,7 +135,7 @@ def _check_shard_heads(
         label = f"shard {shard.file!r} of artifact {manifest.key!r}"
         try:
             size = fs.size(path)
-            head = fs.cat_file(path, start=0, end=shard.header_size)
+            head = cat(fs, path, start=0, end=shard.header_size)
         except FileNotFoundError:
             raise DataLossError(f"{label} is missing; re-export the artifact") from None
         except OSError as exc:

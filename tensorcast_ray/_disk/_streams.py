@@ -27,7 +27,7 @@ from typing import Any
 import fsspec
 
 from tensorcast_ray._disk._checksum import Checksum, to_hex
-from tensorcast_ray._disk._paths import is_local, map_os_error
+from tensorcast_ray._disk._paths import is_local, map_os_error, open_read
 from tensorcast_ray._errors import DataLossError, InvalidArgumentError
 
 __all__ = ["Progress", "ReadTarget", "check_tuning", "read_targets"]
@@ -115,7 +115,7 @@ def _plan(targets: Sequence[ReadTarget], part_bytes: int) -> tuple[list[list[_Pa
 
 def _open(fs: fsspec.AbstractFileSystem, path: str, part_bytes: int) -> Any:
     if is_local(fs):
-        return open(path, "rb", buffering=0)
+        return open_read(fs, path)  # regular files in their own directory only
     try:
         return fs.open(path, "rb", block_size=part_bytes, cache_type="none")
     except TypeError:
