@@ -29,26 +29,27 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tensorcast_ray.daemon import recovery
 from tensorcast_ray.daemon.journal import Journal
-from tensorcast_ray.daemon.local_index import AdmitRequest, LocalIndex
+from tensorcast_ray.daemon.leases import (
+    Actions,
+    Artifact,
+    BeginOutcome,
+    BufferTensor,
+    LeaseTable,
+    SegmentRef,
+)
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
-from tensorcast_ray._catalog import Catalog, parse_key
+from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._dtypes import itemsize
 from tensorcast_ray._epochs import EpochTable
-from tensorcast_ray._errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from tensorcast_ray._errors import InvalidArgumentError, UnavailableError
 from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
-from tensorcast_ray._layout import TensorMeta, plan_layout
+from tensorcast_ray._layout import plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
 from tensorcast_ray._shm import Segment, SegmentPool, remove_segments, round_up
@@ -56,54 +57,12 @@ from tensorcast_ray._shm import Segment, SegmentPool, remove_segments, round_up
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _Artifact:
-    artifact_id: str
-    key: str
-    kind: str  # "put" | "register"
-    nbytes: int
-    segments: list[tuple[str, int]]
-    tensors: list[dict[str, Any]]
-    created_ms: int
-    epoch_slot: int = -1
-    generation: int = 0
-    owner_session: str = ""
-    owner_pid: int = 0
-    owner_host: str = ""
-    expires_at_ms: int = 0
-    buffers: list[str] = field(default_factory=list)  # register of tc.empty buffers
-    degraded_reasons: list[str] = field(default_factory=list)
-    # The local stable tier's admission terms, kept so a restart re-admits on the same terms.
-    requirement: str = "must"
-    retention: str = "pinned"
-    retention_ttl_ms: int | None = None
-    request_id: str = ""  # the client's id for the put that wrote it (retries after lost replies)
-
-
-@dataclass
-class _Pending:
-    write_id: str
-    artifact: _Artifact
-    session_id: str
-    # Pooled/staged segments larger than what the artifact uses: trimmed once it commits
-    # (never before: a failed write hands staged segments back to the client whole).
-    trims: list[tuple[str, int]] = field(default_factory=list)
-    # The client's staged segments this write took: (name, whole size). An abort hands them
-    # back to the session whole (the client still maps them), or frees them if it is gone.
-    claimed: list[tuple[str, int]] = field(default_factory=list)
-
-
-@dataclass
-class _Buffer:
-    buffer_id: str
-    segment: tuple[str, int]
-    session_id: str
-    pid: int
-    refs: int = 0
-
-
 class LocalStore:
-    """[daemon] All data verbs of one node. Thread-safe (one lock; every call is short)."""
+    """[daemon] All data verbs of one node. Thread-safe (one lock; every call is short).
+
+    The decisions are the pure :class:`~tensorcast_ray.daemon.leases.LeaseTable`'s; this
+    shell holds the lock, does the I/O and carries out the actions the table answers.
+    """
 
     def __init__(
         self,
@@ -121,16 +80,7 @@ class LocalStore:
         self.hostname = hostname or socket.gethostname()
         self._clock = clock
         self._lock = threading.RLock()
-        self._catalog = Catalog()
-        self._index = LocalIndex(int(config.stable_dram_capacity_bytes))
-        self._artifacts: dict[str, _Artifact] = {}
-        self._pending: dict[str, _Pending] = {}
-        self._buffers: dict[str, _Buffer] = {}
-        self._session_pids: dict[str, int] = {}
-        # Segments leased to a writer's session ahead of its puts: name -> (size, session).
-        self._staged: dict[str, tuple[int, str]] = {}
-        # Segments to shrink to the bytes their artifact uses: (name, used bytes).
-        self._trim: list[tuple[str, int]] = []
+        self._leases = LeaseTable(int(config.stable_dram_capacity_bytes), self.hostname)
         self._heartbeat_s = 0.0  # when the owner file was last touched (see tick)
         self.epoch_segment = f"{prefix}epochs"
         self.epoch_slots = config.epoch_slots
@@ -138,7 +88,16 @@ class LocalStore:
         self._journal = Journal(self._journal_path) if config.journal else None
         os.makedirs(self.shm_dir, exist_ok=True)
         self._epochs = EpochTable(self.shm_dir, self.epoch_segment, self.epoch_slots, adopt=True)
-        self.recovered = self._recover()
+        journal_name = os.path.basename(self._journal_path)
+        self.recovered = recovery.recover(
+            self._leases,
+            self._epochs,
+            self._journal,
+            shm_dir=self.shm_dir,
+            prefix=prefix,
+            keep={self.epoch_segment, journal_name, journal_name + ".tmp"},
+            now_ms=self._now_ms(),
+        )
         self._pool = SegmentPool(
             self.shm_dir,
             prefix,
@@ -157,15 +116,8 @@ class LocalStore:
 
     def _lease_owner(self, request_session: str, transport_session: str) -> str:
         """The session a lease belongs to; it must be one this daemon instance knows."""
-        sid = self._session(request_session, transport_session)
         with self._lock:
-            known = sid in self._session_pids
-        if not known:
-            raise UnavailableError(
-                f"session {sid or '<none>'} is unknown to this daemon (it restarted, or the "
-                "client skipped Hello); reconnect and retry",
-            )
-        return sid
+            return self._leases.lease_owner(self._session(request_session, transport_session))
 
     @staticmethod
     def _policy(policy_json: str) -> ResolvedPolicy:
@@ -177,61 +129,29 @@ class LocalStore:
             raise InvalidArgumentError(f"policy_json is not valid JSON: {exc}") from exc
         return ResolvedPolicy.from_dict(data)
 
-    def _tier_outcomes(self, policy: ResolvedPolicy) -> list[str]:
-        """Non-local tiers need persistence, which this daemon does not run yet."""
-        degraded = []
-        for tier in policy.tiers:
-            if tier.is_local_stable:
-                continue
-            what = f"{tier.tier} (scope {tier.scope})"
-            if tier.requirement == "must":
-                raise FailedPreconditionError(
-                    f"persistence not configured: the policy requires {what}, which needs "
-                    "persistence tasks this daemon does not run; use a policy without it "
-                    "(e.g. profile 'cache' or 'pinned'), or tc.export() to write to shared disk"
-                )
-            if tier.requirement == "should":
-                degraded.append(f"{what} skipped: persistence not configured")
-        return degraded
+    def _apply(self, actions: Actions) -> None:
+        """Carry out what the lease table decided (under the lock)."""
+        for freed in actions.freed:
+            self._epochs.free(freed.epoch_slot)
+        self._unlink(actions.unlink)
+        for freed in actions.freed:
+            logger.info("freed %s (%s): %s", freed.key, freed.artifact_id, freed.reason)
+            if self._journal is not None:
+                self._journal.drop_artifact(freed.artifact_id)
+        if self._journal is not None:
+            for buffer_id in actions.dropped_buffers:
+                self._journal.drop_buffer(buffer_id)
+        if actions.freed:
+            self._update_gauges()
 
-    def _admit(self, artifact: _Artifact, policy: ResolvedPolicy) -> None:
-        request = AdmitRequest.from_policy(artifact.artifact_id, artifact.nbytes, policy)
-        if artifact.kind == "register":
-            # A lease lives until delete, TTL or producer death: never evicted.
-            request = AdmitRequest(
-                artifact.artifact_id, artifact.nbytes, "must", "pinned", None, "reject"
-            )
-        if request is None:
-            raise FailedPreconditionError(
-                f"no tier can hold {artifact.key}: the policy asks for no local copy and "
-                "persistence is not configured; add a local stable tier (e.g. profile 'cache')"
-            )
-        artifact.requirement = request.requirement
-        artifact.retention = request.retention_policy
-        artifact.retention_ttl_ms = request.retention_ttl_ms
-        start = time.perf_counter()
-        for expired in self._index.expire(self._now_ms()):
-            self._free_artifact(expired, reason="retention ttl expired")
-        decision = self._index.admit(request, self._now_ms())
-        status = {"ok": "OK", "degraded": "DEGRADED"}.get(decision.status, "FAILED")
+    def _record_admission(self, kind: str, outcome: BeginOutcome, seconds: float) -> None:
+        if outcome.decision is None:
+            return
+        status = {"ok": "OK", "degraded": "DEGRADED"}.get(outcome.decision.status, "FAILED")
         self.metrics.local_stable_tier.labels(
-            op=artifact.kind, status=status, requirement=request.requirement
+            op=kind, status=status, requirement=outcome.requirement
         ).inc()
-        self.metrics.local_stable_tier_seconds.labels(op=artifact.kind, status=status).observe(
-            time.perf_counter() - start
-        )
-        decision.raise_if_rejected(artifact.key)
-        if not decision.admitted:
-            raise ResourceExhaustedError(
-                f"{artifact.key} ({artifact.nbytes} bytes) does not fit in local stable DRAM "
-                f"({decision.reason}) and no other tier can hold it; free space, raise "
-                "stable_dram_capacity_bytes, or use overflow_policy 'evict'"
-            )
-        for victim in decision.evict:
-            self._free_artifact(victim, reason="evicted to admit " + artifact.key)
-        # Held like a reader until the write commits or aborts: an unfinished write must not
-        # be evicted or expired (its bytes would stay, uncounted).
-        self._index.acquire(artifact.artifact_id)
+        self.metrics.local_stable_tier_seconds.labels(op=kind, status=status).observe(seconds)
 
     # ---- writes -----------------------------------------------------------------------
     def rpc_BeginWrite(
@@ -252,119 +172,95 @@ class LocalStore:
             if kind == "register"
             else self._session(request.session_id, session_id)
         )
-        artifact = _Artifact(
+        now = self._now_ms()
+        artifact = Artifact(
             artifact_id=uuid.uuid4().hex,
             key=request.key,
             kind=kind,
             nbytes=sum(t.nbytes for t in plan.tensors),
             segments=[],
             tensors=[t.to_dict() for t in plan.tensors],
-            created_ms=self._now_ms(),
+            created_ms=now,
             owner_session=sid if kind == "register" else "",
-            owner_pid=self._session_pids.get(sid, 0) if kind == "register" else 0,
+            owner_pid=self._leases.sessions.get(sid, 0) if kind == "register" else 0,
             owner_host=self.hostname if kind == "register" else "",
-            expires_at_ms=self._now_ms() + request.ttl_ms if request.ttl_ms else 0,
+            expires_at_ms=now + request.ttl_ms if request.ttl_ms else 0,
             request_id=request.request_id,
         )
+        write_id = uuid.uuid4().hex
         with self._lock:  # one block: a retry's check, the reservation and the claim
-            if request.request_id:
-                done = self._retried_write(request.key, request.request_id)
-                if done is not None:
-                    return daemon_pb2.BeginWriteResponse(
-                        artifact_id=done.artifact_id, committed=_result(done)
-                    )
-            artifact.degraded_reasons = self._tier_outcomes(policy)
-            self._catalog.reserve(request.key, artifact.artifact_id)
-            try:
-                self._admit(artifact, policy)
-            except BaseException:
-                self._catalog.abort(request.key)
-                raise
-            write_id = uuid.uuid4().hex
-            pending = _Pending(write_id, artifact, sid)
-            pending.claimed = self._claim_staged(request.staged_segments, sid, plan.segment_sizes)
-            self._pending[write_id] = pending
-        staged = list(pending.claimed)
+            start = time.perf_counter()
+            outcome = self._leases.begin_write(
+                artifact,
+                policy,
+                write_id=write_id,
+                session_id=sid,
+                staged=request.staged_segments,
+                stageable=sum(1 for size in plan.segment_sizes if self._stageable(size)),
+                now_ms=now,
+            )
+            self._record_admission(kind, outcome, time.perf_counter() - start)
+            self._apply(outcome.actions)
+            if outcome.error is not None:
+                raise outcome.error
+            if outcome.done is not None:
+                return daemon_pb2.BeginWriteResponse(
+                    artifact_id=outcome.done.artifact_id, committed=_result(outcome.done)
+                )
+            assert outcome.pending is not None
+            claimed = list(outcome.pending.claimed)
+        staged = list(claimed)
+        segments: list[SegmentRef] = []
+        trims: list[SegmentRef] = []
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
             for size in plan.segment_sizes:
                 seg = staged.pop(0) if staged and self._stageable(size) else self._take(size)
-                artifact.segments.append(_fit(seg, size, pending.trims))
+                segments.append(_fit(seg, size, trims))
             with self._lock:
-                if write_id not in self._pending:  # the session ended meanwhile
+                if not self._leases.place_segments(write_id, segments, trims):
                     raise UnavailableError(
                         f"the write of {request.key!r} was aborted while it started (its client "
                         "session ended, or a retry replaced it); retry the put"
                     )
         except BaseException:
             with self._lock:
-                if write_id in self._pending:
-                    self._abort(write_id)
-                else:  # aborted meanwhile, claimed segments included: free what came after
-                    claimed = {name for name, _ in pending.claimed}
-                    self._unlink([s for s in artifact.segments if s[0] not in claimed])
+                # The claimed segments are the table's to give back or free; the fresh ones
+                # it never saw are ours.
+                self._apply(self._leases.abort_write(write_id))
+                names = {name for name, _ in claimed}
+                self._unlink([s for s in segments if s[0] not in names])
             raise
         return daemon_pb2.BeginWriteResponse(
             write_id=write_id,
             artifact_id=artifact.artifact_id,
-            segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in artifact.segments],
+            segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in segments],
             tensors=[_layout_pb(t) for t in artifact.tensors],
             shm_dir=self.shm_dir,
             stageable=sum(1 for size in plan.segment_sizes if self._stageable(size)),
         )
-
-    def _retried_write(self, key: str, request_id: str) -> _Artifact | None:
-        """A BeginWrite whose ``request_id`` was seen before is a retry after a lost reply:
-        abort the attempt its client never heard of; if that attempt committed, return it."""
-        with self._lock:
-            for write_id, pending in list(self._pending.items()):
-                if pending.artifact.request_id == request_id and pending.artifact.key == key:
-                    self._abort(write_id)
-            try:
-                _, artifact_id = self._catalog.resolve(key)
-            except NotFoundError:
-                return None
-            done = self._artifacts.get(artifact_id)
-            return done if done is not None and done.request_id == request_id else None
 
     def _stageable(self, size: int) -> bool:
         """Whether a planned segment of ``size`` may use a staged (whole pooled) segment: the
         pool's own rule, so a small artifact never consumes a whole pooled segment."""
         return self._pool.min_pooled_bytes <= size <= int(self.config.shm_segment_bytes)
 
-    def _take(self, size: int) -> tuple[str, int]:
+    def _take(self, size: int) -> SegmentRef:
         seg = self._pool.take(size)
         return seg.name, seg.size
-
-    def _claim_staged(
-        self, names: Any, session_id: str, sizes: tuple[int, ...]
-    ) -> list[tuple[str, int]]:
-        """The caller's staged segments this write may use (ownership moves to the write)."""
-        fits = sum(1 for size in sizes if self._stageable(size))
-        claimed: list[tuple[str, int]] = []
-        with self._lock:
-            for name in names:
-                if len(claimed) == fits:
-                    break
-                entry = self._staged.get(name)
-                if entry is not None and entry[1] == session_id:
-                    del self._staged[name]
-                    claimed.append((name, entry[0]))
-        return claimed
 
     def rpc_LeaseSegments(
         self, request: daemon_pb2.LeaseSegmentsRequest, session_id: str
     ) -> daemon_pb2.LeaseSegmentsResponse:
         sid = self._lease_owner(request.session_id, session_id)
         segment_bytes = int(self.config.shm_segment_bytes)
-        keep = set(request.held)
         with self._lock:
-            lost = [n for n, (_, owner) in self._staged.items() if owner == sid and n not in keep]
-            for name in lost:
-                self._unlink([(name, self._staged.pop(name)[0])])
-            held = sum(1 for _, owner in self._staged.values() if owner == sid)
-        if lost:
-            logger.info("freed %d staged segments session %s no longer holds", len(lost), sid)
+            lost, held = self._leases.release_unheld(sid, request.held)
+            self._apply(lost)
+        if lost.unlink:
+            logger.info(
+                "freed %d staged segments session %s no longer holds", len(lost.unlink), sid
+            )
         allowed = int(self.config.client_staging_bytes) // segment_bytes - held
         count = max(0, min(int(request.count), allowed))
         segments: list[Segment] = []
@@ -376,12 +272,12 @@ class LocalStore:
                 seg.unlink()
             raise
         with self._lock:
-            if sid not in self._session_pids:  # the session ended meanwhile
+            try:
+                self._leases.add_staged(sid, [(seg.name, seg.size) for seg in segments])
+            except UnavailableError:  # the session ended meanwhile
                 for seg in segments:
                     seg.unlink()
-                raise UnavailableError(f"session {sid} ended while leasing segments")
-            for seg in segments:
-                self._staged[seg.name] = (seg.size, sid)
+                raise
         return daemon_pb2.LeaseSegmentsResponse(
             segments=[common_pb2.SegmentRef(name=seg.name, size=seg.size) for seg in segments],
             shm_dir=self.shm_dir,
@@ -391,43 +287,20 @@ class LocalStore:
         self, request: daemon_pb2.CommitWriteRequest, session_id: str
     ) -> daemon_pb2.WriteResult:
         with self._lock:
-            pending = self._pending.pop(request.write_id, None)
-            if pending is None:
-                raise FailedPreconditionError(
-                    f"write {request.write_id!r} is unknown: it was aborted, already committed, "
-                    "or the daemon restarted; start the put again"
-                )
-            artifact = pending.artifact
-            self._index.release(artifact.artifact_id)
-            self._trim.extend(pending.trims)
-            artifact.epoch_slot, artifact.generation = self._epochs.alloc()
-            self._catalog.commit(artifact.key)
-            self._artifacts[artifact.artifact_id] = artifact
-            self._log("artifact", artifact)
+            self._leases.pending_write(request.write_id)  # unknown: refused before a slot
+            slot, generation = self._epochs.alloc()
+            artifact = self._leases.commit_write(request.write_id, slot, generation)
+            if self._journal is not None:
+                self._journal.add_artifact(artifact.to_record())
             self._update_gauges()
         return _result(artifact)
 
     def rpc_AbortWrite(
         self, request: daemon_pb2.AbortWriteRequest, session_id: str
     ) -> daemon_pb2.AbortWriteResponse:
-        self._abort(request.write_id)
-        return daemon_pb2.AbortWriteResponse()
-
-    def _abort(self, write_id: str) -> None:
         with self._lock:
-            pending = self._pending.pop(write_id, None)
-            if pending is None:
-                return
-            self._catalog.abort(pending.artifact.key)
-            self._index.release(pending.artifact.artifact_id)
-            self._index.remove(pending.artifact.artifact_id)
-            claimed = {name for name, _ in pending.claimed}
-            if pending.session_id in self._session_pids:
-                for name, size in pending.claimed:  # back to the session, whole (no trim yet)
-                    self._staged[name] = (size, pending.session_id)
-            else:
-                self._unlink(pending.claimed)
-            self._unlink([s for s in pending.artifact.segments if s[0] not in claimed])
+            self._apply(self._leases.abort_write(request.write_id))
+        return daemon_pb2.AbortWriteResponse()
 
     def rpc_AllocateBuffer(
         self, request: daemon_pb2.AllocateBufferRequest, session_id: str
@@ -437,26 +310,22 @@ class LocalStore:
         sid = self._lease_owner(request.session_id, session_id)
         buffer_id = "buf-" + uuid.uuid4().hex
         with self._lock:
-            decision = self._index.admit(
-                AdmitRequest(buffer_id, int(request.nbytes), "must", "pinned", None, "reject"),
-                self._now_ms(),
-            )
-            decision.raise_if_rejected(f"a tc.empty buffer of {request.nbytes} bytes")
+            self._leases.admit_buffer(buffer_id, int(request.nbytes), self._now_ms())
         try:
-            trims: list[tuple[str, int]] = []
+            trims: list[SegmentRef] = []
             seg = _fit(self._take(int(request.nbytes)), int(request.nbytes), trims)
         except BaseException:
             with self._lock:
-                self._index.remove(buffer_id)
+                self._leases.cancel_buffer(buffer_id)
             raise
         with self._lock:
-            if sid not in self._session_pids:  # the session ended meanwhile
-                self._index.remove(buffer_id)
+            try:
+                buf = self._leases.add_buffer(buffer_id, seg, sid, trims)
+            except UnavailableError:  # the session ended meanwhile
                 self._unlink([seg])
-                raise UnavailableError(f"session {sid} ended while allocating a buffer")
-            self._trim.extend(trims)
-            self._buffers[buffer_id] = _Buffer(buffer_id, seg, sid, self._session_pids.get(sid, 0))
-            self._log("buffer", self._buffers[buffer_id])
+                raise
+            if self._journal is not None:
+                self._journal.add_buffer(buf.to_record())
             self._update_gauges()
         return daemon_pb2.AllocateBufferResponse(
             buffer_id=buffer_id,
@@ -470,63 +339,43 @@ class LocalStore:
         parse_key(request.key, for_write=True)
         policy = self._policy(request.policy_json)
         sid = self._lease_owner(request.session_id, session_id)
+        tensors = [
+            BufferTensor(
+                t.name,
+                t.dtype,
+                tuple(int(d) for d in t.shape),
+                t.buffer_id,
+                int(t.offset),
+                int(t.nbytes),
+            )
+            for t in request.tensors
+        ]
         with self._lock:
-            if request.request_id:
-                done = self._retried_write(request.key, request.request_id)
-                if done is not None:
-                    return _result(done)
-            segments: list[tuple[str, int]] = []
-            tensors: list[dict[str, Any]] = []
-            used: list[str] = []
-            for t in request.tensors:
-                buf = self._buffers.get(t.buffer_id)
-                if buf is None:
-                    raise NotFoundError(
-                        f"tensor {t.name!r}: buffer {t.buffer_id} is unknown (released, or owned "
-                        "by a process that exited); allocate with tc.empty() in this process"
-                    )
-                expected = itemsize(t.dtype) * _numel(t.shape)
-                if t.offset < 0 or t.nbytes != expected or t.offset + t.nbytes > buf.segment[1]:
-                    raise InvalidArgumentError(
-                        f"tensor {t.name!r} lies outside its tc.empty buffer "
-                        f"(offset {t.offset}, {t.nbytes} bytes, buffer {buf.segment[1]} bytes)"
-                    )
-                if buf.segment not in segments:
-                    segments.append(buf.segment)
-                    used.append(buf.buffer_id)
-                tensors.append(
-                    TensorMeta(
-                        t.name,
-                        t.dtype,
-                        tuple(int(d) for d in t.shape),
-                        segments.index(buf.segment),
-                        int(t.offset),
-                        int(t.nbytes),
-                    ).to_dict()
-                )
-            artifact = _Artifact(
+            now = self._now_ms()
+            artifact = Artifact(
                 artifact_id=uuid.uuid4().hex,
                 key=request.key,
                 kind="register",
-                nbytes=sum(t["nbytes"] for t in tensors),
-                segments=segments,
-                tensors=tensors,
-                created_ms=self._now_ms(),
+                nbytes=0,
+                segments=[],
+                tensors=[],
+                created_ms=now,
                 owner_session=sid,
-                owner_pid=self._session_pids.get(sid, 0),
+                owner_pid=self._leases.sessions.get(sid, 0),
                 request_id=request.request_id,
                 owner_host=self.hostname,
-                expires_at_ms=self._now_ms() + request.ttl_ms if request.ttl_ms > 0 else 0,
-                buffers=used,
-                degraded_reasons=self._tier_outcomes(policy),
+                expires_at_ms=now + request.ttl_ms if request.ttl_ms > 0 else 0,
             )
-            self._catalog.reserve(request.key, artifact.artifact_id)
-            for buffer_id in used:
-                self._buffers[buffer_id].refs += 1
-            artifact.epoch_slot, artifact.generation = self._epochs.alloc()
-            self._catalog.commit(request.key)
-            self._artifacts[artifact.artifact_id] = artifact
-            self._log("artifact", artifact)
+            outcome = self._leases.register_buffers(artifact, tensors, policy)
+            self._apply(outcome.actions)
+            if outcome.error is not None:
+                raise outcome.error
+            if outcome.done is not None:
+                return _result(outcome.done)
+            slot, generation = self._epochs.alloc()
+            self._leases.commit_registered(artifact, slot, generation)
+            if self._journal is not None:
+                self._journal.add_artifact(artifact.to_record())
             self._update_gauges()
         return _result(artifact)
 
@@ -535,16 +384,7 @@ class LocalStore:
         self, request: daemon_pb2.LookupRequest, session_id: str
     ) -> daemon_pb2.ArtifactInfo:
         with self._lock:
-            if request.artifact_id:
-                artifact = self._artifacts.get(request.artifact_id)
-                if artifact is None:
-                    raise NotFoundError(
-                        f"artifact {request.artifact_id} does not exist on this node"
-                    )
-            else:
-                _, artifact_id = self._catalog.resolve(request.key)
-                artifact = self._artifacts[artifact_id]
-            self._index.touch(artifact.artifact_id, self._now_ms())
+            artifact = self._leases.lookup(request.key, request.artifact_id, self._now_ms())
             return daemon_pb2.ArtifactInfo(
                 key=artifact.key,
                 artifact_id=artifact.artifact_id,
@@ -562,86 +402,35 @@ class LocalStore:
         self, request: daemon_pb2.ExistsRequest, session_id: str
     ) -> daemon_pb2.ExistsResponse:
         with self._lock:
-            return daemon_pb2.ExistsResponse(exists=self._catalog.exists(request.key))
+            return daemon_pb2.ExistsResponse(exists=self._leases.catalog.exists(request.key))
 
     def rpc_Delete(
         self, request: daemon_pb2.DeleteRequest, session_id: str
     ) -> daemon_pb2.DeleteResponse:
         with self._lock:
-            artifact_id = self._catalog.remove_key(request.key)
-            self._free_artifact(artifact_id, reason="deleted")
+            self._apply(self._leases.delete(request.key))
             return daemon_pb2.DeleteResponse(deleted=True, versions=1)
 
     def rpc_ListKeys(
         self, request: daemon_pb2.ListKeysRequest, session_id: str
     ) -> daemon_pb2.ListKeysResponse:
         with self._lock:
-            return daemon_pb2.ListKeysResponse(keys=self._catalog.list_keys(request.prefix))
+            return daemon_pb2.ListKeysResponse(keys=self._leases.catalog.list_keys(request.prefix))
 
     # ---- lifecycle ----------------------------------------------------------------------
-    def _free_artifact(self, artifact_id: str, *, reason: str) -> None:
-        artifact = self._artifacts.pop(artifact_id, None)
-        if artifact is None:
-            return
-        self._catalog.remove_artifact(artifact_id)
-        self._epochs.free(artifact.epoch_slot)
-        self._index.remove(artifact_id)
-        if artifact.buffers:
-            for buffer_id in artifact.buffers:
-                buf = self._buffers.get(buffer_id)
-                if buf is not None:
-                    buf.refs -= 1
-        else:
-            self._unlink(artifact.segments)
-        logger.info("freed %s (%s): %s", artifact.key, artifact_id, reason)
-        self._log("drop", artifact_id)
-        self._update_gauges()
-
-    def _free_buffer(self, buffer_id: str) -> None:
-        buf = self._buffers.pop(buffer_id, None)
-        if buf is not None:
-            self._index.remove(buffer_id)
-            self._unlink([buf.segment])
-            self._log("unbuffer", buffer_id)
-
-    def _unlink(self, segments: list[tuple[str, int]]) -> None:
+    def _unlink(self, segments: list[SegmentRef]) -> None:
         for name, size in segments:
             Segment(self.shm_dir, name, size).unlink()
 
     def bind_session_pid(self, session_id: str, pid: int, hostname: str) -> None:
         """A session told us its process: adopt leases a previous daemon instance recorded."""
         with self._lock:
-            self._session_pids[session_id] = pid
-            if hostname != self.hostname:
-                return
-            for artifact in self._artifacts.values():
-                if (
-                    artifact.kind == "register"
-                    and not artifact.owner_session
-                    and artifact.owner_pid == pid
-                ):
-                    artifact.owner_session = session_id
-            for buf in self._buffers.values():
-                if buf.session_id == session_id and not buf.pid:
-                    buf.pid = pid
-                elif not buf.session_id and buf.pid == pid:  # re-adopted after a restart
-                    buf.session_id = session_id
+            self._leases.open_session(session_id, pid, hostname)
 
     def end_session(self, session_id: str) -> None:
         """The producer went away: end its leases, abort its unfinished writes."""
         with self._lock:
-            self._session_pids.pop(session_id, None)
-            for write_id in [w for w, p in self._pending.items() if p.session_id == session_id]:
-                self._abort(write_id)
-            for artifact in list(self._artifacts.values()):
-                if artifact.kind == "register" and artifact.owner_session == session_id:
-                    self._free_artifact(artifact.artifact_id, reason="producer session ended")
-            for buffer_id in [
-                b for b, buf in self._buffers.items() if buf.session_id == session_id
-            ]:
-                self._free_buffer(buffer_id)
-            for name in [n for n, (_, owner) in self._staged.items() if owner == session_id]:
-                self._unlink([(name, self._staged.pop(name)[0])])
+            self._apply(self._leases.end_session(session_id))
             self._update_gauges()
 
     def tick(self) -> None:
@@ -655,7 +444,7 @@ class LocalStore:
             except OSError:
                 pass  # not written yet (the actor writes it after the server starts)
         with self._lock:
-            trim, self._trim = self._trim, []
+            trim = self._leases.take_trims()
         for name, used in trim:
             try:
                 os.truncate(os.path.join(self.shm_dir, name), used)
@@ -664,35 +453,16 @@ class LocalStore:
         self._compact_journal()
         now = self._now_ms()
         with self._lock:
-            for artifact in list(self._artifacts.values()):
-                if artifact.expires_at_ms and artifact.expires_at_ms <= now:
-                    self._free_artifact(artifact.artifact_id, reason="ttl expired")
-                elif (
-                    artifact.kind == "register"
-                    and not artifact.owner_session
-                    and artifact.owner_host == self.hostname
-                    and not pid_alive(artifact.owner_pid)
-                ):
-                    self._free_artifact(artifact.artifact_id, reason="producer process exited")
-            for artifact_id in self._index.expire(now):
-                self._free_artifact(artifact_id, reason="retention ttl expired")
-            for buffer_id in [
-                b
-                for b, buf in self._buffers.items()
-                if not buf.session_id and not pid_alive(buf.pid)
-            ]:
-                self._free_buffer(buffer_id)  # re-adopted, and its process is gone
+            dead = {pid for pid in self._leases.watched_pids() if not pid_alive(pid)}
+            self._apply(self._leases.expire(now, dead))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            index = self._index.stats()
-            leases = sum(1 for a in self._artifacts.values() if a.kind == "register") + len(
-                self._buffers
-            )
+            index = self._leases.index.stats()
             return {
-                "artifacts": len(self._artifacts),
-                "bytes": sum(a.nbytes for a in self._artifacts.values()),
-                "leases": leases,
+                "artifacts": len(self._leases.artifacts),
+                "bytes": sum(a.nbytes for a in self._leases.artifacts.values()),
+                "leases": self._leases.lease_count(),
                 "shm_pool_bytes": self._pool.reserve_bytes_ready(),
                 "tiers": [
                     {
@@ -719,17 +489,8 @@ class LocalStore:
         self._pool.close()
         with self._lock:
             if unlink:
-                for artifact in list(self._artifacts.values()):
-                    self._unlink(artifact.segments)
-                for pending in self._pending.values():
-                    self._unlink(pending.artifact.segments)
-                for buf in self._buffers.values():
-                    self._unlink([buf.segment])
-                self._unlink([(n, size) for n, (size, _) in self._staged.items()])
-                self._staged.clear()
-                self._artifacts.clear()
-                self._buffers.clear()
-                self._pending.clear()
+                self._unlink(self._leases.live_segments())
+                self._leases.clear()
                 remove_segments(self.shm_dir, self.prefix, keep=set())
                 if self._journal is not None:
                     self._journal.remove()
@@ -738,102 +499,18 @@ class LocalStore:
             self._epochs.close(unlink=unlink)
 
     # ---- journal --------------------------------------------------------------------------
-    def _log(self, op: str, value: Any) -> None:
-        if self._journal is None:
-            return
-        if op == "artifact":
-            self._journal.add_artifact(_record(value))
-        elif op == "drop":
-            self._journal.drop_artifact(value)
-        elif op == "buffer":
-            self._journal.add_buffer(_record(value))
-        else:
-            self._journal.drop_buffer(value)
-
     def _compact_journal(self) -> None:
         with self._lock:
-            live = len(self._artifacts) + len(self._buffers)
+            leases = self._leases
+            live = len(leases.artifacts) + len(leases.buffers)
             if self._journal is not None and self._journal.needs_compaction(live):
                 self._journal.compact(
-                    [_record(a) for a in self._artifacts.values()],
-                    [_record(b) for b in self._buffers.values()],
+                    [a.to_record() for a in leases.artifacts.values()],
+                    [b.to_record() for b in leases.buffers.values()],
                 )
 
-    def _recover(self) -> int:
-        """Re-adopt what a previous instance of this daemon left (a restart, not a stop)."""
-        state = self._journal.replay() if self._journal is not None else None
-        now = self._now_ms()
-        for raw in (state.buffers if state else {}).values():
-            buf = _Buffer(**{**raw, "segment": tuple(raw["segment"]), "refs": 0})
-            if os.path.exists(os.path.join(self.shm_dir, buf.segment[0])):
-                buf.session_id = ""  # sessions do not survive a restart; pid re-binds them
-                self._buffers[buf.buffer_id] = buf
-                self._index.admit(
-                    AdmitRequest(buf.buffer_id, buf.segment[1], "must", "pinned", None, "reject"),
-                    now,
-                )
-        for raw in (state.artifacts if state else {}).values():
-            artifact = _Artifact(**{**raw, "segments": [tuple(s) for s in raw["segments"]]})
-            present = all(
-                os.path.exists(os.path.join(self.shm_dir, n)) for n, _ in artifact.segments
-            )
-            if not present or not self._epochs.restore(artifact.epoch_slot, artifact.generation):
-                logger.warning("cannot re-adopt %s: its segments are gone", artifact.key)
-                continue
-            # Re-admit on the terms it was admitted with (reject: recovery never evicts). A
-            # register of tc.empty buffers holds no bytes of its own (its buffers, re-admitted
-            # above, do), so it is not admitted at all, as at runtime.
-            decision = (
-                self._index.admit(
-                    AdmitRequest(
-                        artifact.artifact_id,
-                        artifact.nbytes,
-                        artifact.requirement,
-                        artifact.retention,
-                        artifact.retention_ttl_ms,
-                        "reject",
-                    ),
-                    now,
-                )
-                if not artifact.buffers
-                else None
-            )
-            if decision is not None and not decision.admitted:
-                logger.warning("cannot re-adopt %s: %s", artifact.key, decision.reason)
-                self._epochs.free(artifact.epoch_slot)
-                continue
-            artifact.owner_session = ""
-            self._catalog.reserve(artifact.key, artifact.artifact_id)
-            self._catalog.commit(artifact.key)
-            self._artifacts[artifact.artifact_id] = artifact
-            for buffer_id in artifact.buffers:
-                if buffer_id in self._buffers:
-                    self._buffers[buffer_id].refs += 1
-        # Zero validity slots nobody re-adopted, drop segments nobody references, and start
-        # the journal afresh from what was re-adopted.
-        self._epochs.release_unclaimed()
-        self._sweep_orphans()
-        if self._journal is not None:
-            self._journal.compact(
-                [_record(a) for a in self._artifacts.values()],
-                [_record(b) for b in self._buffers.values()],
-            )
-        if self._artifacts:
-            logger.info("re-adopted %d artifacts from %s", len(self._artifacts), self._journal_path)
-        return len(self._artifacts)
 
-    def _sweep_orphans(self) -> None:
-        journal = os.path.basename(self._journal_path)
-        owner = self.prefix + OWNER_SUFFIX
-        keep = {self.epoch_segment, journal, journal + ".tmp", owner, owner + ".tmp"}
-        keep.update(n for a in self._artifacts.values() for n, _ in a.segments)
-        keep.update(b.segment[0] for b in self._buffers.values())
-        removed = remove_segments(self.shm_dir, self.prefix, keep)
-        if removed:
-            logger.info("removed %d orphaned segments", removed)
-
-
-def _fit(segment: tuple[str, int], size: int, trims: list[tuple[str, int]]) -> tuple[str, int]:
+def _fit(segment: SegmentRef, size: int, trims: list[SegmentRef]) -> SegmentRef:
     """Use ``size`` bytes of ``segment``; a pooled or staged segment larger than that goes on
     ``trims``, shrunk by a later tick (off the hot path) so memory and accounting match."""
     name, actual = segment
@@ -841,18 +518,6 @@ def _fit(segment: tuple[str, int], size: int, trims: list[tuple[str, int]]) -> t
     if actual > used:
         trims.append((name, used))
     return name, used
-
-
-def _record(obj: Any) -> dict[str, Any]:
-    """A journal record of a dataclass: shallow (its lists hold plain JSON values)."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
-
-
-def _numel(shape: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _layout_pb(t: dict[str, Any]) -> common_pb2.TensorLayout:
@@ -866,7 +531,7 @@ def _layout_pb(t: dict[str, Any]) -> common_pb2.TensorLayout:
     )
 
 
-def _result(artifact: _Artifact) -> daemon_pb2.WriteResult:
+def _result(artifact: Artifact) -> daemon_pb2.WriteResult:
     return daemon_pb2.WriteResult(
         key=artifact.key,
         artifact_id=artifact.artifact_id,

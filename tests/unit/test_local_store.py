@@ -97,7 +97,7 @@ def test_small_writes_do_not_consume_staged_segments(store: LocalStore) -> None:
     (name,) = lease(store, 1)
     started = begin(store, "small:v1", 4096, [name])
     assert name not in {s.name for s in started.segments}
-    assert store._staged[name][1] == "s1", "the staged segment stays with its session"
+    assert store._leases.staged[name][1] == "s1", "the staged segment stays with its session"
 
 
 def test_staging_is_limited_per_session(store: LocalStore) -> None:
@@ -114,7 +114,7 @@ def test_lease_frees_staged_segments_the_client_no_longer_holds(
     kept, lost = lease(store, 2)
     again = lease(store, 1, held=[kept])
     assert len(again) == 1
-    assert set(store._staged) == {kept, *again}
+    assert set(store._leases.staged) == {kept, *again}
     assert not (tmp_path / lost).exists()
 
 
@@ -132,7 +132,7 @@ def test_lease_failing_midway_leaves_no_segment(
     monkeypatch.setattr(store._pool, "take", take_then_fail)
     with pytest.raises(ResourceExhaustedError):
         lease(store, 2)
-    assert store._staged == {} and segment_files(tmp_path) == set()
+    assert store._leases.staged == {} and segment_files(tmp_path) == set()
 
 
 def test_lease_for_a_session_that_ends_meanwhile_leaves_no_segment(
@@ -147,7 +147,7 @@ def test_lease_for_a_session_that_ends_meanwhile_leaves_no_segment(
     monkeypatch.setattr(store._pool, "take", take_while_session_ends)
     with pytest.raises(UnavailableError):
         lease(store, 1)
-    assert store._staged == {} and segment_files(tmp_path) == set()
+    assert store._leases.staged == {} and segment_files(tmp_path) == set()
 
 
 def two_segment_request(staged: str) -> daemon_pb2.BeginWriteRequest:
@@ -179,7 +179,7 @@ def test_failed_begin_hands_staged_segments_back_untrimmed(
     monkeypatch.setattr(store, "_take", tick_then_fail)
     with pytest.raises(ResourceExhaustedError):
         store.rpc_BeginWrite(two_segment_request(name), "")
-    assert store._staged[name] == (4 * MiB, "s1")
+    assert store._leases.staged[name] == (4 * MiB, "s1")
     assert os.path.getsize(tmp_path / name) == 4 * MiB
     store.tick()
     assert os.path.getsize(tmp_path / name) == 4 * MiB
@@ -199,8 +199,8 @@ def test_session_ending_during_begin_write_leaves_no_segment(
     with pytest.raises(UnavailableError):
         store.rpc_BeginWrite(two_segment_request(name), "")
     assert segment_files(tmp_path) == set()
-    assert store._staged == {} and store._pending == {}
-    assert not store._catalog.exists("two:v1")
+    assert store._leases.staged == {} and store._leases.pending == {}
+    assert not store._leases.catalog.exists("two:v1")
     assert store.stats()["tiers"][0]["used_bytes"] == 0
 
 
@@ -216,9 +216,9 @@ def test_failed_begin_returns_staged_segments_and_frees_fresh_ones(
     with pytest.raises(ResourceExhaustedError):
         # Two 4 MiB segments: the first from staging, the second from the (full) pool.
         begin(store, "big:v1", 7 * MiB, [name])
-    assert store._staged[name] == (4 * MiB, "s1")
+    assert store._leases.staged[name] == (4 * MiB, "s1")
     assert os.path.exists(tmp_path / name)
-    assert not store._catalog.exists("big:v1")
+    assert not store._leases.catalog.exists("big:v1")
     assert store.stats()["tiers"][0]["used_bytes"] == 0
 
 
@@ -254,7 +254,7 @@ def test_crash_recovery_readopts_artifacts_and_drops_orphans(tmp_path: Path) -> 
         seg = info.segments[0]
         assert (tmp_path / seg.name).read_bytes()[:4] == bytes([9]) * 4
         assert not os.path.exists(tmp_path / orphan.segments[0].name), "orphans are swept"
-        assert not second._catalog.exists("half:v1")
+        assert not second._leases.catalog.exists("half:v1")
     finally:
         second.close(unlink=True)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)]
@@ -283,9 +283,9 @@ def test_journal_replays_deletes_and_survives_a_torn_line(tmp_path: Path) -> Non
     second = make_store(tmp_path)
     try:
         assert second.recovered == 2
-        assert second._catalog.list_keys("k") == ["k:v0", "k:v2"]
+        assert second._leases.catalog.list_keys("k") == ["k:v0", "k:v2"]
         # Puts come back evictable on their original terms, not pinned.
-        entry = second._index.get(second._catalog.resolve("k:v0")[1])
+        entry = second._leases.index.get(second._leases.catalog.resolve("k:v0")[1])
         assert entry is not None and not entry.protected
     finally:
         second.close(unlink=True)
@@ -306,14 +306,14 @@ def test_readopted_buffer_rebinds_to_its_process_and_ends_with_it(tmp_path: Path
     first.close(unlink=False)  # a crash: the tc.empty buffer's process lives on
     second = make_store(tmp_path)
     try:
-        (buf,) = second._buffers.values()
+        (buf,) = second._leases.buffers.values()
         assert buf.session_id == "" and buf.pid == os.getpid()
         second.tick()
         assert (tmp_path / name).exists(), "its process is alive: the buffer stays"
         second.bind_session_pid("s2", os.getpid(), second.hostname)  # the process reconnects
         assert buf.session_id == "s2"
         second.end_session("s2")
-        assert not (tmp_path / name).exists() and second._buffers == {}
+        assert not (tmp_path / name).exists() and second._leases.buffers == {}
         assert second.stats()["tiers"][0]["used_bytes"] == 0
     finally:
         second.close(unlink=True)
@@ -328,9 +328,9 @@ def test_readopted_buffer_of_a_dead_process_is_freed(tmp_path: Path) -> None:
     first.close(unlink=False)
     second = make_store(tmp_path)
     try:
-        assert len(second._buffers) == 1
+        assert len(second._leases.buffers) == 1
         second.tick()
-        assert second._buffers == {} and not (tmp_path / name).exists()
+        assert second._leases.buffers == {} and not (tmp_path / name).exists()
         assert second.stats()["tiers"][0]["used_bytes"] == 0
     finally:
         second.close(unlink=True)
@@ -352,10 +352,10 @@ def test_retry_after_a_lost_begin_reply_replaces_the_unheard_write(
     lost = store.rpc_BeginWrite(begin_request("r:v1", MiB, "req-1"), "")  # reply never arrives
     retry = store.rpc_BeginWrite(begin_request("r:v1", MiB, "req-1"), "")
     assert retry.write_id != lost.write_id and not retry.HasField("committed")
-    assert set(store._pending) == {retry.write_id}, "the unheard attempt is aborted"
+    assert set(store._leases.pending) == {retry.write_id}, "the unheard attempt is aborted"
     assert not (tmp_path / lost.segments[0].name).exists()
     write(store, retry, 5)
-    assert store._catalog.exists("r:v1")
+    assert store._leases.catalog.exists("r:v1")
     assert store.stats()["tiers"][0]["used_bytes"] == MiB
 
 
@@ -365,7 +365,7 @@ def test_retry_after_a_lost_commit_reply_gets_the_committed_write(store: LocalSt
     retry = store.rpc_BeginWrite(begin_request("c:v1", MiB, "req-2"), "")
     assert retry.HasField("committed") and not retry.write_id and not retry.segments
     assert retry.committed.key == "c:v1" and retry.committed.artifact_id == started.artifact_id
-    assert store._pending == {}
+    assert store._leases.pending == {}
     # Another put of the same version is still refused: versions are immutable.
     with pytest.raises(AlreadyExistsError):
         store.rpc_BeginWrite(begin_request("c:v1", MiB, "req-3"), "")
@@ -446,7 +446,7 @@ def test_a_retry_gives_the_unheard_writes_staged_segment_back(
     assert [s.name for s in retry.segments] == [name], "the retry uses it again"
     assert os.path.getsize(tmp_path / name) == 4 * MiB
     write(store, retry, 1)
-    assert store._pending == {} and store._staged == {}
+    assert store._leases.pending == {} and store._leases.staged == {}
 
 
 def _policy_json(policy: object) -> str:
@@ -491,11 +491,11 @@ def test_an_unfinished_write_is_never_evicted_or_expired(tmp_path: Path) -> None
         store.tick()
         write(store, a, 1)
         write(store, t, 2)
-        assert store._catalog.exists("a:v1") and store._catalog.exists("t:v1")
+        assert store._leases.catalog.exists("a:v1") and store._leases.catalog.exists("t:v1")
         assert store.stats()["tiers"][0]["used_bytes"] == 8 * MiB, "both still counted"
         now[0] += 5.0  # committed now: the TTL applies again
         store.tick()
-        assert not store._catalog.exists("t:v1") and store._catalog.exists("a:v1")
+        assert not store._leases.catalog.exists("t:v1") and store._leases.catalog.exists("a:v1")
         assert store.stats()["tiers"][0]["used_bytes"] == 6 * MiB
     finally:
         store.close(unlink=True)
@@ -529,7 +529,7 @@ def test_a_restart_does_not_count_a_buffer_lease_twice(tmp_path: Path) -> None:
     second = make_store(tmp_path, stable_dram_capacity_bytes=3 * MiB)
     try:
         assert second.recovered == 1, "the committed lease is re-adopted"
-        assert second._catalog.exists("buf:v1")
+        assert second._leases.catalog.exists("buf:v1")
         assert second.stats()["tiers"][0]["used_bytes"] == 2 * MiB
     finally:
         second.close(unlink=True)

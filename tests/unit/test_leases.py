@@ -1,0 +1,329 @@
+"""The daemon's lease table as a pure state machine: events in, actions out; no Ray, no I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tensorcast_ray.daemon.leases import (
+    Artifact,
+    BeginOutcome,
+    Buffer,
+    BufferTensor,
+    Freed,
+    LeaseTable,
+    tier_outcomes,
+)
+
+from tensorcast_ray._errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from tensorcast_ray._policy import ResolvedPolicy, StorePolicy, TierSpec, resolve_policy
+
+MiB = 1 << 20
+HOST = "node-a"
+PINNED = resolve_policy(StorePolicy(profile="pinned"))
+CACHE = resolve_policy(StorePolicy(profile="cache"))
+
+
+@pytest.fixture
+def table() -> LeaseTable:
+    t = LeaseTable(16 * MiB, HOST)
+    t.open_session("s1", 100, HOST)
+    return t
+
+
+def artifact(key: str, nbytes: int = MiB, **kw: Any) -> Artifact:
+    fields: dict[str, Any] = {
+        "artifact_id": "id-" + key,
+        "key": key,
+        "kind": "put",
+        "nbytes": nbytes,
+        "segments": [],
+        "tensors": [],
+        "created_ms": 0,
+    }
+    fields.update(kw)
+    return Artifact(**fields)
+
+
+def begin(
+    table: LeaseTable,
+    key: str,
+    nbytes: int = MiB,
+    *,
+    policy: ResolvedPolicy = PINNED,
+    staged: tuple[str, ...] = (),
+    stageable: int = 0,
+    now_ms: int = 0,
+    **kw: Any,
+) -> BeginOutcome:
+    return table.begin_write(
+        artifact(key, nbytes, **kw),
+        policy,
+        write_id="w-" + key,
+        session_id="s1",
+        staged=staged,
+        stageable=stageable,
+        now_ms=now_ms,
+    )
+
+
+def put(table: LeaseTable, key: str, nbytes: int = MiB, *, slot: int = 0, **kw: Any) -> Artifact:
+    out = begin(table, key, nbytes, **kw)
+    assert out.error is None and out.pending is not None
+    assert table.place_segments(out.pending.write_id, [(f"seg-{key}", nbytes)], [])
+    return table.commit_write(out.pending.write_id, slot, 1)
+
+
+def test_a_put_is_reserved_then_published_on_commit(table: LeaseTable) -> None:
+    out = begin(table, "a:v1")
+    assert out.error is None and not out.actions and out.decision is not None
+    assert out.decision.admitted and out.requirement == "must"
+    assert not table.catalog.exists("a:v1"), "a reader never resolves a write in progress"
+    with pytest.raises(AlreadyExistsError):
+        table.catalog.reserve("a:v1", "other")
+    assert table.place_segments("w-a:v1", [("seg", MiB)], [("seg", MiB)])
+    committed = table.commit_write("w-a:v1", 3, 7)
+    assert (committed.epoch_slot, committed.generation) == (3, 7)
+    assert table.catalog.exists("a:v1") and table.pending == {}
+    assert table.take_trims() == [("seg", MiB)] and table.take_trims() == []
+    assert table.lookup("a:latest", "", 1).segments == [("seg", MiB)]
+
+
+def test_commit_of_an_unknown_write_is_failed_precondition(table: LeaseTable) -> None:
+    with pytest.raises(FailedPreconditionError, match="start the put again"):
+        table.commit_write("nope", 0, 1)
+
+
+def test_abort_gives_claimed_staged_segments_back_and_unlinks_the_rest(table: LeaseTable) -> None:
+    table.add_staged("s1", [("st1", 4 * MiB), ("st2", 4 * MiB)])
+    out = begin(table, "a:v1", staged=("st1", "st2", "foreign"), stageable=1)
+    assert out.pending is not None and out.pending.claimed == [("st1", 4 * MiB)]
+    assert set(table.staged) == {"st2"}
+    table.place_segments("w-a:v1", [("st1", MiB), ("fresh", MiB)], [("st1", MiB)])
+    actions = table.abort_write("w-a:v1")
+    assert actions.unlink == [("fresh", MiB)], "the staged one goes back whole, not unlinked"
+    assert table.staged["st1"] == (4 * MiB, "s1")
+    assert table.take_trims() == [], "an aborted write trims nothing"
+    assert not table.catalog.exists("a:v1") and table.index.stats().used == 0
+    assert not table.abort_write("w-a:v1"), "aborting twice does nothing"
+
+
+def test_end_session_aborts_writes_and_ends_every_lease(table: LeaseTable) -> None:
+    table.add_staged("s1", [("st", 4 * MiB)])
+    reg = put(table, "r:v1", kind="register", owner_session="s1")
+    table.admit_buffer("buf-1", MiB, 0)
+    table.add_buffer("buf-1", ("bufseg", MiB), "s1", [])
+    out = begin(table, "half:v1", staged=("st",), stageable=1)
+    assert out.pending is not None
+    kept = put(table, "keep:v1")
+    actions = table.end_session("s1")
+    assert actions.freed == [Freed(reg.artifact_id, "r:v1", 0, "producer session ended")]
+    assert sorted(actions.unlink) == sorted(
+        [("st", 4 * MiB), ("seg-r:v1", MiB), ("bufseg", MiB)]
+    ), "the claimed staged segment is freed: nobody holds it any more"
+    assert actions.dropped_buffers == ["buf-1"]
+    assert table.pending == {} and table.staged == {} and table.buffers == {}
+    assert list(table.artifacts) == [kept.artifact_id], "a put outlives its writer"
+    assert table.index.stats().used == MiB
+    with pytest.raises(UnavailableError):
+        table.lease_owner("s1")
+
+
+def test_segments_for_a_write_aborted_meanwhile_are_refused(table: LeaseTable) -> None:
+    begin(table, "a:v1")
+    table.end_session("s1")
+    assert not table.place_segments("w-a:v1", [("fresh", MiB)], [])
+    with pytest.raises(UnavailableError):
+        table.add_staged("s1", [("late", MiB)])
+
+
+def test_a_retry_aborts_the_unheard_attempt(table: LeaseTable) -> None:
+    first = begin(table, "a:v1", request_id="r1")
+    assert first.pending is not None
+    table.place_segments("w-a:v1", [("lost", MiB)], [])
+    retry = table.begin_write(
+        artifact("a:v1", request_id="r1", artifact_id="id-2"),
+        PINNED,
+        write_id="w-2",
+        session_id="s1",
+        staged=(),
+        stageable=0,
+        now_ms=0,
+    )
+    assert retry.error is None and retry.pending is not None
+    assert retry.actions.unlink == [("lost", MiB)]
+    assert list(table.pending) == ["w-2"]
+
+
+def test_a_retry_of_a_committed_write_answers_it(table: LeaseTable) -> None:
+    done = put(table, "a:v1", request_id="r1")
+    again = table.begin_write(
+        artifact("a:v1", request_id="r1", artifact_id="id-2"),
+        PINNED,
+        write_id="w-2",
+        session_id="s1",
+        staged=(),
+        stageable=0,
+        now_ms=0,
+    )
+    assert again.done is done and again.pending is None and again.error is None
+    other = table.begin_write(
+        artifact("a:v1", request_id="r2", artifact_id="id-3"),
+        PINNED,
+        write_id="w-3",
+        session_id="s1",
+        staged=(),
+        stageable=0,
+        now_ms=0,
+    )
+    assert isinstance(other.error, AlreadyExistsError), "versions are immutable"
+
+
+def test_a_must_that_does_not_fit_is_an_error_and_reserves_nothing(table: LeaseTable) -> None:
+    out = begin(table, "big:v1", 32 * MiB)
+    assert isinstance(out.error, ResourceExhaustedError)
+    assert out.decision is not None and out.decision.status == "rejected"
+    assert not table.catalog.exists("big:v1") and table.pending == {}
+    table.catalog.reserve("big:v1", "x")  # the key is free again
+
+
+def test_eviction_comes_back_as_actions(table: LeaseTable) -> None:
+    old = put(table, "old:v1", 10 * MiB, policy=CACHE, slot=5)
+    out = begin(table, "new:v1", 10 * MiB, policy=CACHE)
+    assert out.error is None
+    assert out.actions.freed == [Freed(old.artifact_id, "old:v1", 5, "evicted to admit new:v1")]
+    assert out.actions.unlink == [("seg-old:v1", 10 * MiB)]
+    assert not table.catalog.exists("old:v1")
+
+
+def test_an_unfinished_write_is_never_evicted(table: LeaseTable) -> None:
+    begin(table, "a:v1", 10 * MiB, policy=CACHE)
+    out = begin(table, "b:v1", 10 * MiB, policy=CACHE)
+    assert isinstance(out.error, ResourceExhaustedError) and not out.actions
+
+
+def test_policy_errors_are_returned_with_the_retrys_actions(table: LeaseTable) -> None:
+    """An abort decided before the verb fails must still reach the shell."""
+    begin(table, "a:v1", request_id="r1")
+    table.place_segments("w-a:v1", [("lost", MiB)], [])
+    disk = TierSpec("shared_disk", "any")
+    out = table.begin_write(
+        artifact("a:v1", request_id="r1", artifact_id="id-2"),
+        resolve_policy(
+            StorePolicy(must=[TierSpec("stable_dram", retention_policy="pinned"), disk])
+        ),
+        write_id="w-2",
+        session_id="s1",
+        staged=(),
+        stageable=0,
+        now_ms=0,
+    )
+    assert isinstance(out.error, FailedPreconditionError)
+    assert out.actions.unlink == [("lost", MiB)]
+
+
+def test_a_should_tier_elsewhere_is_a_degraded_reason() -> None:
+    disk = TierSpec("shared_disk", "any")
+    policy = resolve_policy(
+        StorePolicy(must=[TierSpec("stable_dram", retention_policy="pinned")], should=[disk])
+    )
+    assert tier_outcomes(policy) == ["shared_disk (scope any) skipped: persistence not configured"]
+
+
+def test_ttl_and_dead_producers_expire(table: LeaseTable) -> None:
+    put(table, "ttl:v1", expires_at_ms=1_000)
+    orphan = put(table, "reg:v1", kind="register", owner_pid=4242, owner_host=HOST)
+    elsewhere = put(table, "far:v1", kind="register", owner_pid=4242, owner_host="node-b")
+    table.adopt_buffer(Buffer("buf-1", ("bufseg", MiB), "", 4242), 0)
+    assert table.watched_pids() == {4242}
+    assert not table.expire(500, set()), "nothing is due and every pid is alive"
+    actions = table.expire(2_000, {4242})
+    assert {f.reason for f in actions.freed} == {"ttl expired", "producer process exited"}
+    assert actions.dropped_buffers == ["buf-1"]
+    assert orphan.artifact_id not in table.artifacts
+    assert elsewhere.artifact_id in table.artifacts, "a pid on another host says nothing"
+
+
+def test_a_reconnecting_process_rebinds_its_readopted_leases(table: LeaseTable) -> None:
+    reg = put(table, "reg:v1", kind="register", owner_pid=77, owner_host=HOST)
+    table.adopt_buffer(Buffer("buf-1", ("bufseg", MiB), "", 77), 0)
+    table.open_session("s9", 77, "node-b")
+    assert reg.owner_session == "" and table.buffers["buf-1"].session_id == ""
+    table.open_session("s9", 77, HOST)
+    assert reg.owner_session == "s9" and table.buffers["buf-1"].session_id == "s9"
+    assert table.watched_pids() == set()
+    actions = table.end_session("s9")
+    assert [f.key for f in actions.freed] == ["reg:v1"] and actions.dropped_buffers == ["buf-1"]
+
+
+def test_buffers_book_bytes_and_registers_reference_them(table: LeaseTable) -> None:
+    table.admit_buffer("buf-1", 4096, 0)
+    buf = table.add_buffer("buf-1", ("bufseg", 4096), "s1", [("bufseg", 4096)])
+    assert buf.pid == 100 and table.index.stats().used == 4096
+    reg = artifact("r:v1", 0, kind="register", owner_session="s1")
+    tensors = [BufferTensor("w", "float32", (2, 8), "buf-1", 128, 64)]
+    out = table.register_buffers(reg, tensors, PINNED)
+    assert out.error is None and out.done is None
+    assert reg.nbytes == 64 and reg.buffers == ["buf-1"] and reg.segments == [("bufseg", 4096)]
+    assert reg.tensors[0]["offset"] == 128 and buf.refs == 1
+    table.commit_registered(reg, 1, 1)
+    actions = table.delete("r:v1")
+    assert actions.unlink == [], "the buffer holds the bytes and stays leased"
+    assert buf.refs == 0 and "buf-1" in table.buffers
+
+
+def test_a_register_outside_its_buffer_is_refused(table: LeaseTable) -> None:
+    table.admit_buffer("buf-1", 4096, 0)
+    table.add_buffer("buf-1", ("bufseg", 4096), "s1", [])
+    outside = [BufferTensor("w", "uint8", (64,), "buf-1", 4090, 64)]
+    out = table.register_buffers(artifact("r:v1", 0, kind="register"), outside, PINNED)
+    assert isinstance(out.error, InvalidArgumentError)
+    unknown = [BufferTensor("w", "uint8", (64,), "buf-x", 0, 64)]
+    out = table.register_buffers(artifact("r:v2", 0, kind="register"), unknown, PINNED)
+    assert isinstance(out.error, NotFoundError)
+    assert not table.catalog.exists("r:v1") and table.buffers["buf-1"].refs == 0
+
+
+def test_a_buffer_that_does_not_fit_or_outlives_its_session_is_not_booked(
+    table: LeaseTable,
+) -> None:
+    with pytest.raises(ResourceExhaustedError):
+        table.admit_buffer("buf-big", 32 * MiB, 0)
+    table.admit_buffer("buf-1", MiB, 0)
+    table.end_session("s1")
+    with pytest.raises(UnavailableError):
+        table.add_buffer("buf-1", ("bufseg", MiB), "s1", [])
+    assert table.index.stats().used == 0 and table.buffers == {}
+
+
+def test_release_unheld_frees_only_what_the_client_lost(table: LeaseTable) -> None:
+    table.add_staged("s1", [("a", MiB), ("b", MiB)])
+    actions, held = table.release_unheld("s1", ["a"])
+    assert actions.unlink == [("b", MiB)] and held == 1
+
+
+def test_adoption_readmits_on_the_original_terms_and_never_evicts() -> None:
+    table = LeaseTable(2 * MiB, HOST)
+    first = artifact("a:v1", MiB, retention="best_effort", requirement="may", segments=[("s", MiB)])
+    assert table.adopt_artifact(first, 0) is None
+    entry = table.index.get(first.artifact_id)
+    assert entry is not None and not entry.protected
+    refused = table.adopt_artifact(artifact("b:v1", 2 * MiB), 0)
+    assert refused is not None and not refused.admitted
+    assert table.catalog.list_keys("a") == ["a:v1"] and not table.catalog.exists("b:v1")
+    assert table.live_segments() == [("s", MiB)]
+
+
+def test_records_round_trip_and_sessions_do_not_survive() -> None:
+    art = artifact("a:v1", segments=[("s", MiB)], owner_session="s1")
+    assert Artifact.from_record(art.to_record()) == art
+    buf = Buffer("buf-1", ("s", MiB), "s1", 5, refs=2)
+    back = Buffer.from_record(buf.to_record())
+    assert back == Buffer("buf-1", ("s", MiB), "", 5, refs=0)
