@@ -292,3 +292,25 @@ def test_retrier_uses_overrides() -> None:
     assert len(seen) == 2
     with pytest.raises(InvalidArgumentError):
         retrier.policy_for("fetch")
+
+
+def test_a_first_attempt_that_succeeds_or_fails_for_good_never_enters_the_retry_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop's machinery costs more than a small control call: only a failure worth
+    retrying may pay for it."""
+    import tenacity
+
+    def no_loop(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tenacity.Retrying was built for a first attempt")
+
+    monkeypatch.setattr(tenacity, "Retrying", no_loop)
+    clock = FakeClock()
+    fn, _ = failing([], clock=clock)
+    assert run(fn, RetryPolicy(10.0, 3), clock) == "ok"
+    fn, _ = failing([_errors.error_for_code(C.NOT_FOUND, "gone")], clock=clock)
+    with pytest.raises(_errors.NotFoundError):
+        run(fn, RetryPolicy(10.0, 3), clock)
+    monkeypatch.undo()
+    fn, seen = failing([_errors.error_for_code(C.UNAVAILABLE, "blip")], clock=clock)
+    assert run(fn, RetryPolicy(10.0, 3), clock) == "ok" and len(seen) == 2
