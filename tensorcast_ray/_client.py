@@ -172,8 +172,11 @@ class DaemonClient:
             try:
                 return self._local.call(method, request, timeout)
             except UnavailableError as exc:
-                self._local = None
-                self._lost = exc.message  # never fall back to a session-less gRPC channel
+                # Only a closed socket ends the session; an UNAVAILABLE the daemon sent back
+                # (a peer of the daemon is down) leaves this connection as it is.
+                if self._local.closed:
+                    self._local = None
+                    self._lost = exc.message  # never fall back to a session-less gRPC channel
                 raise
         return self._grpc_call(method, request, timeout)
 

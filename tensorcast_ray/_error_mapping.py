@@ -16,6 +16,11 @@ How one of our errors crosses the daemon's gRPC boundary::
               from_grpc_error(rpc_error, target="127.0.0.1:50123")
                 -> NotFoundError("no key 'llama'") with the same code and retryable flag
 
+The daemon's local unix socket carries the same four fields (:func:`wire_fields`, decoded by
+:func:`from_wire`), so a failure reads the same over either channel; both servers turn what a
+handler raised into an ArtifactError with :func:`handler_error`.  OS errors, wherever they
+come from (a handler, shared memory, checkpoint storage), are mapped by :func:`map_os_error`.
+
 Across a Ray actor boundary our errors travel by pickling (see ``ArtifactError.__reduce__``);
 the driver receives a ``RayTaskError`` whose ``.cause`` is the original, which
 :func:`map_exception` unwraps.
@@ -29,6 +34,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import logging
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any, NoReturn
@@ -40,9 +47,11 @@ from tensorcast_ray import _errors
 from tensorcast_ray._errors import (
     AbortedError,
     ArtifactError,
+    DeadlineExceededError,
     InternalError,
     InvalidArgumentError,
     PermissionDeniedError,
+    UnavailableError,
     error_for_code,
 )
 
@@ -50,11 +59,19 @@ __all__ = [
     "ERROR_CLASS_METADATA_KEY",
     "RETRYABLE_METADATA_KEY",
     "abort_with",
+    "daemon_deadline_error",
+    "daemon_unreachable_error",
     "from_grpc_error",
+    "from_wire",
     "grpc_abort_args",
+    "handler_error",
     "map_exception",
+    "map_os_error",
     "reraise_mapped",
+    "wire_fields",
 ]
+
+logger = logging.getLogger(__name__)
 
 ERROR_CLASS_METADATA_KEY = "tc-error-class"
 RETRYABLE_METADATA_KEY = "tc-retryable"
@@ -97,6 +114,72 @@ def _prefix(context: str, message: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The wire codec: the same four fields over gRPC and the local socket
+# ---------------------------------------------------------------------------------------------
+
+
+def wire_fields(err: ArtifactError) -> tuple[grpc.StatusCode, str, str, bool]:
+    """``(code, message, class name, retryable)``: what either channel carries.  [daemon, GS]
+
+    An ``OK`` code (never an error) is sent as ``INTERNAL``; a subclass defined elsewhere
+    is sent as the nearest class of our tree, the only names a client revives.
+    """
+    code = err.status_code
+    if code is grpc.StatusCode.OK:
+        code = grpc.StatusCode.INTERNAL
+    cls_name = type(err).__name__
+    if _CLASSES_BY_NAME.get(cls_name) is not type(err):
+        cls_name = next(
+            c.__name__ for c in type(err).__mro__ if _CLASSES_BY_NAME.get(c.__name__) is c
+        )
+    return code, err.message, cls_name, err.retryable
+
+
+def from_wire(
+    code: grpc.StatusCode, message: str, cls_name: str, retryable: bool | None
+) -> ArtifactError:
+    """The error :func:`wire_fields` described: same class, code, message and flag.  [SDK]
+
+    A class name outside our tree (or none) falls back to the class for the code.
+    """
+    cls = _CLASSES_BY_NAME.get(cls_name)
+    if cls is not None:
+        return cls(message, code, retryable)
+    return _make(code, message, retryable)
+
+
+def handler_error(exc: BaseException, method: str) -> ArtifactError:
+    """What a daemon or Global Store handler raised, as the error its caller gets.  [daemon, GS]
+
+    Both channels call this, so one failure is one error whichever way it travels; anything
+    that is not already an ArtifactError is logged with its traceback.
+    """
+    if isinstance(exc, ArtifactError):
+        return exc
+    logger.error("%s failed", method, exc_info=exc)
+    return map_exception(exc, context=method)
+
+
+def daemon_unreachable_error(target: str, details: str) -> UnavailableError:
+    """[SDK] The connection to the daemon at ``target`` failed or closed (either channel)."""
+    where = f" at {target}" if target else ""
+    return UnavailableError(
+        f"the tensorcast daemon{where} is not reachable ({details or 'no details'}); "
+        f"it may be restarting -- retry, or {_DAEMON_HINT}"
+    )
+
+
+def daemon_deadline_error(target: str, details: str) -> DeadlineExceededError:
+    """[SDK] A call to the daemon at ``target`` got no reply in time (either channel)."""
+    where = f" at {target}" if target else ""
+    return DeadlineExceededError(
+        f"the call to the tensorcast daemon{where} ran past its deadline "
+        f"({details or 'no details'}); the daemon may be overloaded -- retry with a "
+        f"longer deadline, or {_DAEMON_HINT}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # gRPC
 # ---------------------------------------------------------------------------------------------
 
@@ -106,23 +189,15 @@ def grpc_abort_args(
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     """``(code, details, trailing_metadata)`` for aborting an RPC with ``err``.  [daemon, GS]
 
-    The metadata names the error class and the retryable flag so the client rebuilds the
-    same error; an ``OK`` code (never an error) is sent as ``INTERNAL``.
+    The metadata names the error class and the retryable flag (:func:`wire_fields`) so the
+    client rebuilds the same error.
     """
-    code = err.status_code
-    if code is grpc.StatusCode.OK:
-        code = grpc.StatusCode.INTERNAL
-    cls_name = type(err).__name__
-    if _CLASSES_BY_NAME.get(cls_name) is not type(err):
-        # A subclass defined elsewhere: send the nearest class the client knows.
-        cls_name = next(
-            c.__name__ for c in type(err).__mro__ if _CLASSES_BY_NAME.get(c.__name__) is c
-        )
+    code, message, cls_name, retryable = wire_fields(err)
     metadata = (
         (ERROR_CLASS_METADATA_KEY, cls_name),
-        (RETRYABLE_METADATA_KEY, "1" if err.retryable else "0"),
+        (RETRYABLE_METADATA_KEY, "1" if retryable else "0"),
     )
-    return code, err.message, metadata
+    return code, message, metadata
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: ArtifactError) -> NoReturn:
@@ -153,16 +228,9 @@ def _metadata_pairs(err: grpc.RpcError) -> Iterable[tuple[str, Any]]:
 def _grpc_message(code: grpc.StatusCode, details: str, target: str) -> str:
     where = f" at {target}" if target else ""
     if code is grpc.StatusCode.UNAVAILABLE:
-        return (
-            f"the tensorcast daemon{where} is not reachable ({details or 'no details'}); "
-            f"it may be restarting -- retry, or {_DAEMON_HINT}"
-        )
+        return daemon_unreachable_error(target, details).message
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return (
-            f"the call to the tensorcast daemon{where} ran past its deadline "
-            f"({details or 'no details'}); the daemon may be overloaded -- retry with a "
-            f"longer deadline, or {_DAEMON_HINT}"
-        )
+        return daemon_deadline_error(target, details).message
     if code is grpc.StatusCode.UNIMPLEMENTED:
         return (
             f"the tensorcast daemon{where} does not implement this call ({details}); "
@@ -190,15 +258,15 @@ def from_grpc_error(err: grpc.RpcError, *, target: str = "") -> ArtifactError:
     details = (details_fn() if callable(details_fn) else None) or ""
 
     metadata = dict(_metadata_pairs(err))
-    cls = _CLASSES_BY_NAME.get(str(metadata.get(ERROR_CLASS_METADATA_KEY, "")))
+    cls_name = str(metadata.get(ERROR_CLASS_METADATA_KEY, ""))
     flag = metadata.get(RETRYABLE_METADATA_KEY)
     retryable = None if flag is None else str(flag) in ("1", "true", "True")
 
     mapped: ArtifactError
     if code is grpc.StatusCode.OK:
         mapped = InternalError(_grpc_message(code, details, target), grpc.StatusCode.INTERNAL)
-    elif cls is not None:
-        mapped = cls(details, code, retryable)
+    elif cls_name in _CLASSES_BY_NAME:
+        mapped = from_wire(code, details, cls_name, retryable)
     else:
         mapped = _make(code, _grpc_message(code, details, target), retryable)
     mapped.__cause__ = err
@@ -329,33 +397,112 @@ def _map_ray(exc: BaseException, context: str, rex: Any) -> ArtifactError | None
 # OS and the rest
 # ---------------------------------------------------------------------------------------------
 
-_EXHAUSTED_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EDQUOT, errno.EMFILE})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFBIG, errno.EDQUOT})
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+_PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+_CONNECTION_ERRNOS = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ENOTCONN,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
+#: OS errors that say a storage request itself is wrong (a path that is a directory, a
+#: read-only mount ...): retrying cannot help, so they stay INTERNAL even for storage.
+_PERMANENT_ERRNOS = frozenset(
+    {errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EROFS, errno.ELOOP}
+)
+_MiB = 1024 * 1024
 
 
-def _map_os(exc: OSError, context: str) -> ArtifactError:
+def _tmpfs_full(shm_dir: str, size: int) -> str:
+    try:
+        st = os.statvfs(shm_dir)
+        free = f"{st.f_bavail * st.f_frsize / _MiB:.0f} MiB"
+    except OSError:
+        free = "unknown"
+    return (
+        f"{shm_dir} is full (needed {size / _MiB:.1f} MiB, free: {free}). Delete artifacts "
+        "you no longer need, lower the daemon's pool reserve, or grow the tmpfs: "
+        f"`sudo mount -o remount,size=<N>G {shm_dir}`; in Docker `--shm-size=<N>g`; on "
+        f"Kubernetes mount an emptyDir with medium: Memory and sizeLimit at {shm_dir}"
+    )
+
+
+def map_os_error(
+    exc: OSError,
+    context: str = "",
+    *,
+    shm_dir: str | None = None,
+    size: int = 0,
+    storage: bool = False,
+) -> ArtifactError:
+    """The one OS-error mapping: ``exc`` as the most specific ArtifactError.
+
+    ``context`` says what was being done (it prefixes the message).  ``shm_dir`` marks an
+    operation on a shared-memory segment there (of ``size`` bytes): a full tmpfs then says
+    how to grow it, a missing directory is a setup error.  ``storage`` marks checkpoint
+    storage (fsspec): its remote backends report failed or throttled requests as OS errors
+    with no or odd errnos (EIO, EBUSY for S3 SlowDown, EREMOTEIO), which are retryable
+    UNAVAILABLE there.  ``__cause__`` is left to the caller (``raise ... from exc``).
+    """
     what = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, FileNotFoundError):
-        return _make(_C.NOT_FOUND, _prefix(context, f"no such file or object ({what})"))
-    if isinstance(exc, PermissionError):
-        return _make(
-            _C.PERMISSION_DENIED,
-            _prefix(context, f"access refused; check the path's permissions ({what})"),
-        )
-    if isinstance(exc, FileExistsError):
-        return _make(_C.ALREADY_EXISTS, _prefix(context, f"already exists ({what})"))
-    if isinstance(exc, TimeoutError):
-        return _make(_C.DEADLINE_EXCEEDED, _prefix(context, f"timed out ({what})"))
-    if isinstance(exc, ConnectionError):
-        return _make(
-            _C.UNAVAILABLE,
-            _prefix(context, f"connection failed; the peer may be restarting ({what})"),
-        )
-    if exc.errno in _EXHAUSTED_ERRNOS:
-        return _make(
-            _C.RESOURCE_EXHAUSTED,
-            _prefix(context, f"out of space or memory; free some or change the policy ({what})"),
-        )
-    return _make(_C.INTERNAL, _prefix(context, f"unexpected OS error ({what})"))
+    code = exc.errno
+    status: grpc.StatusCode
+    if code in _FULL_ERRNOS:
+        status = _C.RESOURCE_EXHAUSTED
+        if shm_dir is not None:
+            advice = _tmpfs_full(shm_dir, size)
+        elif storage:
+            advice = "out of space on the storage; free space on the shared disk or raise its quota"
+        else:
+            advice = "out of space or memory; free some or change the policy"
+    elif code in _FD_ERRNOS:
+        status, advice = _C.RESOURCE_EXHAUSTED, "too many open files; raise `ulimit -n`"
+    elif isinstance(exc, FileExistsError) or code == errno.EEXIST:
+        status, advice = _C.ALREADY_EXISTS, "already exists"
+        if shm_dir is not None:
+            advice += "; segment names must be unique (use new_segment_name())"
+    elif isinstance(exc, PermissionError) or code in _PERMISSION_ERRNOS:
+        status = _C.PERMISSION_DENIED
+        if shm_dir is not None:
+            advice = (
+                "permission denied. Segments are private (mode 0o600) to the user that runs "
+                "the node daemon; run this process as that user"
+            )
+        elif storage:
+            advice = "access refused; check the credentials or file modes"
+        else:
+            advice = "access refused; check the path's permissions"
+    elif isinstance(exc, FileNotFoundError) or code == errno.ENOENT:
+        if shm_dir is not None and not os.path.isdir(shm_dir):
+            status = _C.FAILED_PRECONDITION
+            advice = (
+                f"shared-memory directory {shm_dir} does not exist; mount a tmpfs there or "
+                "configure another shm_dir"
+            )
+        elif shm_dir is not None:
+            status = _C.NOT_FOUND
+            advice = (
+                "the segment does not exist: the artifact was deleted or the node daemon "
+                "restarted; get the artifact again"
+            )
+        else:
+            status, advice = _C.NOT_FOUND, "no such file or object"
+    elif isinstance(exc, TimeoutError) or code == errno.ETIMEDOUT:
+        status, advice = _C.DEADLINE_EXCEEDED, "timed out; retry, or give it a longer deadline"
+    elif isinstance(exc, ConnectionError) or code in _CONNECTION_ERRNOS:
+        status, advice = _C.UNAVAILABLE, "connection failed; the peer may be restarting -- retry"
+    elif storage and code not in _PERMANENT_ERRNOS:
+        status = _C.UNAVAILABLE
+        advice = "the storage may be temporarily unreachable -- retry"
+    else:
+        status, advice = _C.INTERNAL, "unexpected OS error"
+    return _make(status, _prefix(context, f"{advice} ({what})"))
 
 
 def map_exception(exc: BaseException, *, context: str = "") -> ArtifactError:
@@ -382,7 +529,7 @@ def map_exception(exc: BaseException, *, context: str = "") -> ArtifactError:
     elif isinstance(exc, (concurrent.futures.TimeoutError, asyncio.TimeoutError)):
         mapped = _make(_C.DEADLINE_EXCEEDED, _prefix(context, f"timed out ({exc!r})"))
     elif isinstance(exc, OSError):
-        mapped = _map_os(exc, context)
+        mapped = map_os_error(exc, context)
     elif isinstance(exc, MemoryError):
         mapped = _make(_C.RESOURCE_EXHAUSTED, _prefix(context, "out of memory"))
     elif isinstance(exc, NotImplementedError):

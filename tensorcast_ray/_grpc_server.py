@@ -2,15 +2,14 @@
 
 Both serve a ``grpc.aio`` server on an event loop of its own thread, so held-open streams
 cost no thread each, and run their synchronous handlers in a thread pool. Errors leave
-through :func:`tensorcast_ray._error_mapping.abort_with`, the one codec both daemon
-channels share. The Global Store imports this module, never the daemon package.
+through :func:`tensorcast_ray._error_mapping.handler_error` and ``abort_with``, the codec
+the daemon's local socket shares. The Global Store imports this module, never the daemon package.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,12 +18,10 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from tensorcast_ray._error_mapping import abort_with, map_exception
-from tensorcast_ray._errors import ArtifactError, UnavailableError
+from tensorcast_ray._error_mapping import abort_with, handler_error
+from tensorcast_ray._errors import UnavailableError
 
 __all__ = ["AioServerThread", "bind_error", "unary_handlers"]
-
-logger = logging.getLogger(__name__)
 
 
 def bind_error(what: str, host: str, port: int, exc: BaseException) -> UnavailableError:
@@ -60,13 +57,18 @@ class AioServerThread:
             raise bind_error("gRPC server", host, port, exc) from exc
 
     def stop(self, grace: float = 1.0) -> None:
-        if self.server is not None:
-            server = self.server
+        """Stop serving (in-flight calls get ``grace`` seconds) and end the loop. Idempotent."""
+        if self.loop.is_closed():
+            return
+        server, self.server = self.server, None
+        if server is not None:
             asyncio.run_coroutine_threadsafe(server.stop(grace), self.loop).result(
                 timeout=grace + 10
             )
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 def unary_handlers(
@@ -82,11 +84,8 @@ def unary_handlers(
             loop = asyncio.get_running_loop()
             try:
                 return await loop.run_in_executor(executor, call, name, request)
-            except ArtifactError as err:
-                await abort_with(context, err)
             except Exception as exc:
-                logger.exception("%s failed", name)
-                await abort_with(context, map_exception(exc, context=name))
+                await abort_with(context, handler_error(exc, name))
 
         return handler
 

@@ -10,6 +10,12 @@ Framing (little endian)::
     request : u32 length | u8 method index | serialized request message
     response: u32 length | u8 status (0 ok, 1 error) | message or JSON error
 
+An error travels as the JSON of :func:`tensorcast_ray._error_mapping.wire_fields` (code,
+message, class, retryable), the same fields gRPC carries in its status and trailing metadata,
+and what a handler raised becomes an error through the same
+:func:`~tensorcast_ray._error_mapping.handler_error` as on gRPC: one failure, one error,
+whichever channel it took.
+
 The method index is the method's position in the ``StoreDaemon`` service descriptor, so the
 table is derived from ``proto/`` and cannot drift. One connection is one session: when the
 client process exits, the daemon sees the connection close and ends the session's leases.
@@ -21,7 +27,6 @@ client process exits, the daemon sees the connection close and ends the session'
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import struct
@@ -29,18 +34,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 from google.protobuf import message_factory
 from google.protobuf.message import Message
 
-from tensorcast_ray._errors import (
-    ArtifactError,
-    DeadlineExceededError,
-    UnavailableError,
-    error_for_code,
+from tensorcast_ray._error_mapping import (
+    daemon_deadline_error,
+    daemon_unreachable_error,
+    from_wire,
+    handler_error,
+    wire_fields,
 )
+from tensorcast_ray._errors import ArtifactError, UnavailableError, UnimplementedError
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
-
-logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<IB")
 _SERVICE = daemon_pb2.DESCRIPTOR.services_by_name["StoreDaemon"]
@@ -96,21 +102,16 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
 
 
 def _encode_error(err: ArtifactError) -> bytes:
+    code, message, cls_name, retryable = wire_fields(err)
     return json.dumps(
-        {
-            "code": err.status_code.name,
-            "message": err.message,
-            "retryable": err.retryable,
-            "class": type(err).__name__,
-        }
+        {"code": code.name, "message": message, "class": cls_name, "retryable": retryable}
     ).encode()
 
 
 def _decode_error(payload: bytes) -> ArtifactError:
-    import grpc
-
     data = json.loads(payload)
-    return error_for_code(grpc.StatusCode[data["code"]], data["message"], data["retryable"])
+    code = grpc.StatusCode.__members__.get(str(data.get("code")), grpc.StatusCode.UNKNOWN)
+    return from_wire(code, str(data["message"]), str(data.get("class", "")), data["retryable"])
 
 
 class LocalChannel:
@@ -128,9 +129,8 @@ class LocalChannel:
             sock.connect(path)
         except OSError as exc:
             sock.close()
-            raise UnavailableError(
-                f"cannot connect to the daemon's local socket {path}: {exc}; "
-                "the daemon may be restarting"
+            raise daemon_unreachable_error(
+                path, f"cannot connect to the local socket: {exc}"
             ) from exc
         self._sock: socket.socket | None = sock
         # Methods whose replies are still to come: calls that gave up waiting (timeout,
@@ -179,7 +179,7 @@ class LocalChannel:
         with self._lock:
             sock = self._sock
             if sock is None:
-                raise UnavailableError(f"local channel {self.path} is closed")
+                raise daemon_unreachable_error(self.path, "this process closed its local socket")
             sent = False
             try:
                 if timeout is not None:
@@ -194,17 +194,16 @@ class LocalChannel:
                     self._owed.append(method)
                 if isinstance(exc.__cause__, KeyboardInterrupt):
                     raise exc.__cause__ from None
-                raise DeadlineExceededError(
-                    f"{method} got no reply from the daemon's local socket within "
-                    f"{timeout if timeout is not None else 0:.3f} s; the daemon may be busy",
-                    None,
-                    True,
+                raise daemon_deadline_error(
+                    self.path,
+                    f"{method} got no reply on the local socket within "
+                    f"{timeout if timeout is not None else 0:.3f} s",
                 ) from exc.__cause__
             except (OSError, EOFError) as exc:
                 self._close_locked()
-                raise UnavailableError(
-                    f"the daemon's local socket {self.path} closed during {method}: "
-                    f"{exc or 'connection closed'}; the daemon may be restarting"
+                raise daemon_unreachable_error(
+                    self.path,
+                    f"the local socket closed during {method}: {str(exc) or 'connection closed'}",
                 ) from exc
             except BaseException:
                 # Interrupted mid-frame: requests and replies can no longer be matched.
@@ -301,27 +300,20 @@ class LocalChannelServer:
             self._on_disconnect(conn_id)
 
     def _dispatch(self, index: int, body: bytes, conn_id: str) -> bytes:
+        entry = _BY_INDEX.get(index)
+        name = entry[0] if entry is not None else f"method #{index}"
         try:
-            entry = _BY_INDEX.get(index)
             if entry is None:
-                import grpc
-
-                raise error_for_code(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"method #{index} is not served on the local channel; upgrade the daemon",
+                raise UnimplementedError(
+                    f"{name} is not served on the local channel; upgrade the daemon"
                 )
-            name, req_cls, _ = entry
+            _, req_cls, _ = entry
             request = req_cls()
             request.ParseFromString(body)
             payload = self._handler(name, request, conn_id).SerializeToString()
             status = 0
-        except ArtifactError as err:
-            payload, status = _encode_error(err), 1
-        except Exception as exc:  # a bug: report it as INTERNAL, keep serving
-            logger.exception("local channel handler failed")
-            from tensorcast_ray._errors import InternalError
-
-            payload, status = _encode_error(InternalError(f"daemon error: {exc!r}")), 1
+        except Exception as exc:  # keep serving: the caller gets the error, as over gRPC
+            payload, status = _encode_error(handler_error(exc, name)), 1
         return _HEADER.pack(len(payload), status) + payload
 
     def close(self) -> None:

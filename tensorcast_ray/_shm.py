@@ -32,7 +32,6 @@ mapping closes.  This module must not import torch: the daemon imports it and mu
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import mmap
 import os
@@ -42,16 +41,12 @@ import stat
 import threading
 from dataclasses import dataclass
 
+from tensorcast_ray._error_mapping import map_os_error
 from tensorcast_ray._errors import (
-    AlreadyExistsError,
     ArtifactError,
     DataLossError,
     FailedPreconditionError,
-    InternalError,
     InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
 )
 
 __all__ = [
@@ -74,8 +69,6 @@ PAGE_BYTES = 4096
 _MiB = 1024 * 1024
 _NAME_OK = re.compile(r"^[A-Za-z0-9._-]+$")
 _NODE_ID_OK = re.compile(r"^[A-Za-z0-9_]+$")
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EFBIG})
-_PERMISSION_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
 
 def round_up(n: int, multiple: int = PAGE_BYTES) -> int:
@@ -117,47 +110,11 @@ def _check_name(name: str) -> None:
         )
 
 
-def _free_bytes(shm_dir: str) -> int | None:
-    try:
-        st = os.statvfs(shm_dir)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
 def _os_error(exc: OSError, shm_dir: str, name: str, size: int, doing: str) -> ArtifactError:
-    """Map one OSError to the most specific ArtifactError, once, here."""
-    path = os.path.join(shm_dir, name)
-    if exc.errno in _FULL_ERRNOS:
-        free = _free_bytes(shm_dir)
-        free_text = "unknown" if free is None else f"{free / _MiB:.0f} MiB"
-        return ResourceExhaustedError(
-            f"{shm_dir} is full: could not {doing} {size / _MiB:.1f} MiB for segment {name} "
-            f"(free: {free_text}). Delete artifacts you no longer need, lower the daemon's "
-            f"pool reserve, or grow the tmpfs: `sudo mount -o remount,size=<N>G {shm_dir}`; "
-            f"in Docker `--shm-size=<N>g`; on Kubernetes mount an emptyDir with "
-            f"medium: Memory and sizeLimit at {shm_dir}."
-        )
-    if exc.errno == errno.EEXIST:
-        return AlreadyExistsError(
-            f"segment {path} already exists; segment names must be unique (use new_segment_name())"
-        )
-    if exc.errno in _PERMISSION_ERRNOS:
-        return PermissionDeniedError(
-            f"cannot {doing} {path}: permission denied. Segments are private (mode 0o600) to "
-            f"the user that runs the node daemon; run this process as that user."
-        )
-    if exc.errno == errno.ENOENT:
-        if not os.path.isdir(shm_dir):
-            return FailedPreconditionError(
-                f"shared-memory directory {shm_dir} does not exist; mount a tmpfs there or "
-                f"configure another shm_dir"
-            )
-        return NotFoundError(
-            f"segment {path} does not exist: the artifact was deleted or the node daemon "
-            f"restarted; get the artifact again"
-        )
-    return InternalError(f"cannot {doing} {path}: {exc}")
+    """``exc`` from ``doing`` segment ``name``, through the one OS-error mapping."""
+    return map_os_error(
+        exc, f"cannot {doing} segment {os.path.join(shm_dir, name)}", shm_dir=shm_dir, size=size
+    )
 
 
 @dataclass(frozen=True)

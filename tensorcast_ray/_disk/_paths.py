@@ -17,7 +17,6 @@ Roots are any fsspec URL or plain path; ``storage_options`` go to the file syste
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -33,7 +32,6 @@ from tensorcast_ray._errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
-    UnavailableError,
 )
 
 __all__ = [
@@ -242,31 +240,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-#: OS errors that say the request itself is wrong (a path that is a directory, a read-only
-#: mount ...): retrying cannot help, so they stay INTERNAL.
-_PERMANENT_ERRNOS = frozenset(
-    {errno.EISDIR, errno.ENOTDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EROFS, errno.ELOOP}
-)
-
-
 def map_os_error(exc: BaseException, what: str) -> Exception:
-    """OS / storage errors → the public tree (with ``raise ... from``): the SDK's one OS
-    mapping (docs/errors.md) for the specific classes and errnos; any other OS error is
-    UNAVAILABLE (retryable), since that is how fsspec's remote backends report failed or
-    throttled requests (no errno, EIO, EBUSY for S3 SlowDown, EREMOTEIO ...)."""
+    """A storage failure while doing ``what``, as the public tree (with ``raise ... from``):
+    OS errors go through the one OS mapping in its storage flavour, which treats fsspec's
+    failed or throttled remote requests as retryable UNAVAILABLE (docs/errors.md)."""
     from tensorcast_ray._error_mapping import map_exception
+    from tensorcast_ray._error_mapping import map_os_error as map_os
 
-    if isinstance(exc, PermissionError):
-        return PermissionDeniedError(f"{what}: {exc}; check the credentials or file modes")
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        from tensorcast_ray._errors import ResourceExhaustedError
-
-        return ResourceExhaustedError(f"{what}: {exc}; free space on the shared disk")
-    mapped = map_exception(exc, context=what)
-    if (
-        isinstance(exc, OSError)
-        and mapped.status_code.name == "INTERNAL"
-        and exc.errno not in _PERMANENT_ERRNOS
-    ):
-        return UnavailableError(f"{what}: {exc}; the storage may be temporarily unreachable")
-    return mapped
+    if isinstance(exc, OSError):
+        return map_os(exc, what, storage=True)
+    return map_exception(exc, context=what)
