@@ -3,6 +3,9 @@
     tensorcast-ray [--address ADDR] [--namespace NS] daemon start|status|stop ...
     tensorcast-ray ... global start|status|stop ...
 
+``--address`` / ``--namespace`` may also follow the group or the command
+(``tensorcast-ray daemon status --namespace X``); the one given last wins.
+
 Exit codes: 0 success; 1 the operation failed (e.g. no daemon to stop); 2 bad usage;
 3 no Ray cluster reachable. Errors go to stderr, results to stdout.
 """
@@ -39,9 +42,15 @@ STATUS_FIELDS = (
 
 
 class Ctx:
-    def __init__(self, address: str | None, namespace: str) -> None:
-        self.address = address
-        self.namespace = namespace
+    """What the connection options said, wherever on the command line they stood."""
+
+    def __init__(self) -> None:
+        self.address: str | None = None
+        self.namespace_option: str | None = None
+
+    @property
+    def namespace(self) -> str:
+        return self.namespace_option or from_env().namespace or _actors.DEFAULT_NAMESPACE
 
     @contextmanager
     def ray(self) -> Iterator[Any]:
@@ -115,26 +124,48 @@ def guarded(fn: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    # One Ctx for the whole command line: the value given last (innermost) wins.
+    if value is not None:
+        obj = ctx.ensure_object(Ctx)
+        if param.name == "address":
+            obj.address = value
+        else:
+            obj.namespace_option = value
+
+
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--address`` / ``--namespace``, accepted before or after any command that talks to
+    Ray (``tensorcast-ray daemon status --namespace X`` is what people type)."""
+    fn = click.option(
+        "--namespace",
+        default=None,
+        expose_value=False,
+        callback=_remember,
+        help="Ray namespace of the tensorcast actors "
+        "(default: $TENSORCAST_RAY_NAMESPACE or tensorcast_ray).",
+    )(fn)
+    return click.option(
+        "--address",
+        default=None,
+        expose_value=False,
+        callback=_remember,
+        help="Ray cluster address (default: $RAY_ADDRESS, else auto).",
+    )(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else auto)."
-)
-@click.option(
-    "--namespace",
-    default=None,
-    help="Ray namespace of the tensorcast actors "
-    "(default: $TENSORCAST_RAY_NAMESPACE or tensorcast_ray).",
-)
+@connection_options
 @click.version_option(package_name="tensorcast_ray")
 @click.pass_context
-def cli(ctx: click.Context, address: str | None, namespace: str | None) -> None:
+def cli(ctx: click.Context) -> None:
     """Operate tensorcast_ray daemons and the Global Store of a Ray cluster."""
-    ns = namespace or from_env().namespace or _actors.DEFAULT_NAMESPACE
-    ctx.obj = Ctx(address, ns)
+    ctx.ensure_object(Ctx)
 
 
 # ---- daemon --------------------------------------------------------------------------------
 @cli.group()
+@connection_options
 def daemon() -> None:
     """Node daemons (one per node)."""
 
@@ -157,6 +188,7 @@ def _this_node(ray: Any) -> str:
     "none: do not. Default: connect when one runs.",
 )
 @click.option("--all-nodes", is_flag=True, help="Start a daemon on every alive node.")
+@connection_options
 @click.pass_obj
 @guarded
 def daemon_start(
@@ -208,6 +240,7 @@ def _daemon_statuses(ray: Any, namespace: str, all_nodes: bool) -> list[dict[str
 @daemon.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per daemon.")
 @click.option("--all", "all_nodes", is_flag=True, help="Every alive node, not just this one.")
+@connection_options
 @click.pass_obj
 @guarded
 def daemon_status(obj: Ctx, as_json: bool, all_nodes: bool) -> None:
@@ -274,6 +307,7 @@ def _fmt_bytes(n: int) -> str:
 
 @daemon.command("stop")
 @click.option("--all", "all_nodes", is_flag=True, help="Stop the daemons of every alive node.")
+@connection_options
 @click.pass_obj
 @guarded
 def daemon_stop(obj: Ctx, all_nodes: bool) -> None:
@@ -291,12 +325,14 @@ def daemon_stop(obj: Ctx, all_nodes: bool) -> None:
 
 # ---- Global Store ----------------------------------------------------------------------------
 @cli.group("global")
+@connection_options
 def global_store() -> None:
     """The Global Store (one per cluster)."""
 
 
 @global_store.command("start")
 @click.option("--config", "config_path", default=None, help="Global Store YAML config file.")
+@connection_options
 @click.pass_obj
 @guarded
 def global_start(obj: Ctx, config_path: str | None) -> None:
@@ -314,6 +350,7 @@ def global_start(obj: Ctx, config_path: str | None) -> None:
 
 @global_store.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
 @click.pass_obj
 @guarded
 def global_status(obj: Ctx, as_json: bool) -> None:
@@ -337,6 +374,7 @@ def global_status(obj: Ctx, as_json: bool) -> None:
 
 
 @global_store.command("stop")
+@connection_options
 @click.pass_obj
 @guarded
 def global_stop(obj: Ctx) -> None:
@@ -427,6 +465,7 @@ STORAGE_OPTION = click.option(
 @click.argument("key")
 @click.argument("url")
 @STORAGE_OPTION
+@connection_options
 @click.pass_obj
 @guarded
 def export_cmd(obj: Ctx, key: str, url: str, storage_option: tuple[str, ...]) -> None:
@@ -442,6 +481,7 @@ def export_cmd(obj: Ctx, key: str, url: str, storage_option: tuple[str, ...]) ->
 @click.argument("key")
 @click.option("--names", default=None, help="Comma-separated tensor names (default: all).")
 @STORAGE_OPTION
+@connection_options
 @click.pass_obj
 @guarded
 def import_cmd(
