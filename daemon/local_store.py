@@ -158,6 +158,7 @@ class LocalStore:
         self, request: daemon_pb2.BeginWriteRequest, session_id: str
     ) -> daemon_pb2.BeginWriteResponse:
         parse_key(request.key, for_write=True)
+        _require_tensors(request.key, request.tensors)
         kind = "register" if request.kind == daemon_pb2.WRITE_KIND_REGISTER else "put"
         if request.ttl_ms < 0:
             raise InvalidArgumentError(f"ttl_ms must be >= 0, got {request.ttl_ms}")
@@ -337,6 +338,7 @@ class LocalStore:
         self, request: daemon_pb2.RegisterBuffersRequest, session_id: str
     ) -> daemon_pb2.WriteResult:
         parse_key(request.key, for_write=True)
+        _require_tensors(request.key, request.tensors)
         policy = self._policy(request.policy_json)
         sid = self._lease_owner(request.session_id, session_id)
         tensors = [
@@ -508,6 +510,15 @@ class LocalStore:
                     [a.to_record() for a in leases.artifacts.values()],
                     [b.to_record() for b in leases.buffers.values()],
                 )
+
+
+def _require_tensors(key: str, tensors: Any) -> None:
+    """An artifact holds at least one tensor: an empty write is the caller's mistake."""
+    if not tensors:
+        raise InvalidArgumentError(
+            f"a write of {key!r} names no tensors: an artifact holds at least one (a "
+            "zero-size tensor counts)"
+        )
 
 
 def _fit(segment: SegmentRef, size: int, trims: list[SegmentRef]) -> SegmentRef:

@@ -10,6 +10,7 @@ Importing this package imports neither torch nor ray; both load on first use.
 
 from tensorcast_ray._artifact import Artifact, ArtifactView
 from tensorcast_ray._bootstrap import InitContext, Versions, init, is_initialized, shutdown
+from tensorcast_ray._checkpoint_io import export, import_checkpoint
 from tensorcast_ray._config import DaemonConfig, GlobalStoreConfig, PortConfig
 from tensorcast_ray._errors import (
     AbortedError,
@@ -45,7 +46,6 @@ from tensorcast_ray._store import (
     register,
     store,
 )
-from tensorcast_ray._transfer import export, import_checkpoint
 from tensorcast_ray._version import __version__
 
 

@@ -1,10 +1,14 @@
-"""Explicit moves between the node's shared memory and a shared disk: export and import.  [SDK]
+"""Checkpoint I/O: explicit moves between the node's shared memory and a disk.  [SDK]
 
-``tc.export(key, url)``: look the artifact up once (``latest`` resolved then), and stream its
+Both are :class:`~tensorcast_ray._store.Store` methods, so they run under the store's options
+and retry overrides (``tc.store(opts).export(...)``); ``tc.export`` / ``tc.import_checkpoint``
+use the default store.
+
+``export(key, url)``: look the artifact up once (``latest`` resolved then), and stream its
 tensors straight from the read-only shared-memory mappings into safetensors shards + a
 manifest under ``url`` (:func:`tensorcast_ray._disk.write_artifact`): no intermediate copy.
 
-``tc.import_checkpoint(url, key)``: refuse an existing ``key`` before touching the disk, scan
+``import_checkpoint(url, key)``: refuse an existing ``key`` before touching the disk, scan
 the checkpoint's headers (a safetensors file or directory, with or without an index json, or
 a tensorcast export), then one write whose bytes land straight in the daemon's segments:
 ``BeginWrite`` with the specs from the headers → map the segments writable → read every
@@ -37,8 +41,9 @@ from tensorcast_ray._store import PutResult, _put_result, default_store
 
 if TYPE_CHECKING:  # the disk layer (fsspec) loads on first use, not with the package
     from tensorcast_ray._disk import Checkpoint, CheckpointTensor, TensorSource
+    from tensorcast_ray._store import Store
 
-__all__ = ["export", "import_checkpoint"]
+__all__ = ["export", "export_artifact", "import_checkpoint", "import_into"]
 
 Progress = Callable[[int, int], None]
 
@@ -92,9 +97,20 @@ def export(
     under the root ``url``; returns the artifact's directory URL (pass it to
     :func:`import_checkpoint`). Re-exporting the same version is a no-op; a different one
     under the same key is ``ALREADY_EXISTS``. Layout: docs/disk-format.md."""
+    return default_store().export(key, url, storage_options=storage_options, progress=progress)
+
+
+def export_artifact(
+    store: Store,
+    key: str,
+    url: str,
+    *,
+    storage_options: Mapping[str, Any] | None,
+    progress: Progress | None,
+) -> str:
+    """:meth:`Store.export <tensorcast_ray._store.Store.export>`."""
     from tensorcast_ray._disk import artifact_path, write_artifact
 
-    store = default_store()
     with store._verb("export"):
         _check_url(url, "url")
         _check_progress(progress)
@@ -133,7 +149,12 @@ def _select(ckpt: Checkpoint, names: Sequence[str] | None) -> list[CheckpointTen
         )
     missing = sorted(wanted - {t.name for t in ckpt.tensors})
     if missing:
-        raise NotFoundError(f"checkpoint {ckpt.url!r} has no tensors named {missing[:10]}")
+        # The same code as get's names=: the argument is wrong, the checkpoint exists.
+        known = [t.name for t in ckpt.tensors[:10]]
+        raise InvalidArgumentError(
+            f"checkpoint {ckpt.url!r} has no tensors named {missing[:10]}; it holds "
+            f"{len(ckpt.tensors)} tensors, e.g. {known}"
+        )
     return [t for t in ckpt.tensors if t.name in wanted]
 
 
@@ -167,9 +188,29 @@ def import_checkpoint(
     against its checksums). ``names`` imports a subset. An existing ``key`` is
     ``ALREADY_EXISTS`` before any disk read; a checksum mismatch is ``DATA_LOSS`` and leaves
     no key behind."""
+    return default_store().import_checkpoint(
+        url,
+        key,
+        names=names,
+        storage_options=storage_options,
+        policy=policy,
+        progress=progress,
+    )
+
+
+def import_into(
+    store: Store,
+    url: str,
+    key: str,
+    *,
+    names: Sequence[str] | None,
+    storage_options: Mapping[str, Any] | None,
+    policy: StorePolicy | None,
+    progress: Progress | None,
+) -> PutResult:
+    """:meth:`Store.import_checkpoint <tensorcast_ray._store.Store.import_checkpoint>`."""
     from tensorcast_ray._disk import read_checkpoint_into, scan_checkpoint
 
-    store = default_store()
     with store._verb("import"):
         parse_key(key, for_write=True)
         _check_url(url, "url")

@@ -245,6 +245,11 @@ class Store:
             raise InvalidArgumentError(
                 f"{verb} takes a mapping of name to tensor, got {type(tensors).__name__}"
             )
+        if not tensors:
+            raise InvalidArgumentError(
+                f"{verb} of {key!r} got no tensors: an artifact holds at least one (a "
+                "zero-size tensor counts)"
+            )
         if policy is not None and not isinstance(policy, StorePolicy):
             raise InvalidArgumentError("policy must be a tensorcast_ray.StorePolicy or None")
         specs = describe_tensors(tensors)
@@ -493,6 +498,43 @@ class Store:
             return list(
                 self._retrier.call("list_keys", lambda t: self._call("ListKeys", request, t)).keys
             )
+
+    # ---- checkpoint I/O (tensorcast_ray._checkpoint_io) ---------------------------------
+    def export(
+        self,
+        key: str,
+        url: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> str:
+        """:func:`tensorcast_ray.export` under this store's options and retry overrides."""
+        from tensorcast_ray._checkpoint_io import export_artifact
+
+        return export_artifact(self, key, url, storage_options=storage_options, progress=progress)
+
+    def import_checkpoint(
+        self,
+        url: str,
+        key: str,
+        *,
+        names: Sequence[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        policy: StorePolicy | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> PutResult:
+        """:func:`tensorcast_ray.import_checkpoint` under this store's options and retries."""
+        from tensorcast_ray._checkpoint_io import import_into
+
+        return import_into(
+            self,
+            url,
+            key,
+            names=names,
+            storage_options=storage_options,
+            policy=policy,
+            progress=progress,
+        )
 
 
 _stager_lock = threading.Lock()

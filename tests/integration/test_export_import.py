@@ -154,11 +154,14 @@ def test_import_safetensors_file_and_sharded_index(namespace: str, tmp_path: Pat
     )
     tc.import_checkpoint(f"file://{sharded}", "st:sharded")
     assert_same(tc.get("st:sharded"), sd, ordered=False)
-    # A name the checkpoint lacks: NOT_FOUND, and the key is not written.
-    with pytest.raises(tc.NotFoundError) as err:
+    # A name the checkpoint lacks: INVALID_ARGUMENT (as for get's names=), no key written.
+    with pytest.raises(tc.InvalidArgumentError) as err:
         tc.import_checkpoint(str(sharded), "st:partial", names=["layers.1.w", "nope"])
-    assert err.value.status_code == grpc.StatusCode.NOT_FOUND and "nope" in str(err.value)
+    assert err.value.status_code == grpc.StatusCode.INVALID_ARGUMENT and "nope" in str(err.value)
     assert not tc.exists("st:partial")
+    with pytest.raises(tc.InvalidArgumentError) as get_err:
+        tc.get("st:sharded", names=["nope"])
+    assert get_err.value.status_code == err.value.status_code
     # No names at all (e.g. `--names ""`): refused, not an empty artifact.
     with pytest.raises(tc.InvalidArgumentError, match="at least one tensor"):
         tc.import_checkpoint(str(sharded), "st:none", names=[])
@@ -227,6 +230,43 @@ def test_corrupt_shard_is_data_loss_and_leaves_nothing(
     tc.put(ts, "bad:v1")
     tc.import_checkpoint(tc.export("bad:v1", fresh), "bad:v2")
     assert_same(tc.get("bad:v2"), ts)
+
+
+def test_export_and_import_are_store_methods_under_its_options(
+    namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorcast_ray._disk as disk
+
+    tc.init(namespace=namespace, global_store_mode="none")
+    ts = {"w": torch.arange(64, dtype=torch.float32)}
+    tc.put(ts, "opts:v1")
+    # The store's read options apply to the artifact export reads.
+    disk_only = tc.store(tc.StoreOptions(get=tc.GetArtifactOptions(source="disk")))
+    with pytest.raises(tc.FailedPreconditionError, match="source='disk'"):
+        disk_only.export("opts:v1", str(tmp_path / "a"))
+    path = tc.store().export("opts:v1", str(tmp_path / "a"))
+    # The store's retry overrides apply: a storage hiccup on the first scan is retried by
+    # default, and not by a store allowed one attempt.
+    real_scan = disk.scan_checkpoint
+    failures: list[int] = []
+
+    def flaky_scan(*args: Any, **kwargs: Any) -> Any:
+        if len(failures) % 2 == 0:
+            failures.append(1)
+            raise tc.UnavailableError("storage hiccup (test)")
+        failures.append(0)
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(disk, "scan_checkpoint", flaky_scan)
+    once = tc.RetryPolicy(deadline_seconds=30, max_attempts=1)
+    one_try = tc.store(tc.StoreOptions(retry_overrides={"import": once}))
+    with pytest.raises(tc.UnavailableError, match="hiccup"):
+        one_try.import_checkpoint(path, "opts:v2")
+    assert not tc.exists("opts:v2")
+    failures.clear()
+    assert tc.import_checkpoint(path, "opts:v2").key == "opts:v2"
+    assert failures == [1, 0]
+    assert_same(tc.get("opts:v2"), ts)
 
 
 def test_missing_manifest_missing_url_existing_key(namespace: str, tmp_path: Path) -> None:
