@@ -1,12 +1,19 @@
 """The node's bytes: CPU artifacts in daemon-owned shared memory.  [daemon]
 
+This is the shell: it holds the one lock, does the I/O (segments through the shared-memory
+transport's daemon half, :mod:`tensorcast_ray._transport.shm`; the epoch table; the
+journal; metrics) and carries out the decisions of the pure
+:class:`~tensorcast_ray.daemon.leases.LeaseTable` (sessions, leases, staging, unfinished
+writes).  Restart recovery is :mod:`tensorcast_ray.daemon.recovery`.
+
 One put, step by step:
 
 1. [SDK] ``BeginWrite(key, tensor specs, policy)``.
 2. [daemon] validates the key (versions are immutable), resolves the policy with the one
-   policy module, admits the bytes into the local stable tier (the pure
-   :class:`~tensorcast_ray.daemon.local_index.LocalIndex` decides evictions), plans the
-   layout and takes pre-faulted segments from the pool; answers segment names + offsets.
+   policy module; the lease table reserves the version and admits the bytes into the local
+   stable tier (the pure :class:`~tensorcast_ray.daemon.local_index.LocalIndex` decides
+   evictions); the shell plans the layout and allocates pre-faulted segments from the
+   transport, outside the lock; answers segment names + offsets.
 3. [SDK] maps the segments and copies each tensor once (no page faults: pre-faulted).
 4. [SDK] ``CommitWrite`` → [daemon] stamps a generation in the epoch table, publishes the
    key, journals the artifact. From here every process on the node sees it.
@@ -52,7 +59,8 @@ from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
 from tensorcast_ray._layout import plan_layout
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
-from tensorcast_ray._shm import Segment, SegmentPool, remove_segments, round_up
+from tensorcast_ray._shm import remove_segments, round_up
+from tensorcast_ray._transport.shm import ShmTransport
 
 logger = logging.getLogger(__name__)
 
@@ -98,13 +106,13 @@ class LocalStore:
             keep={self.epoch_segment, journal_name, journal_name + ".tmp"},
             now_ms=self._now_ms(),
         )
-        self._pool = SegmentPool(
+        # The bytes go through the shared-memory transport's daemon half (its segment pool).
+        self._shm = ShmTransport.for_daemon(
             self.shm_dir,
             prefix,
             segment_bytes=int(config.shm_segment_bytes),
             reserve_bytes=int(config.shm_pool_bytes),
         )
-        self._pool.start()
         self._update_gauges()
 
     # ---- helpers --------------------------------------------------------------------
@@ -242,13 +250,10 @@ class LocalStore:
         )
 
     def _stageable(self, size: int) -> bool:
-        """Whether a planned segment of ``size`` may use a staged (whole pooled) segment: the
-        pool's own rule, so a small artifact never consumes a whole pooled segment."""
-        return self._pool.min_pooled_bytes <= size <= int(self.config.shm_segment_bytes)
+        return self._shm.stageable(size)
 
     def _take(self, size: int) -> SegmentRef:
-        seg = self._pool.take(size)
-        return seg.name, seg.size
+        return self._shm.allocate(size)
 
     def rpc_LeaseSegments(
         self, request: daemon_pb2.LeaseSegmentsRequest, session_id: str
@@ -264,23 +269,21 @@ class LocalStore:
             )
         allowed = int(self.config.client_staging_bytes) // segment_bytes - held
         count = max(0, min(int(request.count), allowed))
-        segments: list[Segment] = []
+        segments: list[SegmentRef] = []
         try:
             for _ in range(count):
-                segments.append(self._pool.take(segment_bytes))
+                segments.append(self._shm.allocate(segment_bytes))
         except BaseException:
-            for seg in segments:
-                seg.unlink()
+            self._shm.free(segments)
             raise
         with self._lock:
             try:
-                self._leases.add_staged(sid, [(seg.name, seg.size) for seg in segments])
+                self._leases.add_staged(sid, segments)
             except UnavailableError:  # the session ended meanwhile
-                for seg in segments:
-                    seg.unlink()
+                self._shm.free(segments)
                 raise
         return daemon_pb2.LeaseSegmentsResponse(
-            segments=[common_pb2.SegmentRef(name=seg.name, size=seg.size) for seg in segments],
+            segments=[common_pb2.SegmentRef(name=n, size=size) for n, size in segments],
             shm_dir=self.shm_dir,
         )
 
@@ -421,8 +424,7 @@ class LocalStore:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _unlink(self, segments: list[SegmentRef]) -> None:
-        for name, size in segments:
-            Segment(self.shm_dir, name, size).unlink()
+        self._shm.free(segments)
 
     def bind_session_pid(self, session_id: str, pid: int, hostname: str) -> None:
         """A session told us its process: adopt leases a previous daemon instance recorded."""
@@ -448,10 +450,7 @@ class LocalStore:
         with self._lock:
             trim = self._leases.take_trims()
         for name, used in trim:
-            try:
-                os.truncate(os.path.join(self.shm_dir, name), used)
-            except FileNotFoundError:
-                pass  # aborted or deleted meanwhile
+            self._shm.shrink(name, used)
         self._compact_journal()
         now = self._now_ms()
         with self._lock:
@@ -465,7 +464,7 @@ class LocalStore:
                 "artifacts": len(self._leases.artifacts),
                 "bytes": sum(a.nbytes for a in self._leases.artifacts.values()),
                 "leases": self._leases.lease_count(),
-                "shm_pool_bytes": self._pool.reserve_bytes_ready(),
+                "shm_pool_bytes": self._shm.ready_bytes(),
                 "tiers": [
                     {
                         "tier": "stable_dram",
@@ -488,7 +487,7 @@ class LocalStore:
 
     def close(self, *, unlink: bool = True) -> None:
         """Stop the pool; with ``unlink`` free every segment (a clean stop, not a crash)."""
-        self._pool.close()
+        self._shm.close()
         with self._lock:
             if unlink:
                 self._unlink(self._leases.live_segments())

@@ -121,7 +121,7 @@ def test_lease_frees_staged_segments_the_client_no_longer_holds(
 def test_lease_failing_midway_leaves_no_segment(
     store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_take = store._pool.take
+    real_take = store._shm.pool.take
     calls = iter(range(10))
 
     def take_then_fail(size: int) -> object:
@@ -129,7 +129,7 @@ def test_lease_failing_midway_leaves_no_segment(
             raise ResourceExhaustedError("tmpfs is full (simulated)")
         return real_take(size)
 
-    monkeypatch.setattr(store._pool, "take", take_then_fail)
+    monkeypatch.setattr(store._shm.pool, "take", take_then_fail)
     with pytest.raises(ResourceExhaustedError):
         lease(store, 2)
     assert store._leases.staged == {} and segment_files(tmp_path) == set()
@@ -138,13 +138,13 @@ def test_lease_failing_midway_leaves_no_segment(
 def test_lease_for_a_session_that_ends_meanwhile_leaves_no_segment(
     store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_take = store._pool.take
+    real_take = store._shm.pool.take
 
     def take_while_session_ends(size: int) -> object:
         store.end_session("s1")
         return real_take(size)
 
-    monkeypatch.setattr(store._pool, "take", take_while_session_ends)
+    monkeypatch.setattr(store._shm.pool, "take", take_while_session_ends)
     with pytest.raises(UnavailableError):
         lease(store, 1)
     assert store._leases.staged == {} and segment_files(tmp_path) == set()
@@ -212,7 +212,7 @@ def test_failed_begin_returns_staged_segments_and_frees_fresh_ones(
     def full(size: int) -> object:
         raise ResourceExhaustedError("tmpfs is full (simulated)")
 
-    monkeypatch.setattr(store._pool, "take", full)
+    monkeypatch.setattr(store._shm.pool, "take", full)
     with pytest.raises(ResourceExhaustedError):
         # Two 4 MiB segments: the first from staging, the second from the (full) pool.
         begin(store, "big:v1", 7 * MiB, [name])

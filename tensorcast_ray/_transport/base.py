@@ -1,0 +1,153 @@
+"""The seam every data path plugs into: static capabilities and the two halves.  [SDK, daemon]
+
+A transport moves one artifact's bytes between an SDK process and memory the node daemon
+owns.  One module holds both halves of a transport, and every method says which process
+calls it: the daemon half owns the memory (``allocate``, ``free``, ``close``); the SDK half
+maps it and moves tensors in and out (``map_for_write``, ``fill``, ``map_for_read``,
+``wrap_base``, ``unmap``).  Bytes never travel through the control plane: the daemon only
+answers :data:`SegmentRef` metadata.  Subclasses implement those primitives; the helper
+:meth:`Transport.tensor` is derived from them.  Every transport passes the conformance
+suite in :mod:`tensorcast_ray.testing` by subclassing it.
+
+One put through a transport, step by step::
+
+    [SDK]    BeginWrite(key, tensor specs): metadata only; the daemon plans the layout.
+    [daemon] allocate(size) for each planned segment -> SegmentRef (name, size).
+    [SDK]    map_for_write(ref) for each segment; fill(region, tensor, offset) per tensor;
+             unmap(region); CommitWrite.
+    [daemon] publishes the key; on abort, free(refs).
+
+One get, step by step::
+
+    [daemon] Lookup answers the SegmentRefs and the layout (TensorMeta per tensor).
+    [SDK]    map_for_read(ref) per segment; wrap_base(region) once per segment; then
+             tensor(bases, meta) per tensor: a slice of its segment's base, no copy.
+
+A delete is [daemon] free(refs): a region is never handed out again, and a mapping made
+before the free keeps its bytes (readers never see them change).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from tensorcast_ray._dtypes import itemsize, torch_dtype
+from tensorcast_ray._errors import DataLossError, InvalidArgumentError
+from tensorcast_ray._layout import NO_SEGMENT, TensorMeta
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEVICES", "Capabilities", "SegmentRef", "Transport"]
+
+#: one region of transport memory as the control plane names it: (name, size in bytes).
+SegmentRef = tuple[str, int]
+
+#: the tensor devices a transport may declare.
+DEVICES = frozenset({"cpu", "cuda"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transport can do, known without instantiating it (the SDK picks by these).
+
+    ``name``: its registry name.  ``same_node_only``: writer, daemon and reader must share a
+    host.  ``one_sided``: a reader reaches the bytes without the writer's process taking
+    part (the writer may have exited).  ``devices``: where the tensors it reads and writes
+    live, with no host copy in between.  ``zero_copy_reads``: a read returns tensors over
+    the transport's memory itself, so it sees the bytes without copying them.
+    """
+
+    name: str
+    same_node_only: bool
+    one_sided: bool
+    devices: frozenset[str]
+    zero_copy_reads: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise InvalidArgumentError(f"a transport name is an identifier, got {self.name!r}")
+        if not self.devices or not self.devices <= DEVICES:
+            raise InvalidArgumentError(
+                f"transport {self.name!r}: devices must be a non-empty subset of "
+                f"{sorted(DEVICES)}, got {sorted(self.devices)}"
+            )
+
+
+class Transport(abc.ABC):
+    """A data path's two halves.  Each method's docstring names the process that calls it.
+
+    Errors are ``ArtifactError``: a bad size or name is InvalidArgumentError, memory that is
+    gone NotFoundError, a region shorter than its ref DataLossError, full memory
+    ResourceExhaustedError.
+    """
+
+    capabilities: ClassVar[Capabilities]
+
+    # ---- daemon half -------------------------------------------------------------------
+    @abc.abstractmethod
+    def allocate(self, size: int) -> SegmentRef:
+        """[daemon] A fresh region of at least ``size`` bytes, owned by the caller.
+
+        Never a region that held other data: readers may still map freed ones."""
+
+    @abc.abstractmethod
+    def free(self, segments: Iterable[SegmentRef]) -> None:
+        """[daemon] Release regions (idempotent); mappings made before keep their bytes."""
+
+    def close(self) -> None:  # noqa: B027 - most transports have no background work
+        """[daemon] Stop background work and release memory nobody was handed."""
+
+    # ---- SDK half ----------------------------------------------------------------------
+    @abc.abstractmethod
+    def map_for_write(self, segment: SegmentRef, *, prefault: bool = False) -> Any:
+        """[SDK] A writable region over ``segment``; ``prefault`` installs every page now
+        (for a writer that maps ahead of its copy, e.g. write staging)."""
+
+    @abc.abstractmethod
+    def fill(self, region: Any, tensor: Any, offset: int) -> None:
+        """[SDK] Copy one tensor's bytes, C-contiguous, into ``region`` at ``offset``."""
+
+    @abc.abstractmethod
+    def map_for_read(self, segment: SegmentRef) -> Any:
+        """[SDK] A read-only region over ``segment``: ``fill`` into it is refused."""
+
+    @abc.abstractmethod
+    def wrap_base(self, region: Any) -> torch.Tensor:
+        """[SDK] One uint8 tensor over the whole region, no copy: the base every tensor of
+        the segment is sliced from.  Over a read-only region it must not be written."""
+
+    @abc.abstractmethod
+    def unmap(self, region: Any) -> None:
+        """[SDK] Drop this process's mapping; tensors still over it keep it alive."""
+
+    # ---- derived -----------------------------------------------------------------------
+    def tensor(self, bases: Sequence[torch.Tensor], meta: TensorMeta) -> torch.Tensor:
+        """[SDK] The tensor ``meta`` describes, sliced from its segment's base (no copy)."""
+        import torch
+
+        dtype = torch_dtype(meta.dtype)
+        if meta.nbytes != math.prod(meta.shape) * itemsize(meta.dtype):
+            raise DataLossError(
+                f"tensor {meta.name!r}: {meta.dtype} {meta.shape} does not take the "
+                f"{meta.nbytes} bytes its metadata says; the artifact's manifest is corrupt"
+            )
+        if meta.segment == NO_SEGMENT:
+            return torch.empty(meta.shape, dtype=dtype)
+        if not 0 <= meta.segment < len(bases):
+            raise DataLossError(
+                f"tensor {meta.name!r} is in segment {meta.segment} of an artifact with "
+                f"{len(bases)}; the artifact's manifest is corrupt"
+            )
+        base = bases[meta.segment]
+        if meta.offset + meta.nbytes > base.numel():
+            raise DataLossError(
+                f"tensor {meta.name!r} ends at byte {meta.offset + meta.nbytes} of a "
+                f"{base.numel()}-byte segment; the artifact's manifest is corrupt"
+            )
+        raw = base[meta.offset : meta.offset + meta.nbytes]
+        return raw.view(dtype).reshape(meta.shape)
