@@ -54,6 +54,7 @@ from tensorcast_ray._errors import (
 )
 from tensorcast_ray._layout import TensorMeta
 from tensorcast_ray._policy import ResolvedPolicy
+from tensorcast_ray._transport.base import SegmentRef
 
 __all__ = [
     "Actions",
@@ -67,9 +68,6 @@ __all__ = [
     "SegmentRef",
     "tier_outcomes",
 ]
-
-#: one shared-memory segment as the table sees it: (file name, size in bytes).
-SegmentRef = tuple[str, int]
 
 
 @dataclass
