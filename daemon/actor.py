@@ -5,6 +5,11 @@ detached, pinned to its node with hard node affinity, ``max_restarts=-1``, ``num
 Ray's handle is for lifecycle and discovery only (``info``, ``status``, ``stop``); requests
 go to the gRPC server or the local socket it starts. A restart re-adopts the node's shared
 memory from the journal and takes its old gRPC port back.
+
+Before it touches its shared memory, a daemon claims its prefix (writes its owner file under
+the claim lock) and starts its guardian (tensorcast_ray._guardian), which frees that memory
+once the daemon is gone and Ray does not restart it. A restarted daemon whose guardian already
+freed everything starts empty.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
 from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor, message_to_dict
 from tensorcast_ray._config import DaemonConfig
-from tensorcast_ray._gc import collect, read_owner, write_owner
+from tensorcast_ray._gc import claim_lock, collect, read_owner, write_owner
+from tensorcast_ray._guardian import spawn as spawn_guardian
 from tensorcast_ray._local_channel import METHODS
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 from tensorcast_ray._shm import segment_prefix
@@ -56,26 +62,27 @@ class DaemonActor:
             tiers=["stable_dram"],
             rpc_methods=[*METHODS, "Session"],
         )
+        socket_dir = private_socket_dir(self.config.socket_dir or default_socket_dir())
+        owner = {
+            "node_id": self.node_id,
+            "namespace": namespace,
+            "started_unix": time.time(),
+        }
+        with claim_lock(socket_dir):  # the guardian of a previous instance reaps under it
+            port = (read_owner(self.config.shm_dir, self.prefix) or {}).get("port")
+            write_owner(self.config.shm_dir, self.prefix, port=port, **owner)
+        self.guardian_pid = spawn_guardian(
+            self.config.shm_dir, self.prefix, socket_dir, self.config.guardian_grace_s
+        )
         self.store = LocalStore(self.config, prefix=self.prefix, metrics=metrics)
         identity = DaemonIdentity(self.node_id, namespace, version=version_override or __version__)
         self.service = DaemonService(identity, self.store, metrics, self._global_store_info)
-        socket_dir = self.config.socket_dir or default_socket_dir()
         socket_path = None
         if self.config.local_socket:
-            private_socket_dir(socket_dir)
             socket_path = os.path.join(socket_dir, f"{self.prefix}sock")
         self.server = DaemonServer(self.service, self.config, socket_path)
-        owner = read_owner(self.config.shm_dir, self.prefix) or {}
-        port = owner.get("port")
         self.server.start(preferred_port=port if isinstance(port, int) else None)
-        write_owner(
-            self.config.shm_dir,
-            self.prefix,
-            port=self.server.port,
-            node_id=self.node_id,
-            namespace=namespace,
-            started_unix=time.time(),
-        )
+        write_owner(self.config.shm_dir, self.prefix, port=self.server.port, **owner)
         self._collect_stale()
         self._connect_global_store()
         logger.info("daemon %s serving at %s", self.node_id, self.service.address)
@@ -140,6 +147,7 @@ class DaemonActor:
             "version": self.service.identity.version,
             "instance_id": self.service.identity.instance_id,
             "pid": os.getpid(),
+            "guardian_pid": self.guardian_pid,
             "global_store_address": self._gs_address,
             "global_store_version": self._gs_version,
             "shm_dir": self.config.shm_dir,

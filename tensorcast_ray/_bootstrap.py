@@ -172,6 +172,7 @@ def init(
                 raise
             state.ctx = _replace_ctx(state.ctx, metrics_address=f"127.0.0.1:{bound}")
         _state = state
+        _register_at_exit()
         logger.info("tensorcast_ray initialized: %s", state.ctx)
         return state.ctx
 
@@ -403,6 +404,30 @@ def _check_gs_version(handle: Any) -> None:
             f"incompatible tensorcast_ray versions: SDK {__version__}, daemon ?, Global Store "
             f"{info['version']}; install the same tensorcast_ray version everywhere"
         )
+
+
+_at_exit_registered = False
+
+
+def _register_at_exit() -> None:
+    """Run :func:`shutdown` at interpreter exit, before Ray's own exit hook (``atexit`` runs
+    handlers last-registered first, and Ray registers its own when it is imported): a script
+    that ends without ``shutdown()`` still stops what its ``init`` started — Ray, or a
+    ``mode="create"`` daemon — and frees their shared memory. A daemon of a cluster this
+    process only joined keeps running, as with ``shutdown()``."""
+    global _at_exit_registered
+    if not _at_exit_registered:
+        import atexit
+
+        atexit.register(_shutdown_at_exit)
+        _at_exit_registered = True
+
+
+def _shutdown_at_exit() -> None:
+    try:
+        shutdown()
+    except Exception:  # the interpreter is going away: say so, never raise from here
+        logger.warning("tensorcast_ray.shutdown() at interpreter exit failed", exc_info=True)
 
 
 def shutdown() -> None:

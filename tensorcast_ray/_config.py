@@ -64,6 +64,7 @@ class DaemonConfig(_Strict):
     epoch_slots: Annotated[int, Field(ge=1024, le=1 << 24)] = 65536
     journal: bool = True
     stale_shm_grace_s: Annotated[float, Field(ge=0)] = 600.0
+    guardian_grace_s: Annotated[float, Field(ge=0)] = 20.0
     global_store_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -7,18 +7,35 @@ Ray node id, so a new prefix, and never adopts them. Each daemon records its own
 gone *and* none of its files changed for ``min_age_s`` — the age test spares a daemon Ray is
 restarting right now (a restart takes seconds and re-adopts everything).
 
-Runs at every daemon start (for other prefixes on the host) and as ``tensorcast-ray gc``.
+Each daemon's guardian (tensorcast_ray._guardian) frees its prefix within seconds of the
+daemon's end; this age-based sweep is the fallback for prefixes no guardian watched (a guardian
+killed by hand, files of older versions). It runs at every daemon start (for other prefixes on
+the host) and as ``tensorcast-ray gc``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["OWNER_SUFFIX", "StalePrefix", "collect", "read_owner", "stale_prefixes", "write_owner"]
+__all__ = [
+    "OWNER_SUFFIX",
+    "StalePrefix",
+    "claim_lock",
+    "collect",
+    "pid_alive",
+    "read_owner",
+    "remove_prefix",
+    "stale_prefixes",
+    "write_owner",
+]
 
 OWNER_SUFFIX = "owner.json"
 #: ``tcr-<8 hex namespace hash>-<12 char node id>-`` (see tensorcast_ray._shm.segment_prefix)
@@ -88,7 +105,7 @@ def stale_prefixes(
         if match is None or match.group(1) == exclude:
             continue
         try:
-            st = os.stat(os.path.join(shm_dir, name))
+            st = os.lstat(os.path.join(shm_dir, name))
         except OSError:
             continue
         if st.st_uid == os.getuid():
@@ -125,12 +142,47 @@ def collect(
     found = stale_prefixes(shm_dir, min_age_s=min_age_s, exclude=exclude)
     if not dry_run:
         for stale in found:
-            paths = [os.path.join(shm_dir, name) for name in stale.files]
-            if socket_dir:
-                paths.append(os.path.join(socket_dir, stale.prefix + "sock"))
-            for path in paths:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            remove_prefix(shm_dir, stale.prefix, socket_dir)
     return found
+
+
+def remove_prefix(shm_dir: str, prefix: str, socket_dir: str | None) -> tuple[list[str], int]:
+    """Unlink every entry of this user named ``<prefix>*`` in ``shm_dir`` and the socket
+    ``<socket_dir>/<prefix>sock``; returns (names removed, their bytes).
+
+    Links are removed, never followed; another user's entries are left alone.
+    """
+    if not prefix or "/" in prefix:
+        raise ValueError(f"not a daemon prefix: {prefix!r}")
+    paths = []
+    try:
+        paths = [os.path.join(shm_dir, n) for n in os.listdir(shm_dir) if n.startswith(prefix)]
+    except OSError:
+        pass
+    if socket_dir:
+        paths.append(os.path.join(socket_dir, prefix + "sock"))
+    removed, nbytes = [], 0
+    for path in paths:
+        try:
+            st = os.lstat(path)
+            if st.st_uid != os.getuid() or stat.S_ISDIR(st.st_mode):
+                continue
+            os.unlink(path)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+        removed.append(os.path.basename(path))
+        nbytes += st.st_size
+    return removed, nbytes
+
+
+@contextlib.contextmanager
+def claim_lock(socket_dir: str) -> Iterator[None]:
+    """Serialize a daemon claiming its prefix (writing its owner file) against a guardian
+    removing it: an exclusive ``flock`` on the private socket directory, which only this
+    user can open (see ``private_socket_dir``), held for milliseconds."""
+    fd = os.open(socket_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -1,0 +1,224 @@
+"""The guardian: frees a daemon's shared memory once the daemon is gone for good.  [guardian]
+
+A daemon's files — segments, epochs table, journal and owner file (``<shm_dir>/<prefix>*``)
+and its unix socket — would outlive it whenever it ends without a clean ``stop``: Ray shut
+down or stopped, the node lost, ``ray.kill``. So every daemon starts one guardian
+(:func:`spawn`): a small process outside Ray's process tree — a session of its own, and
+re-parented away from the Ray worker by a double fork — which neither Ray's kill of a
+worker's children or process group nor ``ray stop`` (it matches Ray's process names)
+reaches. It loads only this module and :mod:`tensorcast_ray._gc` (stdlib and psutil), not
+the package (which would cost ~270 ms and ~50 MB), and polls twice a second:
+
+- the owner file names another live process → a successor (Ray restarted the daemon, or a
+  new one started after a stop) claimed the prefix and started its own guardian → exit;
+- the daemon lives → wait;
+- the daemon is gone, and so is the process that started it (the raylet: no restart can
+  come) or its owner file (a clean stop) → remove the prefix now and exit;
+- the daemon is gone but its raylet lives → give Ray ``guardian_grace_s`` to restart it,
+  then remove the prefix and exit.
+
+Removal re-reads the owner file under :func:`~tensorcast_ray._gc.claim_lock`, which a
+starting daemon holds while it writes that file: a successor either claims first (the
+guardian leaves its files alone) or finds the prefix empty and starts empty.
+
+It logs to the daemon's stderr it inherits: the daemon worker's log in Ray's log directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tensorcast_ray._gc import claim_lock, pid_alive, read_owner, remove_prefix
+
+__all__ = ["Guardian", "Observation", "reap", "spawn"]
+
+logger = logging.getLogger("tensorcast_ray.guardian")
+
+POLL_S = 0.5
+# Run in a fresh interpreter: register the package as an empty namespace so importing this
+# module does not run tensorcast_ray/__init__.py (see the module docstring).
+_BOOT = (
+    "import sys, types; pkg = types.ModuleType('tensorcast_ray'); pkg.__path__ = [sys.argv[1]]; "
+    "sys.modules['tensorcast_ray'] = pkg; from tensorcast_ray._guardian import main; "
+    "main(sys.argv[2:])"
+)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One look at the daemon, its parent and its owner file."""
+
+    daemon_alive: bool
+    parent_alive: bool
+    owner_pid: int | None  # None: the owner file is gone (a clean stop) or unreadable
+    owner_alive: bool  # owner_pid names a live process
+
+
+@dataclass
+class Guardian:
+    """The decisions (pure: observations and a clock in, "wait" / "exit" / "reap" out)."""
+
+    daemon_pid: int
+    grace_s: float
+    gone_since: float | None = None
+
+    def decide(self, seen: Observation, now: float) -> tuple[str, str]:
+        """(action, why)."""
+        if seen.owner_pid not in (None, self.daemon_pid) and seen.owner_alive:
+            return "exit", f"daemon pid {seen.owner_pid} took the prefix over"
+        if seen.daemon_alive:
+            self.gone_since = None
+            return "wait", "the daemon lives"
+        if seen.owner_pid is None:
+            return "reap", "the daemon stopped"
+        if not seen.parent_alive:
+            return "reap", "the daemon's raylet is gone, so Ray cannot restart it"
+        if self.gone_since is None:
+            self.gone_since = now
+        if now - self.gone_since >= self.grace_s:
+            return "reap", f"Ray did not restart the daemon within {self.grace_s:g} s"
+        return "wait", "the daemon is gone; Ray may restart it"
+
+
+def reap(shm_dir: str, prefix: str, socket_dir: str, daemon_pid: int) -> tuple[list[str], int]:
+    """Remove ``prefix`` unless a successor claimed it; returns (names removed, bytes)."""
+    with claim_lock(socket_dir):
+        owner = read_owner(shm_dir, prefix) or {}
+        pid = owner.get("pid")
+        if isinstance(pid, int) and pid != daemon_pid and pid_alive(pid):
+            return [], 0
+        return remove_prefix(shm_dir, prefix, socket_dir)
+
+
+def _alive(proc: Any) -> bool:
+    """``proc`` (a psutil.Process or None) still runs: not reused (psutil compares the start
+    time), and not a zombie nobody reaped yet."""
+    import psutil
+
+    try:
+        return bool(proc is not None and proc.is_running() and proc.status() != "zombie")
+    except psutil.Error:
+        return False
+
+
+def _owner_pid(shm_dir: str, prefix: str) -> int | None:
+    owner = read_owner(shm_dir, prefix)
+    pid = owner.get("pid") if owner else None
+    return pid if isinstance(pid, int) else None
+
+
+def _process(pid: int, started: float) -> Any:
+    """The psutil.Process ``pid`` if it is still the one that started at ``started``."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return proc if proc.create_time() == started else None
+    except psutil.Error:
+        return None
+
+
+def run(
+    guardian: Guardian, shm_dir: str, prefix: str, socket_dir: str, daemon: Any, parent: Any
+) -> str:
+    """Watch until the prefix is handed over or removed; returns why it ended. ``daemon`` and
+    ``parent`` are psutil.Process objects, or None for one already gone."""
+    while True:
+        owner = _owner_pid(shm_dir, prefix)
+        seen = Observation(
+            daemon_alive=_alive(daemon),
+            parent_alive=_alive(parent),
+            owner_pid=owner,
+            owner_alive=owner is not None and pid_alive(owner),
+        )
+        action, why = guardian.decide(seen, time.monotonic())
+        if action == "exit":
+            logger.info("%s: %s", prefix, why)
+            return why
+        if action == "reap":
+            removed, nbytes = reap(shm_dir, prefix, socket_dir, guardian.daemon_pid)
+            if removed or _owner_pid(shm_dir, prefix) in (None, guardian.daemon_pid):
+                # Quiet after a clean stop (at most its socket is left); loud after a crash.
+                level = logging.INFO if seen.owner_pid is None else logging.WARNING
+                logger.log(
+                    level, "%s: %s; removed %d files (%d bytes)", prefix, why, len(removed), nbytes
+                )
+                return why
+            continue  # a successor claimed the prefix just now: the next look exits
+        time.sleep(POLL_S)
+
+
+def spawn(shm_dir: str, prefix: str, socket_dir: str, grace_s: float) -> int:
+    """[daemon] Start the guardian of this process's prefix; returns its pid."""
+    import psutil
+
+    # Identify the daemon and its parent (the raylet) by pid and start time, taken here: by
+    # the time the guardian looks, either may be gone and its pid reused.
+    me = psutil.Process()
+    parent = me.parent()
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    args = ["--daemon", f"{me.pid}:{me.create_time()!r}"]
+    args += ["--parent", f"{parent.pid}:{parent.create_time()!r}" if parent else "0:0"]
+    args += ["--shm-dir", shm_dir, "--prefix", prefix, "--socket-dir", socket_dir]
+    args += ["--grace-s", repr(grace_s)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BOOT, package_dir, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,  # out of the worker's process group and session
+        cwd="/",
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.stdout.close()
+        proc.wait(timeout=60)
+    if proc.returncode != 0 or not line.strip().isdigit():
+        raise RuntimeError(f"the guardian of {prefix} did not start (exit {proc.returncode})")
+    return int(line)
+
+
+def main(argv: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="tensorcast_ray._guardian")
+    parser.add_argument("--daemon", type=_pid_started, required=True)
+    parser.add_argument("--parent", type=_pid_started, required=True)
+    parser.add_argument("--shm-dir", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--socket-dir", required=True)
+    parser.add_argument("--grace-s", type=float, required=True)
+    opts = parser.parse_args(argv)
+    # The second fork: the process spawn() started exits at once, so this one belongs to no
+    # Ray worker (Ray kills a worker's children when the worker exits).
+    child = os.fork()
+    if child:
+        print(child, flush=True)
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)  # let go of spawn()'s pipe
+    os.close(devnull)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s tensorcast_ray guardian %(process)d: %(message)s"
+    )
+    daemon, parent = (_process(*opts.daemon), _process(*opts.parent))
+    run(
+        Guardian(opts.daemon[0], opts.grace_s),
+        opts.shm_dir,
+        opts.prefix,
+        opts.socket_dir,
+        daemon,
+        parent,
+    )
+
+
+def _pid_started(text: str) -> tuple[int, float]:
+    pid, started = text.split(":")
+    return int(pid), float(started)
