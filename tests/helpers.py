@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 
 def wait_for(
@@ -62,3 +68,27 @@ def stop_namespace(namespace: str) -> None:
             pass
         ray.kill(handle, no_restart=True)
     wait_for(lambda: not named_actors(namespace), 30, f"actors of {namespace} to exit")
+
+
+@contextmanager
+def python_child(script: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], Any]]:
+    """Run ``script`` in a fresh interpreter from the repository root; yield the process and
+    the JSON of the first line it prints. The child talks over its stdin / stdout; it is
+    killed if still running when the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        yield proc, json.loads(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

@@ -9,9 +9,7 @@ write is a segmentation fault. Read-only-ness is checked through /proc/self/maps
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ import ray.cloudpickle
 import torch
 
 import tensorcast_ray as tc
-from tests.helpers import shm_prefix, wait_for
+from tests.helpers import python_child, shm_prefix, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 # pytest imports this file under a name Ray's workers cannot import: ship its code by value.
@@ -826,19 +824,8 @@ def test_non_ray_process_connected_by_address(nodes: list[Any], namespace: str) 
         sys.stdin.readline()  # hold the session open until the test has looked
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        out = json.loads(line)
+    with python_child(script) as (proc, out):
+        assert proc.stdin is not None
         assert out["mode"] == "connect"
         assert out["put"] == "ready" and out["register"] == "ready"
         assert out["get"] == torch.arange(12, dtype=torch.float64).reshape(3, 4).tolist()
@@ -855,10 +842,6 @@ def test_non_ray_process_connected_by_address(nodes: list[Any], namespace: str) 
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
     # Its process exited: the lease ended, the put stays.
     wait_for(lambda: not tc.exists("ext:lease"), 60, "the exited process's lease to end")
     assert tc.list_keys("ext:") == ["ext:from-ray", "ext:keep"]

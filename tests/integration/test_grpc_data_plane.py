@@ -6,12 +6,9 @@ client's ``Session`` stream (process exit, ``tc.shutdown()``, actor killed)."""
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
@@ -20,7 +17,7 @@ import torch
 import yaml
 
 import tensorcast_ray as tc
-from tests.helpers import wait_for
+from tests.helpers import python_child, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -175,19 +172,9 @@ if sys.stdin.readline().strip() == "shutdown":
 def test_a_process_outside_ray_over_grpc(driver: tc.InitContext, ending: str) -> None:
     tc.put(sample(2), key="ext:from-driver")
     tc.put({"x": torch.zeros(1)}, key="ext:gone")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(CONNECT_SCRIPT), driver.daemon_address],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None and proc.stdin is not None
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        out: dict[str, Any] = json.loads(line)
+    script = textwrap.dedent(CONNECT_SCRIPT)
+    with python_child(script, driver.daemon_address) as (proc, out):
+        assert proc.stdin is not None and proc.stdout is not None
         assert out == {
             "transport": "grpc",
             "ray_loaded": False,
@@ -207,9 +194,5 @@ def test_a_process_outside_ray_over_grpc(driver: tc.InitContext, ending: str) ->
             proc.stdin.write("\n")
             proc.stdin.flush()
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
     wait_for(lambda: not tc.exists("ext:lease"), 60, "the exited process's lease to end")
     assert tc.get("ext:keep")["t"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
