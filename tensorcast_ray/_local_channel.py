@@ -45,7 +45,7 @@ from tensorcast_ray._error_mapping import (
     handler_error,
     wire_fields,
 )
-from tensorcast_ray._errors import ArtifactError, UnavailableError, UnimplementedError
+from tensorcast_ray._errors import ArtifactError, UnimplementedError
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
 _HEADER = struct.Struct("<IB")
@@ -76,9 +76,7 @@ def _check_private_socket(path: str) -> None:
     try:
         st = os.lstat(path)
     except OSError as exc:
-        raise UnavailableError(
-            f"cannot open the daemon's local socket {path}: {exc}; the daemon may be restarting"
-        ) from exc
+        raise daemon_unreachable_error(path, f"cannot open the local socket: {exc}") from exc
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
         raise PermissionDeniedError(
             f"{path} is not a socket owned by this user (uid {st.st_uid}); refusing to use it"
