@@ -22,8 +22,13 @@ import grpc
 from tensorcast_ray.daemon.service import DaemonService
 
 from tensorcast_ray._config import DaemonConfig
-from tensorcast_ray._errors import FailedPreconditionError, UnavailableError
-from tensorcast_ray._grpc_server import AioServerThread, bind_error, unary_handlers
+from tensorcast_ray._errors import FailedPreconditionError
+from tensorcast_ray._grpc_server import (
+    AioServerThread,
+    bind_error,
+    bind_preferring,
+    unary_handlers,
+)
 from tensorcast_ray._local_channel import METHODS, LocalChannelServer
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
@@ -74,12 +79,11 @@ class DaemonServer:
         port = cfg.listen_port
         if port == 0 and preferred_port:
             # A restarted daemon takes its old port back so address= clients reconnect.
-            try:
-                self.port = self._aio.start(handlers, cfg.listen_host, preferred_port)
-            except UnavailableError:
-                self._aio.stop()
-                self._aio = AioServerThread("tc-daemon-grpc")
-                self.port = self._aio.start(handlers, cfg.listen_host, 0)
+            self.port = bind_preferring(
+                lambda p: self._aio.start(handlers, cfg.listen_host, p),
+                preferred_port,
+                "daemon gRPC server",
+            )
         else:
             self.port = self._aio.start(handlers, cfg.listen_host, port)
         self.service.address = f"{_host_for_clients(cfg.listen_host)}:{self.port}"

@@ -21,9 +21,14 @@ from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 
 from tensorcast_ray._actors import message_to_dict
 from tensorcast_ray._catalog import Catalog
-from tensorcast_ray._config import GlobalStoreConfig
+from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
 from tensorcast_ray._errors import InvalidArgumentError
-from tensorcast_ray._grpc_server import AioServerThread, bind_error, unary_handlers
+from tensorcast_ray._grpc_server import (
+    AioServerThread,
+    bind_error,
+    bind_preferring,
+    unary_handlers,
+)
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, global_store_pb2
 from tensorcast_ray._version import PROTOCOL_VERSION, __version__
 
@@ -52,18 +57,19 @@ class GlobalStoreActor:
         self._aio = AioServerThread("tc-gs-grpc")
         handler = unary_handlers(SERVICE_NAME, _METHODS, self._dispatch, self._executor)
         self.port = self._aio.start([handler], self.config.listen_host, self.config.listen_port)
+        host, port = self.config.metrics_host, self.config.metrics_port
         try:
-            self.metrics_port = self.metrics.serve(
-                self.config.metrics_port, self.config.metrics_host
-            )
+            if port is None:  # the default: another namespace or Ray cluster may hold it
+                self.metrics_port = bind_preferring(
+                    lambda p: self.metrics.serve(p, host),
+                    DEFAULT_GLOBAL_STORE_METRICS_PORT,
+                    "Global Store metrics endpoint",
+                )
+            else:
+                self.metrics_port = self.metrics.serve(port, host)
         except OSError as exc:
             self._aio.stop()
-            raise bind_error(
-                "Global Store metrics endpoint",
-                self.config.metrics_host,
-                self.config.metrics_port,
-                exc,
-            ) from exc
+            raise bind_error("Global Store metrics endpoint", host, port or 0, exc) from exc
         self.address = f"{self.config.listen_host}:{self.port}"
         self.metrics_address = f"{self.config.metrics_host}:{self.metrics_port}"
 

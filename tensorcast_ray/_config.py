@@ -23,6 +23,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 from tensorcast_ray._errors import InvalidArgumentError
 
 __all__ = [
+    "DEFAULT_GLOBAL_STORE_METRICS_PORT",
     "DaemonConfig",
     "EnvSettings",
     "GlobalStoreConfig",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 Port = Annotated[int, Field(ge=0, le=65535)]
+#: The Global Store's /metrics port when its config names none (a busy one is not an error).
+DEFAULT_GLOBAL_STORE_METRICS_PORT = 18008
 
 
 class _Strict(BaseModel):
@@ -75,7 +78,8 @@ class GlobalStoreConfig(_Strict):
     listen_host: str = "127.0.0.1"
     listen_port: Port = 0
     metrics_host: str = "127.0.0.1"
-    metrics_port: Port = 18008
+    #: None: :data:`DEFAULT_GLOBAL_STORE_METRICS_PORT`, or any free port when that is taken.
+    metrics_port: Port | None = None
     journal_url: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -21,7 +22,9 @@ from google.protobuf.message import Message
 from tensorcast_ray._error_mapping import abort_with, handler_error
 from tensorcast_ray._errors import UnavailableError
 
-__all__ = ["AioServerThread", "bind_error", "unary_handlers"]
+__all__ = ["AioServerThread", "bind_error", "bind_preferring", "unary_handlers"]
+
+logger = logging.getLogger(__name__)
 
 
 def bind_error(what: str, host: str, port: int, exc: BaseException) -> UnavailableError:
@@ -31,6 +34,21 @@ def bind_error(what: str, host: str, port: int, exc: BaseException) -> Unavailab
         "or PortConfig (0 = any free port)",
         retryable=False,
     )
+
+
+def bind_preferring(bind: Callable[[int], int], port: int, what: str) -> int:
+    """``bind(port)``, or ``bind(0)`` (any free port) when ``port`` is taken; the bound port.
+
+    For a port that is only a preference — a restarted daemon's old port, the Global Store's
+    default metrics port — which must never fail a start: a second namespace or Ray cluster on
+    the host may hold it. The port actually bound is logged here and published by the caller.
+    """
+    try:
+        return bind(port)
+    except (OSError, UnavailableError) as exc:
+        bound = bind(0)
+        logger.warning("%s: port %d is taken (%s); serving on port %d", what, port, exc, bound)
+        return bound
 
 
 class AioServerThread:
