@@ -184,7 +184,20 @@ def spawn(shm_dir: str, prefix: str, socket_dir: str, grace_s: float) -> int:
         proc.wait(timeout=60)
     if proc.returncode != 0 or not line.strip().isdigit():
         raise RuntimeError(f"the guardian of {prefix} did not start (exit {proc.returncode})")
-    return int(line)
+    guardian = int(line)
+    try:
+        adopted = psutil.Process(guardian).ppid() == me.pid
+    except psutil.Error:
+        adopted = False
+    if adopted:  # this worker is a child subreaper: Ray kills what it adopted when it exits
+        logger.warning(
+            "the guardian of %s cannot outlive this daemon (Ray runs with "
+            "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper=1): if the daemon "
+            "ends without a clean stop, its shared memory stays until `tensorcast-ray gc` "
+            "or a daemon started later on this host removes it",
+            prefix,
+        )
+    return guardian
 
 
 def main(argv: Sequence[str]) -> None:

@@ -53,8 +53,18 @@ RAY_LOCAL = (
 )
 
 ENDINGS = {
-    # tc.init starts Ray itself; the script ends without tc.shutdown()
-    "init_started_ray_no_shutdown": 'tc.init(ray_address="local", namespace=ns)\n' + AFTER_INIT,
+    # tc.init starts Ray itself; the script ends without tc.shutdown(). The exit hook
+    # registered before init runs after init's own (atexit runs them last-registered first)
+    # but before Ray's: by then init's hook has stopped the daemon cleanly.
+    "init_started_ray_no_shutdown": textwrap.dedent(
+        """
+        import atexit
+        from tests.helpers import leftovers
+        atexit.register(lambda: report(left_at_exit=leftovers(ns)))
+        tc.init(ray_address="local", namespace=ns)
+        """
+    )
+    + AFTER_INIT,
     "ray_shutdown": RAY_LOCAL + AFTER_INIT + "ray.shutdown()\n",
     "script_ends_without_any_shutdown": RAY_LOCAL + AFTER_INIT,
     # the whole node gone at once: every process of this Ray and the driver, SIGKILLed
@@ -115,6 +125,8 @@ def test_ending_frees_shared_memory(ending: str, env: dict[str, str], tmp_path: 
     assert rc == (-signal.SIGKILL if ending == "sigkill_of_the_node" else 0), (
         tmp_path / "stderr"
     ).read_text()[-4000:]
+    if ending == "init_started_ray_no_shutdown":
+        assert lines[-1] == {"left_at_exit": []}, "stopped cleanly at interpreter exit"
     assert_gone(ns, lines[0]["guardian"])
 
 

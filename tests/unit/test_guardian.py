@@ -21,6 +21,7 @@ from tensorcast_ray.daemon.metrics import DaemonMetrics
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._gc import write_owner
 from tensorcast_ray._guardian import Guardian, Observation, reap
+from tensorcast_ray._layout import Columns
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 from tests.helpers import wait_for
 
@@ -119,7 +120,10 @@ STAND_IN = textwrap.dedent(
     import os, sys, time
     from tensorcast_ray._gc import write_owner
     from tensorcast_ray._guardian import spawn
-    shm, sock, prefix, grace = sys.argv[1:5]
+    shm, sock, prefix, grace, subreaper = sys.argv[1:6]
+    if subreaper == "1":  # as Ray makes every worker in its deprecated subreaper mode
+        import ctypes
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     write_owner(shm, prefix, port=1)
     print(os.getpid(), spawn(shm, prefix, sock, float(grace)), flush=True)
     time.sleep(600)
@@ -130,11 +134,21 @@ STAND_IN = textwrap.dedent(
 class StandIn:
     """A process in the daemon's place: claims ``PREFIX`` and spawns its guardian."""
 
-    def __init__(self, shm: Path, sock: Path, grace_s: float, *, middle: bool = False) -> None:
+    def __init__(
+        self,
+        shm: Path,
+        sock: Path,
+        grace_s: float,
+        *,
+        middle: bool = False,
+        subreaper: bool = False,
+        stderr: int | None = None,
+    ) -> None:
         argv = [sys.executable, "-c", STAND_IN, str(shm), str(sock), PREFIX, str(grace_s)]
+        argv.append("1" if subreaper else "0")
         if middle:  # a parent of its own (the raylet's part), killable in the test
             argv = [sys.executable, "-c", _MIDDLE, *argv]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
         assert self.proc.stdout is not None
         pid, guardian = self.proc.stdout.readline().split()
         self.pid, self.guardian = int(pid), int(guardian)
@@ -189,6 +203,17 @@ def test_guardian_runs_outside_the_daemons_process_tree(
     cmdline = subprocess.list2cmdline(guardian.cmdline())
     matched = [k for k, by_name in RAY_PROCESSES if k in (guardian.name() if by_name else cmdline)]
     assert not matched, f"`ray stop` would kill the guardian: {matched}"
+
+
+def test_spawn_warns_when_the_daemon_is_a_subreaper_the_guardian_cannot_leave(
+    dirs: tuple[Path, Path], stand_ins: list[StandIn]
+) -> None:
+    shm, sock = dirs
+    daemon = StandIn(shm, sock, 600, subreaper=True, stderr=subprocess.PIPE)
+    stand_ins.append(daemon)
+    assert psutil.Process(daemon.guardian).ppid() == daemon.pid
+    assert daemon.proc.stderr is not None
+    assert "cannot outlive this daemon" in daemon.proc.stderr.readline()
 
 
 def test_daemon_killed_with_its_parent_alive_is_reaped_after_the_grace(
@@ -252,7 +277,7 @@ def test_restarted_daemon_starts_empty_when_its_guardian_removed_everything(
 ) -> None:
     config = DaemonConfig(shm_dir=str(tmp_path), shm_pool_bytes=0, shm_segment_bytes=1 << 20)
     first = LocalStore(config, prefix=PREFIX, metrics=DaemonMetrics())
-    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
     put(first, "w:v1")
     first.close(unlink=False)  # a crash: everything stays
     assert reap(str(tmp_path), PREFIX, str(tmp_path), daemon_pid=10)[0]
@@ -260,7 +285,7 @@ def test_restarted_daemon_starts_empty_when_its_guardian_removed_everything(
     second = LocalStore(config, prefix=PREFIX, metrics=DaemonMetrics())
     try:
         assert second.recovered == 0
-        second.bind_session_pid("s1", os.getpid(), second.hostname)
+        second.bind_session_pid("s1", os.getpid(), second.hostname, pid_verified=True)
         put(second, "w:v2")
         assert second.rpc_Lookup(daemon_pb2.LookupRequest(key="w:latest"), "").key == "w:v2"
     finally:
@@ -273,7 +298,7 @@ def put(store: LocalStore, key: str) -> None:
             key=key,
             kind=daemon_pb2.WRITE_KIND_PUT,
             session_id="s1",
-            tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[4096])],
+            tensors=Columns.of(["w"], ["uint8"], [(4096,)]).to_table(),
         ),
         "",
     )
