@@ -36,6 +36,7 @@ shell reports the pid dead.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -52,7 +53,7 @@ from tensorcast_ray._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from tensorcast_ray._layout import TensorMeta
+from tensorcast_ray._layout import Columns
 from tensorcast_ray._policy import ResolvedPolicy
 from tensorcast_ray._transport.base import SegmentRef
 
@@ -79,7 +80,9 @@ class Artifact:
     kind: str  # "put" | "register"
     nbytes: int
     segments: list[SegmentRef]
-    tensors: list[dict[str, Any]]
+    # The placed tensor table (a serialized common_pb2.TensorTable): one blob per artifact,
+    # answered to every Lookup as it is, never a record per tensor.
+    tensors: bytes
     created_ms: int
     epoch_slot: int = -1
     generation: int = 0
@@ -96,11 +99,17 @@ class Artifact:
     request_id: str = ""  # the client's id for the put that wrote it (retries after lost replies)
 
     def to_record(self) -> dict[str, Any]:
-        return _record(self)
+        return {**_record(self), "tensors": base64.b64encode(self.tensors).decode()}
 
     @classmethod
     def from_record(cls, raw: dict[str, Any]) -> Artifact:
-        return cls(**{**raw, "segments": [tuple(s) for s in raw["segments"]]})
+        return cls(
+            **{
+                **raw,
+                "segments": [tuple(s) for s in raw["segments"]],
+                "tensors": base64.b64decode(raw["tensors"]),
+            }
+        )
 
 
 @dataclass
@@ -464,7 +473,11 @@ class LeaseTable:
                 if out.done is not None:
                     return out
             segments: list[SegmentRef] = []
-            metas: list[dict[str, Any]] = []
+            names: list[str] = []
+            dtypes: list[str] = []
+            shapes: list[tuple[int, ...]] = []
+            placed: list[int] = []
+            offsets: list[int] = []
             used: list[str] = []
             for t in tensors:
                 buf = self.buffers.get(t.buffer_id)
@@ -483,13 +496,16 @@ class LeaseTable:
                 if buf.segment not in segments:
                     segments.append(buf.segment)
                     used.append(buf.buffer_id)
-                metas.append(
-                    TensorMeta(
-                        t.name, t.dtype, t.shape, segments.index(buf.segment), t.offset, t.nbytes
-                    ).to_dict()
-                )
-            artifact.segments, artifact.tensors, artifact.buffers = segments, metas, used
-            artifact.nbytes = sum(t["nbytes"] for t in metas)
+                names.append(t.name)
+                dtypes.append(t.dtype)
+                shapes.append(tuple(t.shape))
+                placed.append(segments.index(buf.segment))
+                offsets.append(t.offset)
+            cols = Columns.of(names, dtypes, shapes)
+            cols = cols.placed(placed, offsets, [size for _, size in segments])
+            artifact.segments, artifact.buffers = segments, used
+            artifact.tensors = cols.to_table().SerializeToString()
+            artifact.nbytes = sum(cols.nbytes)
             artifact.degraded_reasons = tier_outcomes(policy)
             self.catalog.reserve(artifact.key, artifact.artifact_id)
         except ArtifactError as exc:

@@ -182,6 +182,9 @@ class LocalIndex:
         self._used = 0
         self._entries: dict[str, IndexEntry] = {}
         self._seq = 0
+        # No entry expires before this (None: none has a TTL), so ``expire`` runs on every
+        # put without walking every resident artifact.
+        self._next_expiry: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -203,11 +206,11 @@ class LocalIndex:
 
     def _accessed(self, entry: IndexEntry, now_ms: int) -> IndexEntry:
         ttl = entry.retention_ttl_ms
+        expires = None if ttl is None else now_ms + ttl
+        if expires is not None and (self._next_expiry is None or expires < self._next_expiry):
+            self._next_expiry = expires
         return replace(
-            entry,
-            last_access_ms=now_ms,
-            access_seq=self._next_seq(),
-            expires_at_ms=None if ttl is None else now_ms + ttl,
+            entry, last_access_ms=now_ms, access_seq=self._next_seq(), expires_at_ms=expires
         )
 
     def _pick_victims(self, need: int, now_ms: int | None, durable_only: bool) -> list[str] | None:
@@ -348,10 +351,16 @@ class LocalIndex:
 
     def expire(self, now_ms: int) -> tuple[str, ...]:
         """Drop TTL entries past expiry with no readers; the shell frees their bytes."""
+        if self._next_expiry is None or now_ms < self._next_expiry:
+            return ()
         gone = [
             e.artifact_id for e in self._entries.values() if e.expired(now_ms) and not e.readers
         ]
         self._drop(gone)
+        self._next_expiry = min(
+            (e.expires_at_ms for e in self._entries.values() if e.expires_at_ms is not None),
+            default=None,
+        )
         return tuple(gone)
 
     def set_capacity(self, capacity_bytes: int, now_ms: int | None = None) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ Segments are never reused, so mapped bytes never change under a reader.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -52,11 +53,10 @@ from tensorcast_ray.daemon.metrics import DaemonMetrics
 
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._config import DaemonConfig
-from tensorcast_ray._dtypes import itemsize
 from tensorcast_ray._epochs import EpochTable
 from tensorcast_ray._errors import InvalidArgumentError, UnavailableError
 from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
-from tensorcast_ray._layout import plan_layout
+from tensorcast_ray._layout import Columns, place
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
 from tensorcast_ray._shm import remove_segments, round_up
@@ -113,7 +113,7 @@ class LocalStore:
             segment_bytes=int(config.shm_segment_bytes),
             reserve_bytes=int(config.shm_pool_bytes),
         )
-        self._update_gauges()
+        self._update_gauges(leases=True)
 
     # ---- helpers --------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -126,16 +126,6 @@ class LocalStore:
         """The session a lease belongs to; it must be one this daemon instance knows."""
         with self._lock:
             return self._leases.lease_owner(self._session(request_session, transport_session))
-
-    @staticmethod
-    def _policy(policy_json: str) -> ResolvedPolicy:
-        if not policy_json:
-            return resolve_policy(None)
-        try:
-            data = json.loads(policy_json)
-        except ValueError as exc:
-            raise InvalidArgumentError(f"policy_json is not valid JSON: {exc}") from exc
-        return ResolvedPolicy.from_dict(data)
 
     def _apply(self, actions: Actions) -> None:
         """Carry out what the lease table decided (under the lock)."""
@@ -166,16 +156,19 @@ class LocalStore:
         self, request: daemon_pb2.BeginWriteRequest, session_id: str
     ) -> daemon_pb2.BeginWriteResponse:
         parse_key(request.key, for_write=True)
-        _require_tensors(request.key, request.tensors)
         kind = "register" if request.kind == daemon_pb2.WRITE_KIND_REGISTER else "put"
         if request.ttl_ms < 0:
             raise InvalidArgumentError(f"ttl_ms must be >= 0, got {request.ttl_ms}")
-        specs = []
-        for t in request.tensors:
-            itemsize(t.dtype)
-            specs.append((t.name, t.dtype, tuple(int(d) for d in t.shape)))
-        plan = plan_layout(specs, int(self.config.shm_segment_bytes))
-        policy = self._policy(request.policy_json)
+        # Column by column, never a message per tensor: a put of 20,000 tensors costs the
+        # daemon a few ms (see tensorcast_ray._layout.Columns).
+        cols = Columns.from_table(request.tensors)
+        _require_tensors(request.key, len(cols))
+        segs, offsets, segment_sizes = place(cols.nbytes, int(self.config.shm_segment_bytes))
+        table = common_pb2.TensorTable()
+        table.CopyFrom(request.tensors)
+        table.segment.extend(segs)
+        table.offset.extend(offsets)
+        policy = _resolved_policy(request.policy_json)
         sid = (
             self._lease_owner(request.session_id, session_id)
             if kind == "register"
@@ -186,9 +179,9 @@ class LocalStore:
             artifact_id=uuid.uuid4().hex,
             key=request.key,
             kind=kind,
-            nbytes=sum(t.nbytes for t in plan.tensors),
+            nbytes=sum(cols.nbytes),
             segments=[],
-            tensors=[t.to_dict() for t in plan.tensors],
+            tensors=table.SerializeToString(),
             created_ms=now,
             owner_session=sid if kind == "register" else "",
             owner_pid=self._leases.sessions.get(sid, 0) if kind == "register" else 0,
@@ -205,7 +198,7 @@ class LocalStore:
                 write_id=write_id,
                 session_id=sid,
                 staged=request.staged_segments,
-                stageable=sum(1 for size in plan.segment_sizes if self._stageable(size)),
+                stageable=sum(1 for size in segment_sizes if self._stageable(size)),
                 now_ms=now,
             )
             self._record_admission(kind, outcome, time.perf_counter() - start)
@@ -223,7 +216,7 @@ class LocalStore:
         trims: list[SegmentRef] = []
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
-            for size in plan.segment_sizes:
+            for size in segment_sizes:
                 seg = staged.pop(0) if staged and self._stageable(size) else self._take(size)
                 segments.append(_fit(seg, size, trims))
             with self._lock:
@@ -244,9 +237,10 @@ class LocalStore:
             write_id=write_id,
             artifact_id=artifact.artifact_id,
             segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in segments],
-            tensors=[_layout_pb(t) for t in artifact.tensors],
+            tensor_segments=segs,
+            tensor_offsets=offsets,
             shm_dir=self.shm_dir,
-            stageable=sum(1 for size in plan.segment_sizes if self._stageable(size)),
+            stageable=sum(1 for size in segment_sizes if self._stageable(size)),
         )
 
     def _stageable(self, size: int) -> bool:
@@ -330,7 +324,7 @@ class LocalStore:
                 raise
             if self._journal is not None:
                 self._journal.add_buffer(buf.to_record())
-            self._update_gauges()
+            self._update_gauges(leases=True)
         return daemon_pb2.AllocateBufferResponse(
             buffer_id=buffer_id,
             segment=common_pb2.SegmentRef(name=seg[0], size=seg[1]),
@@ -341,8 +335,8 @@ class LocalStore:
         self, request: daemon_pb2.RegisterBuffersRequest, session_id: str
     ) -> daemon_pb2.WriteResult:
         parse_key(request.key, for_write=True)
-        _require_tensors(request.key, request.tensors)
-        policy = self._policy(request.policy_json)
+        _require_tensors(request.key, len(request.tensors))
+        policy = _resolved_policy(request.policy_json)
         sid = self._lease_owner(request.session_id, session_id)
         tensors = [
             BufferTensor(
@@ -363,7 +357,7 @@ class LocalStore:
                 kind="register",
                 nbytes=0,
                 segments=[],
-                tensors=[],
+                tensors=b"",
                 created_ms=now,
                 owner_session=sid,
                 owner_pid=self._leases.sessions.get(sid, 0),
@@ -381,7 +375,7 @@ class LocalStore:
             self._leases.commit_registered(artifact, slot, generation)
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
-            self._update_gauges()
+            self._update_gauges(leases=True)
         return _result(artifact)
 
     # ---- reads ------------------------------------------------------------------------
@@ -390,18 +384,19 @@ class LocalStore:
     ) -> daemon_pb2.ArtifactInfo:
         with self._lock:
             artifact = self._leases.lookup(request.key, request.artifact_id, self._now_ms())
-            return daemon_pb2.ArtifactInfo(
-                key=artifact.key,
-                artifact_id=artifact.artifact_id,
-                nbytes=artifact.nbytes,
-                segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in artifact.segments],
-                tensors=[_layout_pb(t) for t in artifact.tensors],
-                shm_dir=self.shm_dir,
-                epoch_slot=artifact.epoch_slot,
-                generation=artifact.generation,
-                kind=artifact.kind,
-                created_unix_ms=artifact.created_ms,
-            )
+        info = daemon_pb2.ArtifactInfo(
+            key=artifact.key,
+            artifact_id=artifact.artifact_id,
+            nbytes=artifact.nbytes,
+            segments=[common_pb2.SegmentRef(name=n, size=s) for n, s in artifact.segments],
+            shm_dir=self.shm_dir,
+            epoch_slot=artifact.epoch_slot,
+            generation=artifact.generation,
+            kind=artifact.kind,
+            created_unix_ms=artifact.created_ms,
+        )
+        info.tensors.MergeFromString(artifact.tensors)  # the stored table, as it is
+        return info
 
     def rpc_Exists(
         self, request: daemon_pb2.ExistsRequest, session_id: str
@@ -435,7 +430,7 @@ class LocalStore:
         """The producer went away: end its leases, abort its unfinished writes."""
         with self._lock:
             self._apply(self._leases.end_session(session_id))
-            self._update_gauges()
+            self._update_gauges(leases=True)
 
     def tick(self) -> None:
         """Periodic: trim segments, expire TTLs, end leases whose producer process is gone, and
@@ -456,6 +451,7 @@ class LocalStore:
         with self._lock:
             dead = {pid for pid in self._leases.watched_pids() if not pid_alive(pid)}
             self._apply(self._leases.expire(now, dead))
+            self._update_gauges(leases=True)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -475,15 +471,17 @@ class LocalStore:
                 ],
             }
 
-    def _update_gauges(self) -> None:
-        stats = self.stats()
-        m = self.metrics
-        m.artifacts.set(stats["artifacts"])
-        m.leases.set(stats["leases"])
-        m.shm_pool_bytes.set(stats["shm_pool_bytes"])
-        for tier in stats["tiers"]:
-            m.tier_bytes_used.labels(tier=tier["tier"]).set(tier["used_bytes"])
-            m.tier_bytes_capacity.labels(tier=tier["tier"]).set(tier["capacity_bytes"])
+    def _update_gauges(self, *, leases: bool = False) -> None:
+        """Runs on every commit and delete, so it reads only counters: no walk over what the
+        node holds (``stats()`` walks it). The lease count walks the artifacts: it is
+        refreshed when leases change (``leases``) and on every tick."""
+        table, m = self._leases, self.metrics
+        m.artifacts.set(len(table.artifacts))
+        m.shm_pool_bytes.set(self._shm.ready_bytes())
+        m.tier_bytes_used.labels(tier="stable_dram").set(table.index.used)
+        m.tier_bytes_capacity.labels(tier="stable_dram").set(table.index.capacity)
+        if leases:
+            m.leases.set(table.lease_count())
 
     def close(self, *, unlink: bool = True) -> None:
         """Stop the pool; with ``unlink`` free every segment (a clean stop, not a crash)."""
@@ -511,13 +509,26 @@ class LocalStore:
                 )
 
 
-def _require_tensors(key: str, tensors: Any) -> None:
+def _require_tensors(key: str, count: int) -> None:
     """An artifact holds at least one tensor: an empty write is the caller's mistake."""
-    if not tensors:
+    if not count:
         raise InvalidArgumentError(
             f"a write of {key!r} names no tensors: an artifact holds at least one (a "
             "zero-size tensor counts)"
         )
+
+
+@functools.lru_cache(maxsize=128)
+def _resolved_policy(policy_json: str) -> ResolvedPolicy:
+    """The policy a write sent, validated once per distinct JSON (writers send the same few
+    policies again and again; ResolvedPolicy is frozen, so sharing it is safe)."""
+    if not policy_json:
+        return resolve_policy(None)
+    try:
+        data = json.loads(policy_json)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"policy_json is not valid JSON: {exc}") from exc
+    return ResolvedPolicy.from_dict(data)
 
 
 def _fit(segment: SegmentRef, size: int, trims: list[SegmentRef]) -> SegmentRef:
@@ -528,17 +539,6 @@ def _fit(segment: SegmentRef, size: int, trims: list[SegmentRef]) -> SegmentRef:
     if actual > used:
         trims.append((name, used))
     return name, used
-
-
-def _layout_pb(t: dict[str, Any]) -> common_pb2.TensorLayout:
-    return common_pb2.TensorLayout(
-        name=t["name"],
-        dtype=t["dtype"],
-        shape=t["shape"],
-        segment=t["segment"],
-        offset=t["offset"],
-        nbytes=t["nbytes"],
-    )
 
 
 def _result(artifact: Artifact) -> daemon_pb2.WriteResult:

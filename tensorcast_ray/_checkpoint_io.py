@@ -33,11 +33,12 @@ from tensorcast_ray._errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from tensorcast_ray._layout import NO_SEGMENT
+from tensorcast_ray._layout import NO_SEGMENT, Columns
 from tensorcast_ray._metrics import get_sdk_metrics
 from tensorcast_ray._policy import StorePolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
-from tensorcast_ray._store import PutResult, _put_result, default_store
+from tensorcast_ray._store import default_store
+from tensorcast_ray._write import PutResult, placement, put_result, write_segments
 
 if TYPE_CHECKING:  # the disk layer (fsspec) loads on first use, not with the package
     from tensorcast_ray._disk import Checkpoint, CheckpointTensor, TensorSource
@@ -46,9 +47,6 @@ if TYPE_CHECKING:  # the disk layer (fsspec) loads on first use, not with the pa
 __all__ = ["export", "export_artifact", "import_checkpoint", "import_into"]
 
 Progress = Callable[[int, int], None]
-
-#: ``fill(started, maps)``: write every tensor of ``started.tensors`` into ``maps[segment]``.
-Fill = Callable[[daemon_pb2.BeginWriteResponse, Sequence[mmap.mmap]], None]
 
 
 def _check_progress(progress: Progress | None) -> None:
@@ -232,19 +230,22 @@ def import_into(
         )
         _check_committed(url, ckpt)
         chosen = _select(ckpt, names)
+        cols = Columns.of(
+            [t.name for t in chosen], [t.dtype for t in chosen], [tuple(t.shape) for t in chosen]
+        )
         begin = daemon_pb2.BeginWriteRequest(
             key=key,
             kind=daemon_pb2.WRITE_KIND_PUT,
-            tensors=[
-                daemon_pb2.TensorSpec(name=t.name, dtype=t.dtype, shape=list(t.shape))
-                for t in chosen
-            ],
+            tensors=cols.to_table(),
             policy_json=policy_json,
         )
 
         def fill(started: daemon_pb2.BeginWriteResponse, maps: Sequence[mmap.mmap]) -> None:
             bases = [memoryview(m) for m in maps]
-            where = {t.name: (t.segment, t.offset, t.nbytes) for t in started.tensors}
+            segments, offsets = placement(started, cols)
+            where = dict(
+                zip(cols.names, zip(segments, offsets, cols.nbytes, strict=True), strict=True)
+            )
 
             def dest(t: CheckpointTensor) -> memoryview:
                 segment, offset, nbytes = where[t.name]
@@ -265,7 +266,6 @@ def import_into(
                     with contextlib.suppress(BufferError):
                         b.release()
 
-        specs = [(t.name, t.dtype, t.shape) for t in chosen]
-        result = store._write_segments("import", begin, specs, fill)
+        result = write_segments(store, "import", begin, cols, fill)
         get_sdk_metrics().record_data_path("disk")
-        return _put_result(result)
+        return put_result(result)

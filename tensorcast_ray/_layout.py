@@ -29,26 +29,30 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tensorcast_ray._dtypes import ITEMSIZE, itemsize, torch_dtype
 from tensorcast_ray._dtypes import dtype_name as _dtype_name
-from tensorcast_ray._dtypes import itemsize, torch_dtype
 from tensorcast_ray._errors import ArtifactError, DataLossError, InvalidArgumentError
+from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "NO_SEGMENT",
+    "Columns",
     "LayoutPlan",
     "SliceRegion",
     "TensorMeta",
     "copy_into",
     "describe_tensors",
     "normalize_slices",
+    "place",
     "plan_layout",
     "slice_region",
     "wrap_tensor",
@@ -156,14 +160,9 @@ def plan_layout(
     segment of its own (packing then goes on in the segment that was open); segment sizes
     are rounded up to 4096; zero-byte tensors take no bytes (segment NO_SEGMENT).
     """
-    if not _is_int(segment_bytes) or segment_bytes <= 0:
-        raise InvalidArgumentError(f"segment_bytes must be a positive int, got {segment_bytes!r}")
-    if not _is_int(align) or align <= 0 or align & (align - 1):
-        raise InvalidArgumentError(f"align must be a positive power of two, got {align!r}")
-    used: list[int] = []  # bytes used in each segment so far
-    open_seg = NO_SEGMENT  # the segment small tensors are packed into
-    seen: set[str] = set()
-    metas: list[TensorMeta] = []
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[tuple[int, ...]] = []
     for i, spec in enumerate(specs):
         if not isinstance(spec, (tuple, list)) or len(spec) != 3:
             raise InvalidArgumentError(
@@ -172,33 +171,183 @@ def plan_layout(
         name, dtype, shape = spec
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"tensor #{i} needs a non-empty str name, got {name!r}")
-        if name in seen:
-            raise InvalidArgumentError(f"tensor name {name!r} appears twice; names must be unique")
-        seen.add(name)
-        try:
-            size = itemsize(dtype)
-        except ArtifactError as exc:
-            raise InvalidArgumentError(f"tensor {name!r}: {exc.message}") from None
         if not isinstance(shape, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in shape):
             raise InvalidArgumentError(
                 f"tensor {name!r}: shape must be a tuple of non-negative ints, got {shape!r}"
             )
-        shape = tuple(shape)
-        nbytes = math.prod(shape) * size
-        if nbytes == 0:
-            metas.append(TensorMeta(name, dtype, shape, NO_SEGMENT, 0, 0))
-            continue
-        if nbytes > segment_bytes:
-            used.append(nbytes)
-            metas.append(TensorMeta(name, dtype, shape, len(used) - 1, 0, nbytes))
-            continue
-        offset = _round_up(used[open_seg], align) if open_seg != NO_SEGMENT else 0
-        if open_seg == NO_SEGMENT or offset + nbytes > segment_bytes:
-            used.append(0)
-            open_seg, offset = len(used) - 1, 0
-        used[open_seg] = offset + nbytes
-        metas.append(TensorMeta(name, dtype, shape, open_seg, offset, nbytes))
-    return LayoutPlan(tuple(metas), tuple(_round_up(u, _PAGE_BYTES) for u in used))
+        names.append(name)
+        dtypes.append(dtype)
+        shapes.append(tuple(shape))
+    cols = Columns.of(names, dtypes, shapes)
+    segments, offsets, sizes = place(cols.nbytes, segment_bytes, align)
+    metas = tuple(
+        TensorMeta(n, d, sh, seg, off, nb)
+        for n, d, sh, seg, off, nb in zip(
+            names, dtypes, shapes, segments, offsets, cols.nbytes, strict=True
+        )
+    )
+    return LayoutPlan(metas, sizes)
+
+
+def place(
+    nbytes: Sequence[int], segment_bytes: int, align: int = 256
+) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """``(segment per tensor, offset per tensor, segment sizes)`` for tensors of ``nbytes``,
+    packed in order as :func:`plan_layout` describes.  [SDK or daemon]
+
+    Plain integer work, one short step per tensor: it runs on every put of up to 20,000
+    tensors, so the per-tensor validation happened before, column by column."""
+    if not _is_int(segment_bytes) or segment_bytes <= 0:
+        raise InvalidArgumentError(f"segment_bytes must be a positive int, got {segment_bytes!r}")
+    if not _is_int(align) or align <= 0 or align & (align - 1):
+        raise InvalidArgumentError(f"align must be a positive power of two, got {align!r}")
+    used: list[int] = []  # bytes used in each segment so far
+    open_seg = NO_SEGMENT  # the segment small tensors are packed into
+    fill = 0  # bytes used in open_seg
+    segments: list[int] = []
+    offsets: list[int] = []
+    mask = align - 1
+    for nb in nbytes:
+        if nb == 0:
+            segments.append(NO_SEGMENT)
+            offsets.append(0)
+        elif nb > segment_bytes:
+            used.append(nb)
+            segments.append(len(used) - 1)
+            offsets.append(0)
+        else:
+            offset = (fill + mask) & ~mask
+            if open_seg == NO_SEGMENT or offset + nb > segment_bytes:
+                used.append(0)
+                open_seg, offset = len(used) - 1, 0
+            fill = offset + nb
+            used[open_seg] = fill
+            segments.append(open_seg)
+            offsets.append(offset)
+    return segments, offsets, tuple(_round_up(u, _PAGE_BYTES) for u in used)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """An artifact's tensors as parallel lists (entry ``i`` of each is tensor ``i``): the
+    in-memory twin of the wire's ``TensorTable``, so no object is made per tensor.
+
+    ``segments`` / ``offsets`` are empty until the tensors are placed.  [SDK, daemon]
+    """
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    nbytes: list[int]
+    segments: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def of(cls, names: list[str], dtypes: list[str], shapes: list[tuple[int, ...]]) -> Columns:
+        """Validated columns of unplaced tensors: unique non-empty names, known dtypes."""
+        if len(set(names)) != len(names):
+            seen: set[str] = set()
+            for dup in names:
+                if dup in seen:
+                    break
+                seen.add(dup)
+            raise InvalidArgumentError(f"tensor name {dup!r} appears twice; names must be unique")
+        if "" in names:
+            raise InvalidArgumentError("every tensor needs a non-empty name")
+        sizes: dict[str, int] = {}
+        for d in set(dtypes):
+            try:
+                sizes[d] = itemsize(d)
+            except ArtifactError as exc:
+                name = names[dtypes.index(d)]
+                raise InvalidArgumentError(f"tensor {name!r}: {exc.message}") from None
+        nbytes = [math.prod(sh) * sizes[d] for d, sh in zip(dtypes, shapes, strict=True)]
+        return cls(names, dtypes, shapes, nbytes)
+
+    def placed(self, segments: list[int], offsets: list[int], sizes: Sequence[int]) -> Columns:
+        """These columns with their placement, checked against the segment ``sizes``: a
+        tensor outside its segment would read or write another file's bytes."""
+        n = len(self.names)
+        if len(segments) != n or len(offsets) != n:
+            raise DataLossError(
+                f"the layout places {len(segments)} of {n} tensors; the artifact's metadata "
+                "is corrupt"
+            )
+        count = len(sizes)
+        for name, seg, off, nb in zip(self.names, segments, offsets, self.nbytes, strict=True):
+            if nb and not (0 <= seg < count and 0 <= off and off + nb <= sizes[seg]):
+                raise DataLossError(
+                    f"tensor {name!r} ({nb} bytes at offset {off}) lies outside its segment "
+                    f"{seg} (segment sizes {list(sizes)}); the artifact's metadata is corrupt"
+                )
+        return Columns(self.names, self.dtypes, self.shapes, self.nbytes, segments, offsets)
+
+    def meta(self, i: int) -> TensorMeta:
+        seg = self.segments[i] if self.segments else NO_SEGMENT
+        off = self.offsets[i] if self.offsets else 0
+        return TensorMeta(self.names[i], self.dtypes[i], self.shapes[i], seg, off, self.nbytes[i])
+
+    def to_table(self) -> common_pb2.TensorTable:
+        """The wire form.  [SDK, daemon]"""
+        joined = "\0".join(self.names)
+        if joined.count("\0") > max(len(self.names) - 1, 0):
+            bad = next(n for n in self.names if "\0" in n)
+            raise InvalidArgumentError(f"tensor name {bad!r} holds a NUL character")
+        distinct = list(dict.fromkeys(self.dtypes))
+        code = {d: i for i, d in enumerate(distinct)}
+        dims: list[int] = []
+        for sh in self.shapes:
+            dims.extend(sh)
+        return common_pb2.TensorTable(
+            names=joined.encode(),
+            dtypes=distinct,
+            dtype_index=[code[d] for d in self.dtypes],
+            ndim=[len(sh) for sh in self.shapes],
+            dims=dims,
+            segment=self.segments,
+            offset=self.offsets,
+        )
+
+    @classmethod
+    def from_table(
+        cls, table: common_pb2.TensorTable, segment_sizes: Sequence[int] | None = None
+    ) -> Columns:
+        """Decode and validate the wire form; with ``segment_sizes`` the placement too (an
+        artifact's layout), else none may be given (a write request).  [SDK, daemon]"""
+        try:
+            text = table.names.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidArgumentError(f"tensor names are not UTF-8: {exc}") from None
+        codes, ndims, flat = list(table.dtype_index), list(table.ndim), list(table.dims)
+        n = len(codes)
+        names = text.split("\0") if n else ([] if not text else [text])
+        if len(names) != n or len(ndims) != n or sum(ndims) != len(flat):
+            raise InvalidArgumentError(
+                f"malformed tensor table: {len(names)} names, {n} dtypes, {len(ndims)} ranks "
+                f"and {len(flat)} dims do not describe the same tensors"
+            )
+        distinct = list(table.dtypes)
+        if codes and max(codes) >= len(distinct):
+            raise InvalidArgumentError(
+                f"malformed tensor table: dtype index {max(codes)} of {len(distinct)} dtypes"
+            )
+        if flat and min(flat) < 0:
+            raise InvalidArgumentError("malformed tensor table: a shape has a negative dimension")
+        dtypes = [distinct[c] for c in codes]
+        shapes: list[tuple[int, ...]] = []
+        pos = 0
+        for k in ndims:
+            shapes.append(tuple(flat[pos : pos + k]))
+            pos += k
+        cols = cls.of(names, dtypes, shapes)
+        if segment_sizes is None:
+            if len(table.segment) or len(table.offset):
+                raise InvalidArgumentError("a write request must not place its tensors")
+            return cols
+        return cols.placed(list(table.segment), list(table.offset), segment_sizes)
 
 
 def describe_tensors(tensors: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -207,6 +356,12 @@ def describe_tensors(tensors: Mapping[str, Any]) -> list[tuple[str, str, tuple[i
     Any device is described (a CUDA tensor's metadata is the same); moving its bytes is the
     business of the transport that handles that device.
     """
+    cols = describe(tensors)
+    return list(zip(cols.names, cols.dtypes, cols.shapes, strict=True))
+
+
+def describe(tensors: Mapping[str, Any]) -> Columns:
+    """:func:`describe_tensors` as validated, unplaced :class:`Columns`.  [SDK]"""
     import numpy as np
     import torch
 
@@ -214,7 +369,10 @@ def describe_tensors(tensors: Mapping[str, Any]) -> list[tuple[str, str, tuple[i
         raise InvalidArgumentError(
             f"expected a mapping of name -> tensor (e.g. a state_dict), got {type(tensors)}"
         )
-    out: list[tuple[str, str, tuple[int, ...]]] = []
+    known = _torch_dtype_names()
+    names: list[str] = []
+    dtypes: list[str] = []
+    shapes: list[tuple[int, ...]] = []
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise InvalidArgumentError(f"tensor names must be str, got {key!r} ({type(key)})")
@@ -224,21 +382,42 @@ def describe_tensors(tensors: Mapping[str, Any]) -> list[tuple[str, str, tuple[i
                     f"tensor {key!r} has layout {value.layout}; only dense tensors are "
                     f"stored: call .to_dense() first"
                 )
+            name = known.get(value.dtype)
             dtype: Any = value.dtype
         elif isinstance(value, np.ndarray):
             # copy_into stores foreign byte orders native, so describe them native too.
             dtype = value.dtype if value.dtype.isnative else value.dtype.newbyteorder("=")
+            name = None
         else:
             raise InvalidArgumentError(
                 f"value of {key!r} is a {type(value).__module__}.{type(value).__qualname__}; "
                 f"only torch.Tensor and numpy.ndarray are stored as tensors"
             )
-        try:
-            name = _dtype_name(dtype)
-        except ArtifactError as exc:
-            raise InvalidArgumentError(f"tensor {key!r}: {exc.message}") from None
-        out.append((key, name, tuple(int(d) for d in value.shape)))
-    return out
+        if name is None:
+            try:
+                name = _dtype_name(dtype)
+            except ArtifactError as exc:
+                raise InvalidArgumentError(f"tensor {key!r}: {exc.message}") from None
+        names.append(key)
+        dtypes.append(name)
+        shapes.append(tuple(value.shape))
+    return Columns.of(names, dtypes, shapes)
+
+
+_TORCH_NAMES: dict[Any, str] = {}
+
+
+def _torch_dtype_names() -> dict[Any, str]:
+    """torch dtype → canonical name, built once: ``str(dtype)`` per tensor is measurable
+    at 20,000 tensors."""
+    if not _TORCH_NAMES:
+        import torch
+
+        for name in ITEMSIZE:
+            dtype = getattr(torch, name, None)
+            if isinstance(dtype, torch.dtype):
+                _TORCH_NAMES[dtype] = name
+    return _TORCH_NAMES
 
 
 def _as_torch(tensor: Any) -> torch.Tensor:
@@ -267,21 +446,43 @@ def _as_torch(tensor: Any) -> torch.Tensor:
 
 def _bytes_view(buf: Buffer, offset: int, nbytes: int, what: str) -> torch.Tensor:
     """A uint8 tensor over ``buf[offset:offset + nbytes]``, no copy."""
-    import torch
-
     length = memoryview(buf).nbytes
     if offset < 0 or offset + nbytes > length:
         raise InvalidArgumentError(
             f"{what}: bytes [{offset}, {offset + nbytes}) do not fit a buffer of {length} bytes"
         )
-    with warnings.catch_warnings():
-        # torch warns that a read-only buffer makes a tensor it cannot protect; the callers
-        # document that tensors over read-only mappings must not be written.
-        warnings.simplefilter("ignore", UserWarning)
-        # Through a memoryview: torch keeps the object it is given alive but releases its
-        # buffer export, so an mmap passed directly could be closed under a live tensor
-        # (a segfault on the next read).  A memoryview holds the export until the tensor dies.
-        return torch.frombuffer(memoryview(buf), dtype=torch.uint8, count=nbytes, offset=offset)
+    return bytes_tensor(buf, nbytes, offset)
+
+
+_readonly_lock = threading.Lock()
+_readonly_seen = False
+
+
+def bytes_tensor(buf: Buffer, count: int = -1, offset: int = 0) -> torch.Tensor:
+    """``torch.frombuffer`` as uint8 over ``buf``, no copy.  [SDK]
+
+    Through a memoryview: torch keeps the object it is given alive but releases its buffer
+    export, so an mmap passed directly could be closed under a live tensor (a segfault on
+    the next read). A memoryview holds the export until the last tensor over it dies.
+
+    torch warns, once per process, that a read-only buffer makes a tensor it cannot protect;
+    callers document that tensors over read-only mappings must not be written. The warning
+    is silenced for the first such call only (``catch_warnings`` swaps process-wide state,
+    so it must not run per tensor, nor while other threads read).
+    """
+    global _readonly_seen
+    import torch
+
+    view = memoryview(buf)
+    if view.readonly and not _readonly_seen:
+        with _readonly_lock:
+            if not _readonly_seen:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    out = torch.frombuffer(view, dtype=torch.uint8, count=count, offset=offset)
+                _readonly_seen = True
+                return out
+    return torch.frombuffer(view, dtype=torch.uint8, count=count, offset=offset)
 
 
 def copy_into(tensor: Any, dest: Buffer, offset: int) -> None:

@@ -1,20 +1,16 @@
 """The verbs: put, register, artifact, get, get_into, exists, delete, list_keys, empty.  [SDK]
 
-One put, step by step: validate the key, tensors and policy here (fail fast, nothing sent);
-``BeginWrite`` → the daemon reserves the version, admits the bytes and hands out
-pre-faulted segments; copy each tensor once into them; ``CommitWrite`` publishes the
-version. Any failure in between aborts the write, so the store never holds a half-written
-version. Every verb runs under its retry policy; between attempts the client reconnects
-(after a daemon restart the daemon's address is re-resolved through Ray).
+A :class:`Store` binds the verbs to options (read source, retry overrides). Writes go
+through the one write pipeline (:mod:`tensorcast_ray._write`); reads through this
+process's read cache (:mod:`tensorcast_ray._read_cache`). Every verb runs under its retry
+policy; between attempts the client reconnects (after a daemon restart the daemon's
+address is re-resolved through Ray).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import threading
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,39 +18,25 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray import _bootstrap
-from tensorcast_ray._artifact import Artifact, ReadCache, _check_device
+from tensorcast_ray._artifact import Artifact, _check_device
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._errors import (
-    ArtifactError,
     FailedPreconditionError,
     InvalidArgumentError,
     UnimplementedError,
 )
-from tensorcast_ray._layout import NO_SEGMENT, copy_into, describe_tensors, plan_layout
 from tensorcast_ray._metrics import get_sdk_metrics
-from tensorcast_ray._policy import StorePolicy, resolve_policy
+from tensorcast_ray._policy import StorePolicy
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+from tensorcast_ray._read_cache import ReadCache
 from tensorcast_ray._retry import Retrier, RetryPolicy
 from tensorcast_ray._shm import map_segment
-from tensorcast_ray._staging import Staged, Stager
+from tensorcast_ray._write import PutResult, write
 
 if TYPE_CHECKING:
     import torch
 
 SOURCES = ("auto", "local_only", "remote", "disk")
-
-logger = logging.getLogger("tensorcast_ray.store")
-
-
-def log_fallback(reason: str, message: str, *, key: str, mode: str, artifact_id: str = "") -> None:
-    """A fallback to a slower path: counted, and logged with the fields operators filter on."""
-    get_sdk_metrics().region_backed_fallback.labels(reason=reason).inc()
-    logger.info(
-        "%s (key %s)",
-        message,
-        key,
-        extra={"tc.store.mode": mode, "tc.store.artifact_id": artifact_id, "tc.store.key": key},
-    )
 
 
 @dataclass(frozen=True)
@@ -74,16 +56,6 @@ class GetArtifactOptions:
 class StoreOptions:
     get: GetArtifactOptions = field(default_factory=GetArtifactOptions)
     retry_overrides: Mapping[str, RetryPolicy] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class PutResult:
-    key: str
-    artifact_id: str
-    nbytes: int
-    status: str
-    degraded_reasons: tuple[str, ...] = ()
-    persistence_task_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +143,10 @@ class Store:
     def _read_cache(self) -> ReadCache:
         return _process_caches()[0]
 
+    @property
+    def _buffers(self) -> _BufferRegistry:
+        return _process_caches()[1]
+
     # ---- plumbing ----------------------------------------------------------------------
     @contextmanager
     def _verb(self, verb: str) -> Iterator[None]:
@@ -212,7 +188,7 @@ class Store:
     ) -> PutResult:
         """Copy ``tensors`` once into the node's shared memory as version ``key``."""
         with self._verb("put"):
-            return self._write("put", tensors, key, policy, None)
+            return write(self, "put", tensors, key, policy, None)
 
     def register(
         self,
@@ -230,173 +206,7 @@ class Store:
                 isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0
             ):
                 raise InvalidArgumentError(f"ttl_ms must be a positive int or None, got {ttl_ms!r}")
-            return self._write("register", tensors, key, policy, ttl_ms)
-
-    def _write(
-        self,
-        verb: str,
-        tensors: Mapping[str, Any],
-        key: str,
-        policy: StorePolicy | None,
-        ttl_ms: int | None,
-    ) -> PutResult:
-        parse_key(key, for_write=True)
-        if not isinstance(tensors, Mapping):
-            raise InvalidArgumentError(
-                f"{verb} takes a mapping of name to tensor, got {type(tensors).__name__}"
-            )
-        if not tensors:
-            raise InvalidArgumentError(
-                f"{verb} of {key!r} got no tensors: an artifact holds at least one (a "
-                "zero-size tensor counts)"
-            )
-        if policy is not None and not isinstance(policy, StorePolicy):
-            raise InvalidArgumentError("policy must be a tensorcast_ray.StorePolicy or None")
-        specs = describe_tensors(tensors)
-        cuda = [
-            n
-            for n, t in tensors.items()
-            if getattr(getattr(t, "device", None), "type", "cpu") == "cuda"
-        ]
-        if cuda and verb == "register":
-            raise UnimplementedError(
-                f"register of CUDA tensors ({cuda[0]!r}, …) needs CUDA IPC, which is not built "
-                "yet; use tc.put(), which copies them once into host shared memory"
-            )
-        policy_json = json.dumps(resolve_policy(policy).to_dict())
-        self._require_same_host()
-        if verb == "register":
-            refs = self._buffer_refs(tensors)
-            if refs is None and tensors:
-                log_fallback(
-                    "not_shared_memory",
-                    "register copies the tensors once: they are not all in tc.empty buffers",
-                    key=key,
-                    mode="copy",
-                )
-            if refs is not None:
-                request = daemon_pb2.RegisterBuffersRequest(
-                    key=key,
-                    request_id=uuid.uuid4().hex,
-                    tensors=refs,
-                    policy_json=policy_json,
-                    ttl_ms=ttl_ms or 0,
-                )
-                result = self._retrier.call(
-                    verb, lambda t: self._call_in_session("RegisterBuffers", request, t)
-                )
-                get_sdk_metrics().record_data_path("shm")
-                return _put_result(result)
-        begin = daemon_pb2.BeginWriteRequest(
-            key=key,
-            kind=daemon_pb2.WRITE_KIND_REGISTER
-            if verb == "register"
-            else daemon_pb2.WRITE_KIND_PUT,
-            tensors=[daemon_pb2.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in specs],
-            policy_json=policy_json,
-            ttl_ms=ttl_ms or 0,
-        )
-
-        def fill(started: daemon_pb2.BeginWriteResponse, maps: Sequence[Any]) -> None:
-            for t in started.tensors:
-                if t.segment != NO_SEGMENT:
-                    copy_into(tensors[t.name], maps[t.segment], t.offset)
-
-        result = self._write_segments(verb, begin, specs, fill)
-        get_sdk_metrics().record_data_path("shm")
-        return _put_result(result)
-
-    def _write_segments(
-        self,
-        verb: str,
-        begin: daemon_pb2.BeginWriteRequest,
-        specs: list[tuple[str, str, tuple[int, ...]]],
-        fill: Callable[[daemon_pb2.BeginWriteResponse, Sequence[Any]], None],
-    ) -> daemon_pb2.WriteResult:
-        """One write through the daemon's segments under ``verb``'s retry policy: offer staged
-        segments → BeginWrite → a writable mapping per segment → ``fill(started, maps)`` →
-        CommitWrite. Any failure after BeginWrite (mapping and ``fill`` included) sends
-        AbortWrite and re-raises. put, register (copy) and import differ only in ``fill``."""
-
-        if not begin.request_id:  # one id for every attempt of this write
-            begin.request_id = uuid.uuid4().hex
-
-        def attempt(timeout: float) -> Any:
-            state = _bootstrap.current()
-            stager = _stager(state)
-            needed = _segments_needed(specs, state)
-            staged = stager.take(needed) if stager else []
-            begin.session_id = state.client.session_hint
-            begin.staged_segments[:] = [st.name for st in staged]
-            try:
-                started = self._call("BeginWrite", begin, timeout)
-            except BaseException:
-                if stager is not None:
-                    stager.give_back(staged, done=True)
-                raise
-            if started.HasField("committed"):  # an earlier attempt committed; its reply was lost
-                if stager is not None:
-                    stager.give_back(staged, done=True)
-                return started.committed
-            if stager is not None:
-                stager.expect(started.stageable)  # staged for the next write, once this ends
-                offered = {st.name for st in staged}
-                used = sum(1 for seg in started.segments if seg.name in offered)
-                if used < started.stageable:
-                    log_fallback(
-                        "staging_empty",
-                        f"{verb} had {used} of {started.stageable} stageable segments staged; "
-                        "the rest fault pages while copying",
-                        key=begin.key,
-                        mode="unstaged",
-                        artifact_id=started.artifact_id,
-                    )
-            maps: list[Any] = []
-            try:
-                maps = _map_for_write(started, staged, stager)
-                fill(started, maps)
-                return self._call(
-                    "CommitWrite", daemon_pb2.CommitWriteRequest(write_id=started.write_id), timeout
-                )
-            except BaseException:
-                try:
-                    self._call(
-                        "AbortWrite", daemon_pb2.AbortWriteRequest(write_id=started.write_id), 5.0
-                    )
-                except ArtifactError:
-                    pass  # the daemon ends the write with our session anyway
-                raise
-            finally:
-                _retire(maps, stager)
-
-        return self._retrier.call(verb, attempt)
-
-    def _buffer_refs(self, tensors: Mapping[str, Any]) -> list[daemon_pb2.BufferTensor] | None:
-        """BufferTensor refs when every tensor lives in a tc.empty buffer, else None."""
-        import torch
-
-        from tensorcast_ray._dtypes import dtype_name
-
-        registry = _process_caches()[1]
-        refs = []
-        for name, t in tensors.items():
-            if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
-                return None
-            found = registry.find(t)
-            if found is None:
-                return None
-            buffer_id, offset = found
-            refs.append(
-                daemon_pb2.BufferTensor(
-                    name=name,
-                    dtype=dtype_name(t.dtype),
-                    shape=list(t.shape),
-                    buffer_id=buffer_id,
-                    offset=offset,
-                    nbytes=t.numel() * t.element_size(),
-                )
-            )
-        return refs
+            return write(self, "register", tensors, key, policy, ttl_ms)
 
     def empty(self, shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
         """A writable CPU tensor in daemon-owned shared memory: ``register`` shares it with
@@ -537,84 +347,11 @@ class Store:
         )
 
 
-_stager_lock = threading.Lock()
-
-
-def _stager(state: Any) -> Stager | None:
-    """This process's write stager, started at its first put when the daemon allows one."""
-    if state.stager is not None:
-        return state.stager
-    with _stager_lock:  # two threads' first puts must not start two stagers
-        return _start_stager(state)
-
-
-def _start_stager(state: Any) -> Stager | None:
-    hello = state.client.hello
-    if state.stager is None and hello is not None and hello.staging_bytes and hello.segment_bytes:
-        count = int(hello.staging_bytes // hello.segment_bytes)
-        if count > 0:
-            client = state.client
-            state.stager = Stager(
-                lambda method, request: client.call(method, request, timeout=30.0),
-                lambda: client.session_hint,
-                count,
-            )
-    return state.stager
-
-
-def _segments_needed(specs: list[tuple[str, str, tuple[int, ...]]], state: Any) -> int:
-    """How many staged segments to offer: one per planned segment that fits in one. The
-    daemon decides which it uses (it keeps small ones out of staging) and the rest are
-    given back, so this rule lives in one place, the daemon."""
-    segment_bytes = int(state.client.hello.segment_bytes)
-    plan = plan_layout(specs, segment_bytes)
-    return sum(1 for size in plan.segment_sizes if size <= segment_bytes)
-
-
-def _map_for_write(
-    started: daemon_pb2.BeginWriteResponse, staged: list[Staged], stager: Stager | None
-) -> list[Any]:
-    """A writable mapping per segment: staged ones are already mapped; the rest are mapped
-    now without MAP_POPULATE (the copy touches each page once anyway)."""
-    by_name = {st.name: st for st in staged}
-    used = {seg.name for seg in started.segments}
-    if stager is not None:
-        stager.give_back([st for st in staged if st.name not in used])
-    return [
-        by_name[seg.name].mapping
-        if seg.name in by_name
-        else map_segment(started.shm_dir, seg.name, seg.size, writable=True, populate=False)
-        for seg in started.segments
-    ]
-
-
-def _retire(maps: list[Any], stager: Stager | None) -> None:
-    if stager is not None:
-        stager.retire(maps)
-        return
-    for m in maps:
-        try:
-            m.close()
-        except BufferError:
-            pass  # a view is still referenced (e.g. by a traceback): unmapped when released
-
-
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
         n *= d
     return n
-
-
-def _put_result(result: daemon_pb2.WriteResult) -> PutResult:
-    return PutResult(
-        key=result.key,
-        artifact_id=result.artifact_id,
-        nbytes=int(result.nbytes),
-        status=result.status,
-        degraded_reasons=tuple(result.degraded_reasons),
-        persistence_task_id=result.persistence_task_id or None,
-    )
 
 
 _default: Store | None = None

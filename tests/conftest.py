@@ -2,8 +2,8 @@
 
 - ``ray_local`` (module scope): one local Ray instance per test module.
 - ``namespace`` (function scope): a fresh tensorcast namespace; afterwards every named
-  actor in it is stopped, and the test FAILS if any actor, shared-memory segment or socket
-  it created was left behind.
+  actor in it is stopped, and the test FAILS if any actor, guardian process, shared-memory
+  segment or socket it created was left behind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import leftovers, stop_namespace, wait_for
+from tests.helpers import guardians, leftovers, stop_namespace, wait_for
 
 HERE = Path(__file__).parent
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -60,6 +60,7 @@ def namespace(ray_local: object) -> Iterator[str]:
     yield ns
     tc.shutdown()
     stop_namespace(ns)
+    wait_for(lambda: not guardians(ns), 30, f"the guardians of {ns} to exit")
     left = leftovers(ns)
     for path in left:
         os.unlink(path)

@@ -43,6 +43,21 @@ def leftovers(namespace: str) -> list[str]:
     return found
 
 
+def guardians(namespace: str) -> list[int]:
+    """Pids of the running guardians (tensorcast_ray._guardian) of ``namespace``'s daemons."""
+    import psutil
+
+    prefix = shm_prefix(namespace)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        args = proc.info["cmdline"] or []
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or "--prefix" not in args[:-1]:
+            continue
+        if args[args.index("--prefix") + 1].startswith(prefix):
+            found.append(proc.pid)
+    return found
+
+
 def named_actors(namespace: str) -> list[str]:
     import ray
 

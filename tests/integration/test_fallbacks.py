@@ -76,21 +76,21 @@ def test_first_put_is_unstaged_later_puts_use_staged_segments(
 def test_a_copy_failing_mid_put_aborts_the_write(
     namespace: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tensorcast_ray import _store
+    from tensorcast_ray import _write
 
     tc.init(namespace=namespace, global_store_mode="none")
     written: list[str] = []
-    real_map = _store._map_for_write
+    real_map = _write._map_for_write
 
     def recording_map(started, staged, stager):  # type: ignore[no-untyped-def]
         written.extend(os.path.join(started.shm_dir, seg.name) for seg in started.segments)
         return real_map(started, staged, stager)
 
-    def broken_copy(tensor: object, dest: object, offset: int) -> None:
+    def broken_copy(*args: object) -> None:
         raise RuntimeError("simulated failure while copying")
 
-    monkeypatch.setattr(_store, "_map_for_write", recording_map)
-    monkeypatch.setattr(_store, "copy_into", broken_copy)
+    monkeypatch.setattr(_write, "_map_for_write", recording_map)
+    monkeypatch.setattr(_write, "copy_tensors", broken_copy)
     with pytest.raises(tc.ArtifactError) as err:
         tc.put({"w": torch.ones(1 << 20)}, key="broken:v1")
     assert written, "the failure must happen after BeginWrite, during the copy"

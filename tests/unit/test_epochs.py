@@ -213,8 +213,8 @@ def test_fresh_tables_start_generations_at_random_points(tmp_path: Path) -> None
 
 
 def test_read_cache_forgets_everything_when_the_daemon_instance_changes(tmp_path: Path) -> None:
-    from tensorcast_ray._artifact import ReadCache
     from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+    from tensorcast_ray._read_cache import ReadCache
 
     t = EpochTable(str(tmp_path), "epochs", SLOTS)
     slot, gen = t.alloc()

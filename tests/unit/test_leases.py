@@ -23,7 +23,9 @@ from tensorcast_ray._errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tensorcast_ray._layout import Columns
 from tensorcast_ray._policy import ResolvedPolicy, StorePolicy, TierSpec, resolve_policy
+from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2
 
 MiB = 1 << 20
 HOST = "node-a"
@@ -45,7 +47,7 @@ def artifact(key: str, nbytes: int = MiB, **kw: Any) -> Artifact:
         "kind": "put",
         "nbytes": nbytes,
         "segments": [],
-        "tensors": [],
+        "tensors": b"",
         "created_ms": 0,
     }
     fields.update(kw)
@@ -272,7 +274,8 @@ def test_buffers_book_bytes_and_registers_reference_them(table: LeaseTable) -> N
     out = table.register_buffers(reg, tensors, PINNED)
     assert out.error is None and out.done is None
     assert reg.nbytes == 64 and reg.buffers == ["buf-1"] and reg.segments == [("bufseg", 4096)]
-    assert reg.tensors[0]["offset"] == 128 and buf.refs == 1
+    placed = Columns.from_table(common_pb2.TensorTable.FromString(reg.tensors), [4096])
+    assert placed.offsets == [128] and placed.segments == [0] and buf.refs == 1
     table.commit_registered(reg, 1, 1)
     actions = table.delete("r:v1")
     assert actions.unlink == [], "the buffer holds the bytes and stays leased"

@@ -16,7 +16,15 @@ from tensorcast_ray.daemon.metrics import DaemonMetrics
 
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
-from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+from tensorcast_ray._layout import Columns
+from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
+
+
+def table(specs: list[tuple[str, str, tuple[int, ...]]]) -> common_pb2.TensorTable:
+    """The compact tensor table a BeginWrite carries."""
+    names, dtypes, shapes = (list(x) for x in zip(*specs, strict=True))
+    return Columns.of(names, dtypes, shapes).to_table()
+
 
 MiB = 1 << 20
 PREFIX = "tcr-unittest-000000000000-"
@@ -49,7 +57,7 @@ def begin(
         key=key,
         kind=daemon_pb2.WRITE_KIND_PUT,
         session_id="s1",
-        tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[nbytes])],
+        tensors=table([("w", "uint8", (nbytes,))]),
         staged_segments=list(staged),
     )
     return store.rpc_BeginWrite(request, "")
@@ -157,10 +165,7 @@ def two_segment_request(staged: str) -> daemon_pb2.BeginWriteRequest:
         key="two:v1",
         kind=daemon_pb2.WRITE_KIND_PUT,
         session_id="s1",
-        tensors=[
-            daemon_pb2.TensorSpec(name="a", dtype="uint8", shape=[3 * MiB]),
-            daemon_pb2.TensorSpec(name="b", dtype="uint8", shape=[4 * MiB]),
-        ],
+        tensors=table([("a", "uint8", (3 * MiB,)), ("b", "uint8", (4 * MiB,))]),
         staged_segments=[staged],
     )
 
@@ -227,7 +232,7 @@ def test_register_needs_a_known_session(store: LocalStore) -> None:
         key="r:v1",
         kind=daemon_pb2.WRITE_KIND_REGISTER,
         session_id="gone",
-        tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[16])],
+        tensors=table([("w", "uint8", (16,))]),
     )
     with pytest.raises(UnavailableError) as err:
         store.rpc_BeginWrite(request, "")
@@ -341,7 +346,7 @@ def begin_request(key: str, nbytes: int, request_id: str) -> daemon_pb2.BeginWri
         key=key,
         kind=daemon_pb2.WRITE_KIND_PUT,
         session_id="s1",
-        tensors=[daemon_pb2.TensorSpec(name="w", dtype="uint8", shape=[nbytes])],
+        tensors=table([("w", "uint8", (nbytes,))]),
         request_id=request_id,
     )
 

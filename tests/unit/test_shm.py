@@ -29,10 +29,12 @@ from tensorcast_ray._shm import (
     remove_segments,
     segment_prefix,
 )
+from tests.helpers import wait_for
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 pytestmark = pytest.mark.skipif(SHM is None, reason="needs a tmpfs at /dev/shm")
 KiB = 1024
+MiB = 1024 * KiB
 
 
 @pytest.fixture
@@ -204,6 +206,40 @@ def test_pool_fills_hands_out_and_refills(prefix: str) -> None:
     with pytest.raises(FailedPreconditionError):
         pool.take(seg_bytes)
     pool.close()  # idempotent
+
+
+def test_pool_keeps_small_segments_for_small_writes(prefix: str) -> None:
+    """A small write takes a pooled small segment (pre-faulted by the refill thread) rather
+    than creating one on the hot path; tiny ones still get an exact fresh segment."""
+    seg_bytes = 16 * MiB
+    pool = SegmentPool(SHM or "", prefix, segment_bytes=seg_bytes, reserve_bytes=seg_bytes)
+    taken: list[Segment] = []
+    try:
+        pool.start()
+        assert pool.small_bytes == MiB
+        wait_for(
+            lambda: len(list_segments(SHM or "", prefix)) == 1 + _shm.SMALL_RESERVE,
+            10,
+            "the pool to fill its small reserve",
+        )
+        ready = set(list_segments(SHM or "", prefix))
+        small = pool.take(MiB - 100)
+        taken.append(small)
+        assert small.name in ready and small.size == MiB
+        assert os.stat(small.path).st_blocks * 512 >= MiB, "pre-faulted"
+        tiny = pool.take(100)
+        taken.append(tiny)
+        assert tiny.name not in ready and tiny.size == 4096
+        wait_for(
+            lambda: len(list_segments(SHM or "", prefix)) == 1 + _shm.SMALL_RESERVE + 2,
+            10,
+            "the small reserve to be refilled",
+        )
+    finally:
+        pool.close()
+    assert sorted(list_segments(SHM or "", prefix)) == sorted(s.name for s in taken)
+    for s in taken:
+        s.unlink()
 
 
 def test_pool_take_without_start_creates_fresh(prefix: str) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etensorcast_ray/v1/common.proto\x12\x11tensorcast_ray.v1\"R\n\x0bVersionInfo\x12\x0b\n\x03sdk\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x61\x65mon\x18\x02 \x01(\t\x12\x14\n\x0cglobal_store\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\x05\"\x0f\n\rHealthRequest\"Q\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\x05\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\"k\n\x0cTensorLayout\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0f\n\x07segment\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0e\n\x06nbytes\x18\x06 \x01(\x03\"(\n\nSegmentRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etensorcast_ray/v1/common.proto\x12\x11tensorcast_ray.v1\"R\n\x0bVersionInfo\x12\x0b\n\x03sdk\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x61\x65mon\x18\x02 \x01(\t\x12\x14\n\x0cglobal_store\x18\x03 \x01(\t\x12\x10\n\x08protocol\x18\x04 \x01(\x05\"\x0f\n\rHealthRequest\"Q\n\x0eHealthResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08protocol\x18\x03 \x01(\x05\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\"~\n\x0bTensorTable\x12\r\n\x05names\x18\x01 \x01(\x0c\x12\x0e\n\x06\x64types\x18\x02 \x03(\t\x12\x13\n\x0b\x64type_index\x18\x03 \x03(\r\x12\x0c\n\x04ndim\x18\x04 \x03(\r\x12\x0c\n\x04\x64ims\x18\x05 \x03(\x03\x12\x0f\n\x07segment\x18\x06 \x03(\x05\x12\x0e\n\x06offset\x18\x07 \x03(\x03\"(\n\nSegmentRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_end=152
   _globals['_HEALTHRESPONSE']._serialized_start=154
   _globals['_HEALTHRESPONSE']._serialized_end=235
-  _globals['_TENSORLAYOUT']._serialized_start=237
-  _globals['_TENSORLAYOUT']._serialized_end=344
-  _globals['_SEGMENTREF']._serialized_start=346
-  _globals['_SEGMENTREF']._serialized_end=386
+  _globals['_TENSORTABLE']._serialized_start=237
+  _globals['_TENSORTABLE']._serialized_end=363
+  _globals['_SEGMENTREF']._serialized_start=365
+  _globals['_SEGMENTREF']._serialized_end=405
 # @@protoc_insertion_point(module_scope)

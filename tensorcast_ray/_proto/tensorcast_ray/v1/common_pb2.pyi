@@ -34,21 +34,23 @@ class HealthResponse(_message.Message):
     uptime_s: float
     def __init__(self, ok: _Optional[bool] = ..., version: _Optional[str] = ..., protocol: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
 
-class TensorLayout(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "segment", "offset", "nbytes")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
+class TensorTable(_message.Message):
+    __slots__ = ("names", "dtypes", "dtype_index", "ndim", "dims", "segment", "offset")
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NDIM_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
-    NBYTES_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    segment: int
-    offset: int
-    nbytes: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., segment: _Optional[int] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    names: bytes
+    dtypes: _containers.RepeatedScalarFieldContainer[str]
+    dtype_index: _containers.RepeatedScalarFieldContainer[int]
+    ndim: _containers.RepeatedScalarFieldContainer[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    segment: _containers.RepeatedScalarFieldContainer[int]
+    offset: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, names: _Optional[bytes] = ..., dtypes: _Optional[_Iterable[str]] = ..., dtype_index: _Optional[_Iterable[int]] = ..., ndim: _Optional[_Iterable[int]] = ..., dims: _Optional[_Iterable[int]] = ..., segment: _Optional[_Iterable[int]] = ..., offset: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SegmentRef(_message.Message):
     __slots__ = ("name", "size")

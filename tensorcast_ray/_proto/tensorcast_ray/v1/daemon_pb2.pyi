@@ -131,16 +131,6 @@ class SessionEvent(_message.Message):
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
-class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
-
 class BeginWriteRequest(_message.Message):
     __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms", "staged_segments", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,30 +144,32 @@ class BeginWriteRequest(_message.Message):
     key: str
     kind: WriteKind
     session_id: str
-    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    tensors: _common_pb2.TensorTable
     policy_json: str
     ttl_ms: int
     staged_segments: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BeginWriteResponse(_message.Message):
-    __slots__ = ("write_id", "artifact_id", "segments", "tensors", "shm_dir", "stageable", "committed")
+    __slots__ = ("write_id", "artifact_id", "segments", "tensor_segments", "tensor_offsets", "shm_dir", "stageable", "committed")
     WRITE_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
-    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGEABLE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     write_id: str
     artifact_id: str
     segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
-    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
+    tensor_segments: _containers.RepeatedScalarFieldContainer[int]
+    tensor_offsets: _containers.RepeatedScalarFieldContainer[int]
     shm_dir: str
     stageable: int
     committed: WriteResult
-    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ..., committed: _Optional[_Union[WriteResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensor_segments: _Optional[_Iterable[int]] = ..., tensor_offsets: _Optional[_Iterable[int]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ..., committed: _Optional[_Union[WriteResult, _Mapping]] = ...) -> None: ...
 
 class CommitWriteRequest(_message.Message):
     __slots__ = ("write_id",)
@@ -303,13 +295,13 @@ class ArtifactInfo(_message.Message):
     artifact_id: str
     nbytes: int
     segments: _containers.RepeatedCompositeFieldContainer[_common_pb2.SegmentRef]
-    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.TensorLayout]
+    tensors: _common_pb2.TensorTable
     shm_dir: str
     epoch_slot: int
     generation: int
     kind: str
     created_unix_ms: int
-    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.TensorLayout, _Mapping]]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ExistsRequest(_message.Message):
     __slots__ = ("key",)

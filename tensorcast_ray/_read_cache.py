@@ -1,0 +1,179 @@
+"""This process's view of the node's artifacts: mappings and wrapped tensors.  [SDK]
+
+Costs are per artifact, not per tensor. One get, step by step:
+
+1. A key this process already read, whose generation the node's validity table
+   (:mod:`tensorcast_ray._epochs`) still shows, is a hit: no RPC (:meth:`ReadCache.lookup_key`).
+2. Otherwise the daemon's ``Lookup`` answers the layout as one compact ``TensorTable``;
+   :meth:`ReadCache.admit` decodes it column by column and maps each segment read-only once.
+3. The first ``tensor_dict`` of that generation wraps every tensor once through the
+   artifact's transport: one base tensor per segment, one typed view per (segment, dtype),
+   then one ``as_strided`` per tensor (:meth:`Transport.tensors
+   <tensorcast_ray._transport.base.Transport.tensors>`). Later gets return a new dict over
+   the same read-only tensors: a warm get costs a dict copy, whatever the size.
+
+Tensors of one segment share one storage (the segment's): ``torch.save`` or pickling a
+single such tensor writes its whole segment; ``.clone()`` it first (or ``copy=True``).
+A delete or eviction zeroes the artifact's validity slot; the next lookup in any process
+sees it, drops the entry and asks the daemon, which answers NOT_FOUND. Tensors handed out
+stay valid: the kernel frees the bytes after the last mapping goes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from typing import TYPE_CHECKING
+
+from tensorcast_ray._epochs import EpochReader
+from tensorcast_ray._layout import Columns, TensorMeta
+from tensorcast_ray._metrics import get_sdk_metrics
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+if TYPE_CHECKING:
+    import torch
+
+    from tensorcast_ray._transport.base import Transport
+
+__all__ = ["CachedArtifact", "ReadCache"]
+
+
+class CachedArtifact:
+    """[SDK] One artifact generation as this process maps it: its layout, one read-only
+    mapping per segment, and its tensors, wrapped once on first use by its transport."""
+
+    def __init__(
+        self,
+        info: daemon_pb2.ArtifactInfo,
+        cols: Columns,
+        transport: Transport,
+        maps: tuple[mmap.mmap, ...],
+    ) -> None:
+        self.info = info
+        self.cols = cols
+        self.maps = maps
+        self.index = {name: i for i, name in enumerate(cols.names)}
+        self._transport = transport
+        self._lock = threading.Lock()
+        self._bases: list[torch.Tensor] | None = None
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._metas: dict[str, TensorMeta] | None = None
+
+    @property
+    def metas(self) -> dict[str, TensorMeta]:
+        """``{name: TensorMeta}`` in stored order, built on first use."""
+        if self._metas is None:
+            self._metas = {name: self.cols.meta(i) for i, name in enumerate(self.cols.names)}
+        return self._metas
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, wrapped once per process; do not mutate the returned dict."""
+        tensors = self._tensors
+        if tensors is None:
+            with self._lock:
+                if self._tensors is None:
+                    self._tensors = self._transport.tensors(self._wrapped(), self.metas.values())
+                tensors = self._tensors
+        return tensors
+
+    def wrap(self, meta: TensorMeta) -> torch.Tensor:
+        """A read-only tensor over ``meta``'s bytes (a whole tensor or a contiguous part)."""
+        with self._lock:
+            bases = self._wrapped()
+        return self._transport.tensor(bases, meta)
+
+    def _wrapped(self) -> list[torch.Tensor]:
+        """One base tensor per segment (caller holds the lock)."""
+        if self._bases is None:
+            self._bases = [self._transport.wrap_base(m) for m in self.maps]
+        return self._bases
+
+
+class ReadCache:
+    """[SDK] Per-process cache of artifact layouts, read-only mappings and wrapped tensors,
+    keyed by artifact id and checked against the node's validity table."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, CachedArtifact] = {}
+        self._by_key: dict[str, str] = {}
+        self._epochs: EpochReader | None = None
+        self._instance = ""
+
+    def attach_epochs(self, shm_dir: str, name: str, slots: int, instance: str = "") -> None:
+        """Map the validity table of daemon ``instance``. A different instance (the daemon
+        was stopped and started again) has a new table: forget everything cached."""
+        with self._lock:
+            if self._epochs is not None and instance != self._instance:
+                # Not closed here: another thread may be reading it; it unmaps when dropped.
+                self._by_id.clear()
+                self._by_key.clear()
+                self._epochs = None
+            if name and self._epochs is None:
+                try:
+                    self._epochs = EpochReader(shm_dir, name, slots)
+                    self._instance = instance
+                except OSError:
+                    self._epochs = None  # no validity table: every lookup asks the daemon
+
+    def valid(self, info: daemon_pb2.ArtifactInfo) -> bool:
+        epochs = self._epochs  # once: attach_epochs may swap it from another thread
+        return epochs is not None and epochs.valid(info.epoch_slot, info.generation)
+
+    def lookup_key(self, key: str) -> CachedArtifact | None:
+        """A cached, still-valid entry for an explicit version, else None."""
+        with self._lock:
+            artifact_id = self._by_key.get(key)
+            entry = self._by_id.get(artifact_id) if artifact_id else None
+            if entry is None:
+                get_sdk_metrics().cache_misses.inc()
+                return None
+            if self.valid(entry.info):
+                get_sdk_metrics().cache_hits.inc()
+                return entry
+            self._drop(entry.info.artifact_id)
+            get_sdk_metrics().cache_invalidations.inc()
+            return None
+
+    def admit(self, info: daemon_pb2.ArtifactInfo) -> CachedArtifact:
+        with self._lock:
+            self._sweep()
+            entry = self._by_id.get(info.artifact_id)
+            if entry is not None:
+                self._by_key[info.key] = info.artifact_id
+                return entry
+        # Decoded and mapped outside the lock: a cold get of 20,000 tensors must not hold up
+        # other threads' cache hits. (The transport loads on first use, not with the package.)
+        from tensorcast_ray._transport.shm import ShmTransport
+
+        cols = Columns.from_table(info.tensors, [s.size for s in info.segments])
+        transport = ShmTransport(info.shm_dir)
+        maps = tuple(transport.map_for_read((s.name, s.size)) for s in info.segments)
+        entry = CachedArtifact(info, cols, transport, maps)
+        with self._lock:
+            entry = self._by_id.setdefault(info.artifact_id, entry)
+            self._by_key[info.key] = info.artifact_id
+            return entry
+
+    def _sweep(self) -> None:
+        """Forget artifacts the validity table says are gone, so their memory can go too."""
+        for artifact_id, entry in list(self._by_id.items()):
+            if not self.valid(entry.info):
+                self._drop(artifact_id)
+                get_sdk_metrics().cache_evictions.inc()
+
+    def _drop(self, artifact_id: str) -> None:
+        entry = self._by_id.pop(artifact_id, None)
+        if entry is None:
+            return
+        self._by_key = {k: v for k, v in self._by_key.items() if v != artifact_id}
+        # Mappings are not closed here: tensors handed out may still use them; they are
+        # unmapped when the last tensor (holding a buffer export) is garbage collected.
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_id.clear()
+            self._by_key.clear()
+            if self._epochs is not None:
+                self._epochs.close()
+                self._epochs = None
