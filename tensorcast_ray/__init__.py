@@ -8,6 +8,19 @@
 Importing this package imports neither torch nor ray; both load on first use.
 """
 
+from tensorcast_ray._api import (
+    artifact,
+    delete,
+    empty,
+    empty_like,
+    exists,
+    get,
+    get_into,
+    list_keys,
+    put,
+    register,
+    store,
+)
 from tensorcast_ray._artifact import Artifact, ArtifactView
 from tensorcast_ray._bootstrap import InitContext, Versions, init, is_initialized, shutdown
 from tensorcast_ray._checkpoint_io import export, import_checkpoint
@@ -29,24 +42,9 @@ from tensorcast_ray._errors import (
 )
 from tensorcast_ray._policy import StorePolicy, TierSpec
 from tensorcast_ray._retry import RetryPolicy
-from tensorcast_ray._store import (
-    GetArtifactOptions,
-    PutResult,
-    Store,
-    StoreOptions,
-    artifact,
-    delete,
-    empty,
-    empty_like,
-    exists,
-    get,
-    get_into,
-    list_keys,
-    put,
-    register,
-    store,
-)
+from tensorcast_ray._store import GetArtifactOptions, Store, StoreOptions
 from tensorcast_ray._version import __version__
+from tensorcast_ray._write import PutResult
 
 
 def metrics_text() -> str:

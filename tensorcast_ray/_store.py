@@ -1,6 +1,8 @@
-"""The verbs: put, register, artifact, get, get_into, exists, delete, list_keys, empty.  [SDK]
+"""Store: the verbs (put, register, artifact, get, get_into, exists, delete, list_keys,
+empty) bound to options, and this process's caches.  [SDK]
 
-A :class:`Store` binds the verbs to options (read source, retry overrides). Writes go
+A :class:`Store` binds the verbs to options (read source, retry overrides); the module-level
+``tc.put`` and friends (:mod:`tensorcast_ray._api`) use a default one. Writes go
 through the one write pipeline (:mod:`tensorcast_ray._write`); reads through this
 process's read cache (:mod:`tensorcast_ray._read_cache`). Every verb runs under its retry
 policy; between attempts the client reconnects (after a daemon restart the daemon's
@@ -364,68 +366,6 @@ def default_store() -> Store:
         if _default is None:
             _default = Store()
         return _default
-
-
-def store(opts: StoreOptions | None = None) -> Store:
-    """An explicit Store with its own options (source, retry overrides)."""
-    return Store(opts)
-
-
-# ---- module-level verbs on the default store -------------------------------------------------
-def put(tensors: Mapping[str, Any], key: str, policy: StorePolicy | None = None) -> PutResult:
-    """Copy ``tensors`` once into the node's shared memory as version ``key``."""
-    return default_store().put(tensors, key, policy)
-
-
-def register(
-    tensors: Mapping[str, Any],
-    key: str,
-    policy: StorePolicy | None = None,
-    ttl_ms: int | None = None,
-) -> PutResult:
-    """Lease ``tensors`` as ``key`` until delete, ``ttl_ms`` or this process exits."""
-    return default_store().register(tensors, key, policy, ttl_ms)
-
-
-def artifact(key: str | None = None, *, artifact_id: str | None = None) -> Artifact:
-    """The artifact ``key`` (``name:version`` / ``name:latest``) or ``artifact_id``."""
-    return default_store().artifact(key, artifact_id=artifact_id)
-
-
-def get(
-    key: str, device: Any = "cpu", names: Sequence[str] | None = None, copy: bool = False
-) -> dict[str, torch.Tensor]:
-    """``artifact(key).tensor_dict(device, names, copy)``."""
-    return default_store().get(key, device, names, copy)
-
-
-def get_into(
-    key: str, targets: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
-) -> None:
-    """``artifact(key).tensor_dict_into(targets, names)``."""
-    default_store().get_into(key, targets, names)
-
-
-def exists(key: str) -> bool:
-    return default_store().exists(key)
-
-
-def delete(key: str) -> bool:
-    """Delete one version; readers keep what they hold, new readers get NOT_FOUND."""
-    return default_store().delete(key)
-
-
-def list_keys(prefix: str = "") -> list[str]:
-    return default_store().list_keys(prefix)
-
-
-def empty(shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
-    """A writable CPU tensor in shared memory; ``register`` shares it with no copy."""
-    return default_store().empty(shape, dtype)
-
-
-def empty_like(tensor: torch.Tensor) -> torch.Tensor:
-    return default_store().empty_like(tensor)
 
 
 def reset_process_state() -> None:
