@@ -405,3 +405,83 @@ def test_end_to_end_through_a_shared_memory_segment() -> None:
         for seg in segs:
             seg.unlink()
     assert list_segments(shm, prefix) == []
+
+
+# ---- the wire's tensor table ----------------------------------------------------------------
+def test_columns_round_trip_through_the_table() -> None:
+    from tensorcast_ray._layout import Columns, place
+
+    specs = [("a.weight", "bfloat16", (3, 5)), ("b", "float32", ()), ("c", "bool", (0, 4))]
+    specs += [(f"layer.{i}", "int8", (i + 1,)) for i in range(50)]
+    cols = Columns.of([s[0] for s in specs], [s[1] for s in specs], [s[2] for s in specs])
+    back = Columns.from_table(cols.to_table())
+    assert back == cols and back.nbytes[:3] == [30, 4, 0]
+    segments, offsets, sizes = place(cols.nbytes, 4096)
+    placed = cols.placed(segments, offsets, sizes)
+    assert Columns.from_table(placed.to_table(), sizes) == placed
+    plan = plan_layout(specs, 4096)
+    assert [(t.segment, t.offset) for t in plan.tensors] == [
+        (seg, off) for seg, off in zip(segments, offsets, strict=True)
+    ]
+    assert placed.meta(0) == plan.tensors[0]
+
+
+def test_tensor_table_rejects_malformed_input() -> None:
+    from tensorcast_ray._layout import Columns
+    from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2
+
+    good = Columns.of(["a", "b"], ["float32", "int8"], [(2,), (3, 1)]).to_table()
+
+    def broken(**changes: Any) -> common_pb2.TensorTable:
+        table = common_pb2.TensorTable()
+        table.CopyFrom(good)
+        for field_name, value in changes.items():
+            table.ClearField(field_name)
+            if isinstance(value, bytes):
+                setattr(table, field_name, value)
+            else:
+                getattr(table, field_name).extend(value)
+        return table
+
+    for table, match in (
+        (broken(names=b"a"), "do not describe the same tensors"),
+        (broken(ndim=[1]), "do not describe the same tensors"),
+        (broken(dims=[2, 3]), "do not describe the same tensors"),
+        (broken(dtype_index=[0, 5]), "dtype index"),
+        (broken(dims=[2, -3, 1]), "negative"),
+        (broken(names=b"a\x00a"), "appears twice"),
+        (broken(names=b"\xff\x00b"), "UTF-8"),
+        (broken(dtypes=["float32", "float99"]), "unknown dtype"),
+        (broken(segment=[0, 0], offset=[0, 8]), "must not place"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=match):
+            Columns.from_table(table)
+    with pytest.raises(InvalidArgumentError, match="NUL"):
+        Columns.of(["a\x00b"], ["uint8"], [(1,)]).to_table()
+    cols = Columns.of(["a", "b"], ["float32", "int8"], [(2,), (3, 1)])
+    with pytest.raises(DataLossError, match="outside its segment"):
+        Columns.from_table(cols.placed([0, 0], [0, 8], [4096]).to_table(), [8])
+    with pytest.raises(DataLossError, match="places 1 of 2"):
+        cols.placed([0], [0], [4096])
+
+
+def test_read_only_buffers_silence_torch_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``warnings.catch_warnings`` swaps process-wide state: wrapping must not run it per
+    tensor (nor per segment) once torch's one-time warning is out of the way."""
+    from tensorcast_ray import _layout
+
+    ro = mmap.mmap(-1, 4096, prot=mmap.PROT_READ)
+    _layout.bytes_tensor(ro)  # the first read-only wrap of this process (or not)
+
+    def forbidden() -> None:
+        raise AssertionError("catch_warnings ran again")
+
+    monkeypatch.setattr(warnings, "catch_warnings", forbidden)
+    saved = warnings.filters[:]
+    warnings.simplefilter("error")  # and torch warns no more
+    try:
+        for _ in range(3):
+            assert _layout.bytes_tensor(ro).numel() == 4096
+            assert wrap_tensor(ro, TensorMeta("t", "float32", (4,), 0, 16, 16)).shape == (4,)
+    finally:
+        warnings.filters[:] = saved
