@@ -6,7 +6,7 @@ down or stopped, the node lost, ``ray.kill``. So every daemon starts one guardia
 (:func:`spawn`): a small process outside Ray's process tree — a session of its own, and
 re-parented away from the Ray worker by a double fork — which neither Ray's kill of a
 worker's children or process group nor ``ray stop`` (it matches Ray's process names)
-reaches. It loads only this module and :mod:`tensorcast_ray._gc` (stdlib and psutil), not
+reaches. It loads only this module and :mod:`tensorcast_ray._gc` (both stdlib only), not
 the package (which would cost ~270 ms and ~50 MB), and polls twice a second:
 
 - the owner file names another live process → a successor (Ray restarted the daemon, or a
@@ -34,7 +34,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from tensorcast_ray._gc import claim_lock, pid_alive, read_owner, remove_prefix
 
@@ -98,15 +97,24 @@ def reap(shm_dir: str, prefix: str, socket_dir: str, daemon_pid: int) -> tuple[l
         return remove_prefix(shm_dir, prefix, socket_dir)
 
 
-def _alive(proc: Any) -> bool:
-    """``proc`` (a psutil.Process or None) still runs: not reused (psutil compares the start
-    time), and not a zombie nobody reaped yet."""
-    import psutil
-
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state letter, parent pid, start time in clock ticks since boot) of ``pid``, from
+    /proc/<pid>/stat; None when it does not exist. The raw start time identifies a process
+    exactly (psutil's create_time adds the boot time, which some kernels report a second off
+    from one read to the next)."""
     try:
-        return bool(proc is not None and proc.is_running() and proc.status() != "zombie")
-    except psutil.Error:
-        return False
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name may hold spaces, ")"
+    except OSError:
+        return None
+    return fields[0].decode(), int(fields[1]), int(fields[19])
+
+
+def _alive(pid: int, started: int) -> bool:
+    """Process ``pid`` still runs and is the one that started at ``started`` (not a reused
+    pid, not a zombie nobody reaped yet)."""
+    stat = _stat(pid) if pid > 0 else None
+    return stat is not None and stat[2] == started and stat[0] not in ("Z", "X")
 
 
 def _owner_pid(shm_dir: str, prefix: str) -> int | None:
@@ -115,27 +123,21 @@ def _owner_pid(shm_dir: str, prefix: str) -> int | None:
     return pid if isinstance(pid, int) else None
 
 
-def _process(pid: int, started: float) -> Any:
-    """The psutil.Process ``pid`` if it is still the one that started at ``started``."""
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return proc if proc.create_time() == started else None
-    except psutil.Error:
-        return None
-
-
 def run(
-    guardian: Guardian, shm_dir: str, prefix: str, socket_dir: str, daemon: Any, parent: Any
+    guardian: Guardian,
+    shm_dir: str,
+    prefix: str,
+    socket_dir: str,
+    daemon: tuple[int, int],
+    parent: tuple[int, int],
 ) -> str:
-    """Watch until the prefix is handed over or removed; returns why it ended. ``daemon`` and
-    ``parent`` are psutil.Process objects, or None for one already gone."""
+    """Watch until the prefix is handed over or removed; returns why it ended. ``daemon``
+    and ``parent`` are (pid, start time) as :func:`_stat` reads them."""
     while True:
         owner = _owner_pid(shm_dir, prefix)
         seen = Observation(
-            daemon_alive=_alive(daemon),
-            parent_alive=_alive(parent),
+            daemon_alive=_alive(*daemon),
+            parent_alive=_alive(*parent),
             owner_pid=owner,
             owner_alive=owner is not None and pid_alive(owner),
         )
@@ -158,17 +160,13 @@ def run(
 
 def spawn(shm_dir: str, prefix: str, socket_dir: str, grace_s: float) -> int:
     """[daemon] Start the guardian of this process's prefix; returns its pid."""
-    import psutil
-
     # Identify the daemon and its parent (the raylet) by pid and start time, taken here: by
     # the time the guardian looks, either may be gone and its pid reused.
-    me = psutil.Process()
-    parent = me.parent()
-    package_dir = os.path.dirname(os.path.abspath(__file__))
-    args = ["--daemon", f"{me.pid}:{me.create_time()!r}"]
-    args += ["--parent", f"{parent.pid}:{parent.create_time()!r}" if parent else "0:0"]
+    me, parent = os.getpid(), os.getppid()
+    args = ["--daemon", f"{me}:{_start_of(me)}", "--parent", f"{parent}:{_start_of(parent)}"]
     args += ["--shm-dir", shm_dir, "--prefix", prefix, "--socket-dir", socket_dir]
     args += ["--grace-s", repr(grace_s)]
+    package_dir = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen(
         [sys.executable, "-c", _BOOT, package_dir, *args],
         stdin=subprocess.DEVNULL,
@@ -185,11 +183,10 @@ def spawn(shm_dir: str, prefix: str, socket_dir: str, grace_s: float) -> int:
     if proc.returncode != 0 or not line.strip().isdigit():
         raise RuntimeError(f"the guardian of {prefix} did not start (exit {proc.returncode})")
     guardian = int(line)
-    try:
-        adopted = psutil.Process(guardian).ppid() == me.pid
-    except psutil.Error:
-        adopted = False
-    if adopted:  # this worker is a child subreaper: Ray kills what it adopted when it exits
+    stat = _stat(guardian)
+    if (
+        stat is not None and stat[1] == me
+    ):  # this worker is a child subreaper: Ray kills what it adopted when it exits
         logger.warning(
             "the guardian of %s cannot outlive this daemon (Ray runs with "
             "RAY_kill_child_processes_on_worker_exit_with_raylet_subreaper=1): if the daemon "
@@ -221,17 +218,15 @@ def main(argv: Sequence[str]) -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s tensorcast_ray guardian %(process)d: %(message)s"
     )
-    daemon, parent = (_process(*opts.daemon), _process(*opts.parent))
-    run(
-        Guardian(opts.daemon[0], opts.grace_s),
-        opts.shm_dir,
-        opts.prefix,
-        opts.socket_dir,
-        daemon,
-        parent,
-    )
+    guardian = Guardian(opts.daemon[0], opts.grace_s)
+    run(guardian, opts.shm_dir, opts.prefix, opts.socket_dir, opts.daemon, opts.parent)
 
 
-def _pid_started(text: str) -> tuple[int, float]:
+def _start_of(pid: int) -> int:
+    stat = _stat(pid)
+    return stat[2] if stat is not None else -1  # gone already: never alive to the guardian
+
+
+def _pid_started(text: str) -> tuple[int, int]:
     pid, started = text.split(":")
-    return int(pid), float(started)
+    return int(pid), int(started)

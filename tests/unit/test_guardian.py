@@ -20,7 +20,7 @@ from tensorcast_ray.daemon.metrics import DaemonMetrics
 
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._gc import write_owner
-from tensorcast_ray._guardian import Guardian, Observation, reap
+from tensorcast_ray._guardian import Guardian, Observation, _alive, _start_of, reap
 from tensorcast_ray._layout import Columns
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 from tests.helpers import wait_for
@@ -70,6 +70,18 @@ def test_a_live_successor_takes_over_and_a_dead_one_does_not() -> None:
     assert g.decide(seen(daemon=False, owner=11), 0)[0] == "exit"
     assert g.decide(seen(daemon=True, owner=11), 0)[0] == "exit"  # a new daemon after a stop
     assert g.decide(seen(daemon=False, parent=False, owner=11, owner_alive=False), 0)[0] == "reap"
+
+
+def test_a_process_is_known_by_pid_and_start_time_and_a_zombie_is_dead() -> None:
+    me = os.getpid()
+    assert _alive(me, _start_of(me))
+    assert not _alive(me, _start_of(me) + 1), "same pid, another start: a reused pid"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = _start_of(child.pid)
+    assert _alive(child.pid, started)
+    child.kill()
+    wait_for(lambda: not _alive(child.pid, started), 30, "the killed child to be a zombie")
+    child.wait(timeout=30)  # only now reaped: above, it was a zombie
 
 
 def make_prefix(shm: Path, sock: Path, prefix: str = PREFIX) -> list[Path]:
