@@ -22,10 +22,17 @@ from typing import Any
 import ray
 from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
-from tensorcast_ray.daemon.server import DaemonServer, default_socket_dir, private_socket_dir
+from tensorcast_ray.daemon.server import DaemonServer, private_socket_dir
 from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
 from tensorcast_ray._actors import GLOBAL_STORE_NAME, get_actor, message_to_dict
+from tensorcast_ray._auth import (
+    default_socket_dir,
+    namespace_token,
+    remove_token_file,
+    token_file,
+    write_token_file,
+)
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._gc import claim_lock, collect, read_owner, write_owner
 from tensorcast_ray._guardian import spawn as spawn_guardian
@@ -80,9 +87,13 @@ class DaemonActor:
         socket_path = None
         if self.config.local_socket:
             socket_path = os.path.join(socket_dir, f"{self.prefix}sock")
-        self.server = DaemonServer(self.service, self.config, socket_path)
+        token = namespace_token(namespace)
+        self.server = DaemonServer(self.service, self.config, socket_path, token)
         self.server.start(preferred_port=port if isinstance(port, int) else None)
         write_owner(self.config.shm_dir, self.prefix, port=self.server.port, **owner)
+        # For this user's processes outside Ray (init(mode="connect", address=...)).
+        self._token_file = token_file(socket_dir, self.prefix)
+        write_token_file(self._token_file, token, self.server.port)
         self._collect_stale()
         self._connect_global_store()
         logger.info("daemon %s serving at %s", self.node_id, self.service.address)
@@ -164,4 +175,5 @@ class DaemonActor:
     def stop(self) -> None:
         """A clean stop: close endpoints and free every segment of this node's daemon."""
         self.server.stop()
+        remove_token_file(self._token_file)
         self.store.close(unlink=True)  # segments, validity table, journal and owner file

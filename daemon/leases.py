@@ -28,10 +28,14 @@ One put, step by step (the shell's part in brackets):
 Or ``abort_write(write_id)``: the claimed staged segments go back to the session whole (the
 client still maps them), or are unlinked when the session is gone.
 
+A write belongs to a live session: ``begin_write`` refuses one that names none (or one this
+instance does not know), ``end_session`` aborts it, and so does ``expire`` once it outlives
+``write_timeout_ms``, so an abandoned write never holds capacity.
+
 A register lease belongs to its producer's session: it ends at ``delete``, at its TTL, or at
 ``end_session``.  After a daemon restart, sessions are gone: a re-adopted lease keeps its
-producer's pid, ``open_session`` with that pid re-binds it, and ``expire`` ends it once the
-shell reports the pid dead.
+producer's pid, ``open_session`` with that pid *verified by the kernel* (the local socket's
+peer) re-binds it, and ``expire`` ends it once the shell reports the pid dead.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class PendingWrite:
     write_id: str
     artifact: Artifact
     session_id: str
+    deadline_ms: int  # aborted by ``expire`` once passed: an abandoned write frees its bytes
     # Pooled/staged segments larger than what the artifact uses: trimmed once it commits
     # (never before: a failed write hands staged segments back to the client whole).
     trims: list[SegmentRef] = field(default_factory=list)
@@ -222,8 +227,9 @@ def _pinned(item_id: str, nbytes: int) -> AdmitRequest:
 class LeaseTable:
     """[daemon] Who holds which bytes on this node. Not thread-safe: the shell serializes."""
 
-    def __init__(self, capacity_bytes: int, hostname: str) -> None:
+    def __init__(self, capacity_bytes: int, hostname: str, *, write_timeout_ms: int) -> None:
         self.hostname = hostname
+        self.write_timeout_ms = write_timeout_ms
         self.catalog = Catalog()
         self.index = LocalIndex(capacity_bytes)
         self.artifacts: dict[str, Artifact] = {}
@@ -235,10 +241,13 @@ class LeaseTable:
         self._trims: list[SegmentRef] = []  # (name, used bytes): to shrink off the hot path
 
     # ---- sessions -----------------------------------------------------------------------
-    def open_session(self, session_id: str, pid: int, hostname: str) -> None:
-        """A session told us its process: adopt leases a previous daemon instance recorded."""
+    def open_session(self, session_id: str, pid: int, hostname: str, *, pid_verified: bool) -> None:
+        """A session of process ``pid``. Only a pid the kernel vouches for (the peer of the
+        local socket, ``pid_verified``) re-adopts the leases a previous daemon instance
+        recorded for that process: a pid a client merely claims (over gRPC) is never proof,
+        or any client could take over, and by hanging up end, another process's leases."""
         self.sessions[session_id] = pid
-        if hostname != self.hostname:
+        if hostname != self.hostname or not pid_verified:
             return
         for artifact in self.artifacts.values():
             if (
@@ -255,10 +264,16 @@ class LeaseTable:
 
     def lease_owner(self, session_id: str) -> str:
         """``session_id``, which a lease may belong to only if this daemon instance knows it."""
+        if not session_id:
+            raise FailedPreconditionError(
+                "this request names no session: writes and leases belong to a live client "
+                "session (the local socket connection, or the id the gRPC Session stream "
+                "answers); open one first — tensorcast_ray.init() does"
+            )
         if session_id not in self.sessions:
             raise UnavailableError(
-                f"session {session_id or '<none>'} is unknown to this daemon (it restarted, or "
-                "the client skipped Hello); reconnect and retry",
+                f"session {session_id} is unknown to this daemon (it restarted, or the session "
+                "ended); reconnect and retry",
             )
         return session_id
 
@@ -322,6 +337,7 @@ class LeaseTable:
         segments may use a staged one of the session's."""
         out = BeginOutcome(Actions())
         try:
+            self.lease_owner(session_id)  # a write lives no longer than its session
             if artifact.request_id:
                 out.done = self._retried_write(artifact.key, artifact.request_id, out.actions)
                 if out.done is not None:
@@ -336,7 +352,7 @@ class LeaseTable:
         except ArtifactError as exc:
             out.error = exc
             return out
-        out.pending = PendingWrite(write_id, artifact, session_id)
+        out.pending = PendingWrite(write_id, artifact, session_id, now_ms + self.write_timeout_ms)
         out.pending.claimed = self._claim_staged(staged, session_id, stageable)
         self.pending[write_id] = out.pending
         return out
@@ -400,8 +416,9 @@ class LeaseTable:
         pending = self.pending.get(write_id)
         if pending is None:
             raise FailedPreconditionError(
-                f"write {write_id!r} is unknown: it was aborted, already committed, "
-                "or the daemon restarted; start the put again"
+                f"write {write_id!r} is unknown: it was aborted (its session ended, or it "
+                "outlived the daemon's write_timeout_s), already committed, or the daemon "
+                "restarted; start the put again"
             )
         return pending
 
@@ -557,8 +574,11 @@ class LeaseTable:
         return pids
 
     def expire(self, now_ms: int, dead_pids: set[int]) -> Actions:
-        """End TTLs that passed and the sessionless leases of processes that exited."""
+        """End TTLs that passed, writes past their deadline and the sessionless leases of
+        processes that exited."""
         actions = Actions()
+        for write_id in [w for w, p in self.pending.items() if p.deadline_ms <= now_ms]:
+            self._abort(write_id, actions)
         for artifact in list(self.artifacts.values()):
             if artifact.expires_at_ms and artifact.expires_at_ms <= now_ms:
                 self._free_artifact(artifact.artifact_id, "ttl expired", actions)

@@ -88,7 +88,11 @@ class LocalStore:
         self.hostname = hostname or socket.gethostname()
         self._clock = clock
         self._lock = threading.RLock()
-        self._leases = LeaseTable(int(config.stable_dram_capacity_bytes), self.hostname)
+        self._leases = LeaseTable(
+            int(config.stable_dram_capacity_bytes),
+            self.hostname,
+            write_timeout_ms=int(config.write_timeout_s * 1000),
+        )
         self._heartbeat_s = 0.0  # when the owner file was last touched (see tick)
         self.epoch_segment = f"{prefix}epochs"
         self.epoch_slots = config.epoch_slots
@@ -120,7 +124,9 @@ class LocalStore:
         return int(self._clock() * 1000)
 
     def _session(self, request_session: str, transport_session: str) -> str:
-        return request_session or transport_session
+        """The connection's own session on the local socket (a request may not name another
+        one there); over gRPC, the Session stream's id the request names."""
+        return transport_session or request_session
 
     def _lease_owner(self, request_session: str, transport_session: str) -> str:
         """The session a lease belongs to; it must be one this daemon instance knows."""
@@ -169,11 +175,7 @@ class LocalStore:
         table.segment.extend(segs)
         table.offset.extend(offsets)
         policy = _resolved_policy(request.policy_json)
-        sid = (
-            self._lease_owner(request.session_id, session_id)
-            if kind == "register"
-            else self._session(request.session_id, session_id)
-        )
+        sid = self._session(request.session_id, session_id)  # the lease table checks it
         now = self._now_ms()
         artifact = Artifact(
             artifact_id=uuid.uuid4().hex,
@@ -421,10 +423,13 @@ class LocalStore:
     def _unlink(self, segments: list[SegmentRef]) -> None:
         self._shm.free(segments)
 
-    def bind_session_pid(self, session_id: str, pid: int, hostname: str) -> None:
-        """A session told us its process: adopt leases a previous daemon instance recorded."""
+    def bind_session_pid(
+        self, session_id: str, pid: int, hostname: str, *, pid_verified: bool
+    ) -> None:
+        """A session's process; a kernel-verified pid re-adopts what a previous daemon
+        instance recorded for it (see LeaseTable.open_session)."""
         with self._lock:
-            self._leases.open_session(session_id, pid, hostname)
+            self._leases.open_session(session_id, pid, hostname, pid_verified=pid_verified)
 
     def end_session(self, session_id: str) -> None:
         """The producer went away: end its leases, abort its unfinished writes."""

@@ -41,10 +41,11 @@ class DaemonServer:
     """[daemon] Owns the endpoints and the periodic tick of one daemon."""
 
     def __init__(
-        self, service: DaemonService, config: DaemonConfig, socket_path: str | None
+        self, service: DaemonService, config: DaemonConfig, socket_path: str | None, token: str
     ) -> None:
         self.service = service
         self.config = config
+        self._token = token  # of the namespace: every gRPC call must carry it
         self._executor = concurrent.futures.ThreadPoolExecutor(
             16, thread_name_prefix="tc-daemon-rpc"
         )
@@ -80,12 +81,12 @@ class DaemonServer:
         if port == 0 and preferred_port:
             # A restarted daemon takes its old port back so address= clients reconnect.
             self.port = bind_preferring(
-                lambda p: self._aio.start(handlers, cfg.listen_host, p),
+                lambda p: self._aio.start(handlers, cfg.listen_host, p, self._token),
                 preferred_port,
                 "daemon gRPC server",
             )
         else:
-            self.port = self._aio.start(handlers, cfg.listen_host, port)
+            self.port = self._aio.start(handlers, cfg.listen_host, port, self._token)
         self.service.address = f"{_host_for_clients(cfg.listen_host)}:{self.port}"
         try:
             self.metrics_port = self.service.metrics.serve(cfg.metrics_port, cfg.metrics_host)
@@ -97,7 +98,7 @@ class DaemonServer:
             self._local = LocalChannelServer(
                 self._socket_path,
                 self.service.handle,
-                on_connect=lambda sid: self.service.open_session(sid, "local"),
+                on_connect=self.service.open_local_session,
                 on_disconnect=self.service.close_session,
             )
             self.service.local_socket = self._socket_path
@@ -143,10 +144,6 @@ def _host_for_clients(host: str) -> str:
 
         return socket.gethostbyname(socket.gethostname())
     return host
-
-
-def default_socket_dir() -> str:
-    return f"/tmp/tcr-{os.getuid()}"
 
 
 def private_socket_dir(path: str) -> str:

@@ -75,13 +75,25 @@ class DaemonService:
             self._sessions.setdefault(session_id, Session(session_id, transport))
             self.metrics.clients.set(len(self._sessions))
 
+    def open_local_session(self, session_id: str, peer_pid: int) -> None:
+        """A local socket connection: its process is the one the kernel names (SO_PEERCRED),
+        so it may re-adopt the leases a previous daemon instance recorded for that pid."""
+        self.open_session(session_id, "local")
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is not None:
+                session.pid, session.hostname = peer_pid, self.identity.hostname
+        self.store.bind_session_pid(session_id, peer_pid, self.identity.hostname, pid_verified=True)
+
     def describe_session(self, session_id: str, request: daemon_pb2.SessionRequest) -> None:
         with self._lock:
             session = self._sessions.get(session_id)
             if session is not None:
                 session.pid, session.hostname = request.pid, request.hostname
                 session.client_name = request.client_name
-        self.store.bind_session_pid(session_id, request.pid, request.hostname)
+        # Claimed, not proven: recorded (the death watch of its leases after a restart uses
+        # it), never used to take over leases recorded under that pid.
+        self.store.bind_session_pid(session_id, request.pid, request.hostname, pid_verified=False)
 
     def close_session(self, session_id: str) -> None:
         with self._lock:
@@ -120,8 +132,6 @@ class DaemonService:
                 f"(tensorcast_ray {request.sdk_version}), daemon speaks v{PROTOCOL_VERSION} "
                 f"(tensorcast_ray {self.identity.version}); install the same version everywhere"
             )
-        if session_id:
-            self.store.bind_session_pid(session_id, request.pid, request.hostname)
         gs_address, gs_version = self._global_store_info()
         return daemon_pb2.HelloResponse(
             versions=common_pb2.VersionInfo(

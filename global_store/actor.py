@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 
 from tensorcast_ray._actors import message_to_dict
+from tensorcast_ray._auth import namespace_token
 from tensorcast_ray._catalog import Catalog
 from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
 from tensorcast_ray._errors import InvalidArgumentError
@@ -56,7 +57,9 @@ class GlobalStoreActor:
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tc-gs-rpc")
         self._aio = AioServerThread("tc-gs-grpc")
         handler = unary_handlers(SERVICE_NAME, _METHODS, self._dispatch, self._executor)
-        self.port = self._aio.start([handler], self.config.listen_host, self.config.listen_port)
+        self.port = self._aio.start(
+            [handler], self.config.listen_host, self.config.listen_port, namespace_token(namespace)
+        )
         host, port = self.config.metrics_host, self.config.metrics_port
         try:
             if port is None:  # the default: another namespace or Ray cluster may hold it

@@ -144,7 +144,7 @@ def init(
                 "tensorcast_ray.shutdown() first"
             )
         if mode == "connect" and address is not None:
-            state = _connect_address(address, namespace)
+            state = _connect_address(address, namespace, env.token)
         else:
             state = _init_with_ray(
                 mode,
@@ -201,9 +201,11 @@ def _context(client: DaemonClient, mode: str, namespace: str) -> InitContext:
     )
 
 
-def _connect_address(address: str, namespace: str) -> _State:
+def _connect_address(address: str, namespace: str, token: str | None) -> _State:
+    from tensorcast_ray._auth import token_for_address
+
     try:
-        client = DaemonClient(address)
+        client = DaemonClient(address, token=token or token_for_address(address))
     except UnavailableError as exc:
         raise UnavailableError(
             f"no tensorcast daemon answers at {address}: {exc.message}. Start one with "
@@ -319,7 +321,10 @@ def _init_with_ray(
             except Exception as exc:
                 raise map_exception(exc, context="re-resolving the daemon") from exc
 
-        client = DaemonClient(info["address"], resolve_address=resolve)
+        from tensorcast_ray._auth import namespace_token
+
+        token = env.token or namespace_token(namespace)
+        client = DaemonClient(info["address"], resolve_address=resolve, token=token)
         ctx = _context(client, mode, namespace)
         state = _State(os.getpid(), ctx, client, started_ray, started_cluster, owned, owned_gs)
         return state

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from tensorcast_ray._auth import call_metadata
 from tensorcast_ray._error_mapping import from_grpc_error
 from tensorcast_ray._errors import ArtifactError, FailedPreconditionError, UnavailableError
 from tensorcast_ray._local_channel import METHODS, LocalChannel
@@ -52,8 +53,11 @@ class DaemonClient:
         resolve_address: Callable[[], str] | None = None,
         use_local_socket: bool = True,
         connect_timeout: float = 10.0,
+        token: str | None = None,
     ) -> None:
+        """``token``: the namespace's (tensorcast_ray._auth), carried by every gRPC call."""
         self.address = address
+        self._metadata = call_metadata(token)
         self._resolve = resolve_address
         self._use_local = use_local_socket
         self._timeout = connect_timeout
@@ -120,7 +124,8 @@ class DaemonClient:
         call = stream(
             daemon_pb2.SessionRequest(
                 pid=os.getpid(), hostname=socket.gethostname(), client_name="tensorcast_ray"
-            )
+            ),
+            metadata=self._metadata,
         )
         try:
             self.session_id = next(call).session_id  # type: ignore[call-overload]
@@ -182,7 +187,7 @@ class DaemonClient:
 
     def _grpc_call(self, method: str, request: Message, timeout: float | None) -> Any:
         try:
-            return self._callables[method](request, timeout=timeout)
+            return self._callables[method](request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_grpc_error(exc, target=self.address) from exc
 

@@ -69,6 +69,7 @@ class DaemonConfig(_Strict):
     stale_shm_grace_s: Annotated[float, Field(ge=0)] = 600.0
     guardian_grace_s: Annotated[float, Field(ge=0)] = 20.0
     global_store_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    write_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -132,6 +133,7 @@ class EnvSettings:
     global_store_config_path: str | None = None
     namespace: str | None = None
     ray_address: str | None = None
+    token: str | None = None  # the namespace token, for clients that cannot get it from Ray
 
     def with_overrides(self, **kwargs: Any) -> EnvSettings:
         return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
@@ -144,6 +146,7 @@ def from_env(environ: dict[str, str] | None = None) -> EnvSettings:
         global_store_config_path=env.get("TENSORCAST_RAY_GLOBAL_STORE_CONFIG") or None,
         namespace=env.get("TENSORCAST_RAY_NAMESPACE") or None,
         ray_address=env.get("RAY_ADDRESS") or None,
+        token=env.get("TENSORCAST_RAY_TOKEN") or None,
     )
 
 

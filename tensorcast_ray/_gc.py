@@ -147,8 +147,9 @@ def collect(
 
 
 def remove_prefix(shm_dir: str, prefix: str, socket_dir: str | None) -> tuple[list[str], int]:
-    """Unlink every entry of this user named ``<prefix>*`` in ``shm_dir`` and the socket
-    ``<socket_dir>/<prefix>sock``; returns (names removed, their bytes).
+    """Unlink every entry of this user named ``<prefix>*`` in ``shm_dir``, the socket
+    ``<socket_dir>/<prefix>sock`` and token file ``<socket_dir>/<prefix>token``; returns
+    (names removed, their bytes).
 
     Links are removed, never followed; another user's entries are left alone.
     """
@@ -160,7 +161,7 @@ def remove_prefix(shm_dir: str, prefix: str, socket_dir: str | None) -> tuple[li
     except OSError:
         pass
     if socket_dir:
-        paths.append(os.path.join(socket_dir, prefix + "sock"))
+        paths += [os.path.join(socket_dir, prefix + end) for end in ("sock", "token")]
     removed, nbytes = [], 0
     for path in paths:
         try:

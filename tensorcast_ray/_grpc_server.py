@@ -1,7 +1,9 @@
 """gRPC server helpers shared by the node daemon and the Global Store.  [daemon, Global Store]
 
 Both serve a ``grpc.aio`` server on an event loop of its own thread, so held-open streams
-cost no thread each, and run their synchronous handlers in a thread pool. Errors leave
+cost no thread each, and run their synchronous handlers in a thread pool. Every call, the
+daemon's Session stream included, passes one token check first (:class:`tensorcast_ray._auth.
+TokenCheck`). Errors leave
 through :func:`tensorcast_ray._error_mapping.handler_error` and ``abort_with``, the codec
 the daemon's local socket shares. The Global Store imports this module, never the daemon package.
 """
@@ -19,6 +21,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
+from tensorcast_ray._auth import TokenCheck
 from tensorcast_ray._error_mapping import abort_with, handler_error
 from tensorcast_ray._errors import UnavailableError
 
@@ -60,9 +63,15 @@ class AioServerThread:
         self._thread.start()
         self.server: grpc.aio.Server | None = None
 
-    def start(self, handlers: list[grpc.GenericRpcHandler], host: str, port: int) -> int:
+    def start(
+        self, handlers: list[grpc.GenericRpcHandler], host: str, port: int, token: str
+    ) -> int:
+        """Serve ``handlers`` on ``host:port`` to callers that present ``token``."""
+
         async def _start() -> int:
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            server = grpc.aio.server(
+                interceptors=[TokenCheck(token)], options=[("grpc.so_reuseport", 0)]
+            )
             server.add_generic_rpc_handlers(handlers)
             bound = server.add_insecure_port(f"{host}:{port}")
             await server.start()

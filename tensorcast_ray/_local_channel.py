@@ -21,7 +21,11 @@ table is derived from ``proto/`` and cannot drift. One connection is one session
 client process exits, the daemon sees the connection close and ends the session's leases.
 
 [SDK] :class:`LocalChannel` — one connection per process, calls serialized by a lock.
-[daemon] :class:`LocalChannelServer` — a listening socket and a thread per connection.
+[daemon] :class:`LocalChannelServer` — a listening socket and a thread per connection. Who
+may connect: the socket's directory is private (0700) and the socket 0600, and each
+connection's peer credentials (``SO_PEERCRED``, from the kernel) must name the daemon's own
+user or root, or its first request is answered PERMISSION_DENIED and the connection closed.
+The peer's pid, not one a request claims, is the session's process.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from tensorcast_ray._errors import ArtifactError, UnimplementedError
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
 _HEADER = struct.Struct("<IB")
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _SERVICE = daemon_pb2.DESCRIPTOR.services_by_name["StoreDaemon"]
 #: Unary methods by name: (index, request class, response class). Streams are not carried.
 METHODS: dict[str, tuple[int, type[Message], type[Message]]] = {
@@ -240,9 +245,10 @@ class LocalChannelServer:
         self,
         path: str,
         handler: Handler,
-        on_connect: Callable[[str], None],
+        on_connect: Callable[[str, int], None],
         on_disconnect: Callable[[str], None],
     ) -> None:
+        """``on_connect(connection id, peer pid)`` and ``on_disconnect(connection id)``."""
         self.path = path
         self._handler = handler
         self._on_connect = on_connect
@@ -280,7 +286,13 @@ class LocalChannelServer:
             ).start()
 
     def _serve(self, conn: socket.socket, conn_id: str) -> None:
-        self._on_connect(conn_id)
+        pid, uid, _ = _PEERCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid not in (os.getuid(), 0):
+            self._refuse(conn, conn_id, uid)
+            return
+        self._on_connect(conn_id, pid)
         try:
             while True:
                 try:
@@ -296,6 +308,28 @@ class LocalChannelServer:
                 self._conns.pop(conn_id, None)
             conn.close()
             self._on_disconnect(conn_id)
+
+    def _refuse(self, conn: socket.socket, conn_id: str, uid: int) -> None:
+        """Answer the first request of another user's process PERMISSION_DENIED, then hang up."""
+        from tensorcast_ray._errors import PermissionDeniedError
+
+        err = PermissionDeniedError(
+            f"the daemon's local socket serves only its own user (uid {os.getuid()}); this "
+            f"process runs as uid {uid}. Run as that user, or connect over gRPC with the "
+            "namespace's token (see docs/security.md)"
+        )
+        try:
+            conn.settimeout(5.0)
+            length, _ = _HEADER.unpack(_recv_exact(conn, _HEADER.size))
+            _recv_exact(conn, length)
+            payload = _encode_error(err)
+            conn.sendall(_HEADER.pack(len(payload), 1) + payload)
+        except (OSError, EOFError):
+            pass
+        finally:
+            with self._lock:
+                self._conns.pop(conn_id, None)
+            conn.close()
 
     def _dispatch(self, index: int, body: bytes, conn_id: str) -> bytes:
         entry = _BY_INDEX.get(index)

@@ -517,8 +517,8 @@ def gc_command(shm_dir: str | None, min_age: float, dry_run: bool, as_json: bool
     A prefix is stale when the daemon process that owned it is gone and none of its files
     changed for --min-age seconds. Needs no Ray cluster.
     """
+    from tensorcast_ray._auth import default_socket_dir
     from tensorcast_ray._gc import collect
-    from tensorcast_ray.daemon.server import default_socket_dir
 
     config = load_daemon_config()
     directory = shm_dir or config.shm_dir

@@ -107,3 +107,90 @@ def python_child(script: str, *args: str) -> Iterator[tuple[subprocess.Popen[str
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+class OtherUser:
+    """A throwaway Unix user and a worker process running as it, for tests of what another
+    user on the host can do. Needs root (CI runs as root); removes the user on ``close``.
+
+    The worker is forked (never exec'd: another user cannot run the venv's python under a
+    0700 /root) and drops to the user with setgroups / setgid / setuid. Fork it before the
+    parent starts Ray or any gRPC channel, so the child inherits no threads. ``run(fn,
+    *args)`` runs a module-level function there; its result, or the exception it raised,
+    comes back pickled.
+    """
+
+    def __init__(self) -> None:
+        import pwd
+        import uuid
+
+        self.name = f"tc-test-{uuid.uuid4().hex[:8]}"
+        subprocess.run(
+            ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", self.name],
+            check=True,
+            capture_output=True,
+        )
+        entry = pwd.getpwnam(self.name)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        to_child_r, self._to_child = os.pipe()
+        self._from_child, from_child_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the worker
+            os.close(self._to_child)
+            os.close(self._from_child)
+            try:
+                os.setgroups([])
+                os.setgid(self.gid)
+                os.setuid(self.uid)
+                self._serve(to_child_r, from_child_w)
+            finally:
+                os._exit(0)
+        os.close(to_child_r)
+        os.close(from_child_w)
+
+    @staticmethod
+    def _serve(requests: int, replies: int) -> None:
+        import pickle
+
+        with os.fdopen(requests, "rb") as rd, os.fdopen(replies, "wb") as wr:
+            while True:
+                try:
+                    fn, args = pickle.load(rd)
+                except EOFError:
+                    return
+                try:
+                    reply: tuple[bool, Any] = (True, fn(*args))
+                except BaseException as exc:  # sent back for the test to assert on
+                    reply = (False, exc)
+                try:
+                    pickle.dump(reply, wr)
+                except Exception as exc:  # an unpicklable result or exception
+                    pickle.dump((False, RuntimeError(repr(exc))), wr)
+                wr.flush()
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 60.0) -> Any:
+        """``fn(*args)`` as the other user; re-raises what it raised."""
+        import pickle
+        import select
+
+        os.write(self._to_child, pickle.dumps((fn, args)))
+        ready, _, _ = select.select([self._from_child], [], [], timeout)
+        if not ready:
+            raise AssertionError(f"the other user's worker gave no answer in {timeout}s")
+        with os.fdopen(os.dup(self._from_child), "rb") as rd:
+            ok, value = pickle.load(rd)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        import signal
+
+        os.close(self._to_child)
+        os.close(self._from_child)
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        subprocess.run(["userdel", self.name], check=False, capture_output=True)

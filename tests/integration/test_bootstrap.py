@@ -58,7 +58,8 @@ def test_context_versions_ports_and_metrics(namespace: str) -> None:
     assert "tc_daemon_info" in text and "tc_local_stable_tier_total" in text
     gs_info = _actors.call(_actors.get_actor(_actors.GLOBAL_STORE_NAME, namespace), "info")
     assert "tc_global_store_daemons_known 1.0" in scrape(gs_info["metrics_address"])
-    # The gRPC endpoint answers Health over the wire too.
+    # The gRPC endpoint answers Health over the wire too, given the namespace's token.
+    from tensorcast_ray._auth import call_metadata, namespace_token
     from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2
 
     with grpc.insecure_channel(ctx.daemon_address) as channel:
@@ -66,7 +67,11 @@ def test_context_versions_ports_and_metrics(namespace: str) -> None:
             "/tensorcast_ray.v1.StoreDaemon/Health",
             request_serializer=common_pb2.HealthRequest.SerializeToString,
             response_deserializer=common_pb2.HealthResponse.FromString,
-        )(common_pb2.HealthRequest(), timeout=10)
+        )(
+            common_pb2.HealthRequest(),
+            timeout=10,
+            metadata=call_metadata(namespace_token(namespace)),
+        )
     assert health.ok and health.version == tc.__version__
 
 

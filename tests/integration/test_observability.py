@@ -589,19 +589,21 @@ def test_daemon_and_global_store_metrics(namespace: str) -> None:
         assert (
             val(gs_before, "tc_global_store_rpc_errors_total", method=method, code="INTERNAL") == 0
         )
+    from tensorcast_ray._auth import call_metadata, namespace_token
     from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, global_store_pb2
 
+    token = call_metadata(namespace_token(namespace))
     with grpc.insecure_channel(gs_info["address"]) as channel:
         channel.unary_unary(
             "/tensorcast_ray.v1.GlobalStore/Health",
             request_serializer=common_pb2.HealthRequest.SerializeToString,
             response_deserializer=common_pb2.HealthResponse.FromString,
-        )(common_pb2.HealthRequest(), timeout=10)
+        )(common_pb2.HealthRequest(), timeout=10, metadata=token)
         status = channel.unary_unary(
             "/tensorcast_ray.v1.GlobalStore/Status",
             request_serializer=global_store_pb2.GlobalStatusRequest.SerializeToString,
             response_deserializer=global_store_pb2.GlobalStatusResponse.FromString,
-        )(global_store_pb2.GlobalStatusRequest(), timeout=10)
+        )(global_store_pb2.GlobalStatusRequest(), timeout=10, metadata=token)
     assert [d.node_id for d in status.daemons] == [ctx.node_id]
     gs_after = scrape(gs_info["metrics_address"])
     for method in ("Health", "Status"):

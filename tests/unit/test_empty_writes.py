@@ -28,7 +28,7 @@ def test_the_daemon_refuses_a_write_of_no_tensors(tmp_path: Path) -> None:
     config = DaemonConfig(shm_dir=str(tmp_path), shm_pool_bytes=0, client_staging_bytes=0)
     store = LocalStore(config, prefix=prefix, metrics=DaemonMetrics())
     try:
-        store.bind_session_pid("s1", os.getpid(), store.hostname)
+        store.bind_session_pid("s1", os.getpid(), store.hostname, pid_verified=True)
         for kind in (daemon_pb2.WRITE_KIND_PUT, daemon_pb2.WRITE_KIND_REGISTER):
             request = daemon_pb2.BeginWriteRequest(key="e:v1", kind=kind, session_id="s1")
             with pytest.raises(tc.InvalidArgumentError, match="no tensors"):

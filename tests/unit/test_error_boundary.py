@@ -35,6 +35,7 @@ from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
 C = grpc.StatusCode
 PREFIX = "tcr-unittest-000000000000-"
+TOKEN = "error-boundary-test-token"
 ALL_ERROR_CLASSES = [
     obj
     for name in _errors.__all__
@@ -57,7 +58,7 @@ class Daemon:
         return daemon_pb2.ExistsResponse(exists=True)
 
     def client(self, *, local: bool) -> DaemonClient:
-        client = DaemonClient(self.server.service.address, use_local_socket=local)
+        client = DaemonClient(self.server.service.address, use_local_socket=local, token=TOKEN)
         assert client.transport == ("local" if local else "grpc")
         return client
 
@@ -72,7 +73,7 @@ def start_daemon(shm_dir: str) -> Daemon:
     metrics = DaemonMetrics()
     store = LocalStore(config, prefix=PREFIX, metrics=metrics)
     service = DaemonService(DaemonIdentity("errnode", "errors"), store, metrics)
-    server = DaemonServer(service, config, os.path.join(shm_dir, "daemon.sock"))
+    server = DaemonServer(service, config, os.path.join(shm_dir, "daemon.sock"), TOKEN)
     daemon = Daemon(server, store)
     store.rpc_Exists = daemon.handler  # type: ignore[method-assign]
     server.start()

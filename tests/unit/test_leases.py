@@ -30,13 +30,14 @@ from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2
 MiB = 1 << 20
 HOST = "node-a"
 PINNED = resolve_policy(StorePolicy(profile="pinned"))
+WRITE_TIMEOUT_MS = 60_000
 CACHE = resolve_policy(StorePolicy(profile="cache"))
 
 
 @pytest.fixture
 def table() -> LeaseTable:
-    t = LeaseTable(16 * MiB, HOST)
-    t.open_session("s1", 100, HOST)
+    t = LeaseTable(16 * MiB, HOST, write_timeout_ms=WRITE_TIMEOUT_MS)
+    t.open_session("s1", 100, HOST, pid_verified=True)
     return t
 
 
@@ -256,13 +257,61 @@ def test_ttl_and_dead_producers_expire(table: LeaseTable) -> None:
 def test_a_reconnecting_process_rebinds_its_readopted_leases(table: LeaseTable) -> None:
     reg = put(table, "reg:v1", kind="register", owner_pid=77, owner_host=HOST)
     table.adopt_buffer(Buffer("buf-1", ("bufseg", MiB), "", 77), 0)
-    table.open_session("s9", 77, "node-b")
+    table.open_session("s9", 77, "node-b", pid_verified=True)
     assert reg.owner_session == "" and table.buffers["buf-1"].session_id == ""
-    table.open_session("s9", 77, HOST)
+    table.open_session("s9", 77, HOST, pid_verified=True)
     assert reg.owner_session == "s9" and table.buffers["buf-1"].session_id == "s9"
     assert table.watched_pids() == set()
     actions = table.end_session("s9")
     assert [f.key for f in actions.freed] == ["reg:v1"] and actions.dropped_buffers == ["buf-1"]
+
+
+def test_a_claimed_pid_never_takes_over_readopted_leases(table: LeaseTable) -> None:
+    """After a restart, a session that only claims the producer's pid (over gRPC) must not
+    re-bind its leases: hanging up would then end them while the producer lives."""
+    reg = put(table, "reg:v1", kind="register", owner_pid=77, owner_host=HOST)
+    table.adopt_buffer(Buffer("buf-1", ("bufseg", MiB), "", 77), 0)
+    table.open_session("liar", 77, HOST, pid_verified=False)
+    assert reg.owner_session == "" and table.buffers["buf-1"].session_id == ""
+    actions = table.end_session("liar")
+    assert not actions and reg.artifact_id in table.artifacts and "buf-1" in table.buffers
+    assert table.watched_pids() == {77}, "still ended when pid 77 exits"
+
+
+@pytest.mark.parametrize(
+    ("session", "error"), [("", FailedPreconditionError), ("gone", UnavailableError)]
+)
+def test_a_write_needs_a_live_session(
+    table: LeaseTable, session: str, error: type[Exception]
+) -> None:
+    out = table.begin_write(
+        artifact("a:v1"),
+        PINNED,
+        write_id="w",
+        session_id=session,
+        staged=(),
+        stageable=0,
+        now_ms=0,
+    )
+    assert isinstance(out.error, error) and out.pending is None
+    assert not table.pending and table.index.stats().used == 0, "nothing reserved"
+    table.catalog.reserve("a:v1", "other")  # the key was not taken either
+
+
+def test_an_uncommitted_write_is_aborted_at_its_deadline(table: LeaseTable) -> None:
+    table.add_staged("s1", [("st", 4 * MiB)])
+    out = begin(table, "late:v1", staged=("st",), stageable=1, now_ms=1000)
+    assert out.pending is not None
+    table.place_segments("w-late:v1", [("st", MiB), ("fresh", MiB)], [])
+    assert not table.expire(1000 + WRITE_TIMEOUT_MS - 1, set()), "not yet"
+    assert table.index.stats().used == MiB
+    actions = table.expire(1000 + WRITE_TIMEOUT_MS, set())
+    assert actions.unlink == [("fresh", MiB)] and table.staged["st"] == (4 * MiB, "s1")
+    assert table.pending == {} and table.index.stats().used == 0, "capacity returned"
+    assert not table.catalog.exists("late:v1")
+    with pytest.raises(FailedPreconditionError, match="write_timeout_s"):
+        table.commit_write("w-late:v1", 0, 1)
+    assert put(table, "late:v1").key == "late:v1", "the version is free again"
 
 
 def test_buffers_book_bytes_and_registers_reference_them(table: LeaseTable) -> None:
@@ -313,7 +362,7 @@ def test_release_unheld_frees_only_what_the_client_lost(table: LeaseTable) -> No
 
 
 def test_adoption_readmits_on_the_original_terms_and_never_evicts() -> None:
-    table = LeaseTable(2 * MiB, HOST)
+    table = LeaseTable(2 * MiB, HOST, write_timeout_ms=WRITE_TIMEOUT_MS)
     first = artifact("a:v1", MiB, retention="best_effort", requirement="may", segments=[("s", MiB)])
     assert table.adopt_artifact(first, 0) is None
     entry = table.index.get(first.artifact_id)

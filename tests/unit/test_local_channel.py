@@ -22,7 +22,7 @@ class Service:
 
     def __init__(self) -> None:
         self.release = threading.Event()
-        self.connected: list[str] = []
+        self.connected: list[tuple[str, int]] = []  # (connection id, peer pid)
         self.disconnected: list[str] = []
         self.calls: list[str] = []
         self.aborted: list[str] = []
@@ -50,7 +50,10 @@ def served() -> Iterator[tuple[Service, LocalChannel]]:
     path = f"/tmp/tcr-test-{uuid.uuid4().hex[:10]}.sock"
     service = Service()
     server = LocalChannelServer(
-        path, service, service.connected.append, service.disconnected.append
+        path,
+        service,
+        lambda conn, pid: service.connected.append((conn, pid)),
+        service.disconnected.append,
     )
     channel = LocalChannel(path, timeout=10)
     try:
@@ -94,7 +97,9 @@ def test_closing_the_client_ends_the_session(served: tuple[Service, LocalChannel
     service, channel = served
     wait_for(lambda: service.connected, 10, "the server to see the connection")
     channel.close()
-    wait_for(lambda: service.disconnected == service.connected, 10, "the session to end")
+    wait_for(
+        lambda: service.disconnected == [c for c, _ in service.connected], 10, "the session to end"
+    )
 
 
 def test_client_refuses_a_path_that_is_not_its_users_socket(tmp_path: Any) -> None:
@@ -145,7 +150,11 @@ def test_a_forked_child_does_not_keep_the_parents_session_open(
     try:
         os.read(ready_r, 1)
         channel.close()  # the parent goes away: its session must end now
-        wait_for(lambda: service.disconnected == service.connected, 10, "the session to end")
+        wait_for(
+            lambda: service.disconnected == [c for c, _ in service.connected],
+            10,
+            "the session to end",
+        )
     finally:
         os.write(release_w, b"x")
         os.waitpid(pid, 0)

@@ -44,7 +44,7 @@ def make_store(shm_dir: Path, **overrides: object) -> LocalStore:
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[LocalStore]:
     s = make_store(tmp_path)
-    s.bind_session_pid("s1", os.getpid(), s.hostname)
+    s.bind_session_pid("s1", os.getpid(), s.hostname, pid_verified=True)
     yield s
     s.close(unlink=True)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(PREFIX)], "segments leaked"
@@ -243,7 +243,7 @@ def test_register_needs_a_known_session(store: LocalStore) -> None:
 
 def test_crash_recovery_readopts_artifacts_and_drops_orphans(tmp_path: Path) -> None:
     first = make_store(tmp_path)
-    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
     started = begin(first, "keep:v1", MiB)
     write(first, started, 9)
     orphan = begin(first, "half:v1", MiB)  # never committed: a crash mid-put
@@ -278,7 +278,7 @@ def test_commit_cost_does_not_grow_with_the_store(store: LocalStore, tmp_path: P
 
 def test_journal_replays_deletes_and_survives_a_torn_line(tmp_path: Path) -> None:
     first = make_store(tmp_path)
-    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
     for i in range(3):
         write(first, begin(first, f"k:v{i}", 4096), i)
     first.rpc_Delete(daemon_pb2.DeleteRequest(key="k:v1"), "")
@@ -306,7 +306,7 @@ def allocate(store: LocalStore, session: str, nbytes: int = MiB) -> str:
 
 def test_readopted_buffer_rebinds_to_its_process_and_ends_with_it(tmp_path: Path) -> None:
     first = make_store(tmp_path)
-    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
     name = allocate(first, "s1")
     first.close(unlink=False)  # a crash: the tc.empty buffer's process lives on
     second = make_store(tmp_path)
@@ -315,7 +315,8 @@ def test_readopted_buffer_rebinds_to_its_process_and_ends_with_it(tmp_path: Path
         assert buf.session_id == "" and buf.pid == os.getpid()
         second.tick()
         assert (tmp_path / name).exists(), "its process is alive: the buffer stays"
-        second.bind_session_pid("s2", os.getpid(), second.hostname)  # the process reconnects
+        # The process reconnects on the local socket: the kernel vouches for its pid.
+        second.bind_session_pid("s2", os.getpid(), second.hostname, pid_verified=True)
         assert buf.session_id == "s2"
         second.end_session("s2")
         assert not (tmp_path / name).exists() and second._leases.buffers == {}
@@ -328,7 +329,7 @@ def test_readopted_buffer_of_a_dead_process_is_freed(tmp_path: Path) -> None:
     child = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
     dead_pid = int(child.stdout)
     first = make_store(tmp_path)
-    first.bind_session_pid("s1", dead_pid, first.hostname)
+    first.bind_session_pid("s1", dead_pid, first.hostname, pid_verified=True)
     name = allocate(first, "s1")
     first.close(unlink=False)
     second = make_store(tmp_path)
@@ -380,13 +381,13 @@ def test_retry_after_a_lost_commit_reply_gets_the_committed_write(store: LocalSt
 
 def test_the_committed_answer_survives_a_daemon_restart(tmp_path: Path) -> None:
     first = make_store(tmp_path)
-    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
     started = first.rpc_BeginWrite(begin_request("k:v1", MiB, "req-4"), "")
     write(first, started, 7)
     first.close(unlink=False)  # the daemon dies before the commit reply is sent
     second = make_store(tmp_path)
     try:
-        second.bind_session_pid("s1", os.getpid(), second.hostname)
+        second.bind_session_pid("s1", os.getpid(), second.hostname, pid_verified=True)
         retry = second.rpc_BeginWrite(begin_request("k:v1", MiB, "req-4"), "")
         assert retry.HasField("committed")
         assert retry.committed.artifact_id == started.artifact_id
@@ -478,7 +479,7 @@ def test_an_unfinished_write_is_never_evicted_or_expired(tmp_path: Path) -> None
         metrics=DaemonMetrics(),
         clock=lambda: now[0],
     )
-    store.bind_session_pid("s1", os.getpid(), store.hostname)
+    store.bind_session_pid("s1", os.getpid(), store.hostname, pid_verified=True)
     try:
         cache = _policy_json(StorePolicy(profile="cache"))  # evictable, LRU
         first = begin_request("a:v1", 6 * MiB, "ra")
@@ -508,7 +509,7 @@ def test_an_unfinished_write_is_never_evicted_or_expired(tmp_path: Path) -> None
 
 def test_a_restart_does_not_count_a_buffer_lease_twice(tmp_path: Path) -> None:
     first = make_store(tmp_path, stable_dram_capacity_bytes=3 * MiB)
-    first.bind_session_pid("s1", os.getpid(), first.hostname)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
     buffer = first.rpc_AllocateBuffer(
         daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=2 * MiB), ""
     )

@@ -1,0 +1,308 @@
+"""The control plane's checks against a real in-process daemon (no Ray): the namespace token
+on every gRPC call, peer credentials on the unix socket, writes bound to a live session, and
+the token file. The other-user tests need root (CI runs as root): they create a throwaway
+Unix user and remove it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from tensorcast_ray.daemon.local_store import LocalStore
+from tensorcast_ray.daemon.metrics import DaemonMetrics
+from tensorcast_ray.daemon.server import DaemonServer
+from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
+
+from tensorcast_ray import _auth
+from tensorcast_ray._client import DaemonClient
+from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._errors import (
+    ArtifactError,
+    FailedPreconditionError,
+    PermissionDeniedError,
+)
+from tensorcast_ray._layout import Columns
+from tensorcast_ray._local_channel import METHODS, LocalChannelServer
+from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+from tests.helpers import OtherUser, wait_for
+
+PREFIX = "tcr-authtest-000000000000-"
+TOKEN = "the-namespace-token"
+SERVICE = "/tensorcast_ray.v1.StoreDaemon/"
+
+
+def begin_request(session_id: str = "") -> daemon_pb2.BeginWriteRequest:
+    return daemon_pb2.BeginWriteRequest(
+        key="w:v1",
+        kind=daemon_pb2.WRITE_KIND_PUT,
+        session_id=session_id,
+        tensors=Columns.of(["t"], ["float32"], [(1024,)]).to_table(),
+    )
+
+
+#: The calls another user tried: list, look up, delete, and begin a write to commit.
+REQUESTS: dict[str, Any] = {
+    "ListKeys": daemon_pb2.ListKeysRequest(),
+    "Lookup": daemon_pb2.LookupRequest(key="owner:v1"),
+    "Delete": daemon_pb2.DeleteRequest(key="owner:v1"),
+    "BeginWrite": begin_request(),
+    "CommitWrite": daemon_pb2.CommitWriteRequest(write_id="x"),
+    "Hello": daemon_pb2.HelloRequest(),
+}
+
+
+@pytest.fixture(scope="module")
+def other_user() -> Iterator[OtherUser | None]:
+    """Forked first (before any daemon thread or gRPC channel of this module)."""
+    if os.geteuid() != 0:
+        yield None
+        return
+    user = OtherUser()
+    try:
+        yield user
+    finally:
+        user.close()
+
+
+def need(user: OtherUser | None) -> OtherUser:
+    if user is None:
+        pytest.skip("needs root to create a throwaway Unix user (CI runs as root)")
+    return user
+
+
+class Daemon:
+    def __init__(self, root: str) -> None:
+        self.root = root
+        config = DaemonConfig(
+            shm_dir=root, shm_pool_bytes=0, shm_segment_bytes=1 << 20, client_staging_bytes=0
+        )
+        metrics = DaemonMetrics()
+        self.store = LocalStore(config, prefix=PREFIX, metrics=metrics)
+        self.service = DaemonService(DaemonIdentity("authnode", "auth"), self.store, metrics)
+        self.socket_path = os.path.join(root, "daemon.sock")
+        self.server = DaemonServer(self.service, config, self.socket_path, TOKEN)
+        self.server.start()
+        self.address = self.service.address
+
+    def used(self) -> int:
+        return int(self.store.stats()["tiers"][0]["used_bytes"])
+
+    def close(self) -> None:
+        self.server.stop()
+        self.store.close(unlink=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(other_user: OtherUser | None) -> Iterator[Daemon]:
+    root = tempfile.mkdtemp(prefix="tcr-auth-", dir="/tmp")  # mode 0700, as a socket dir
+    d = Daemon(root)
+    try:
+        yield d
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def owner(daemon: Daemon) -> Iterator[DaemonClient]:
+    """The owner's client over gRPC, with one artifact written."""
+    client = DaemonClient(daemon.address, use_local_socket=False, token=TOKEN)
+    put(client, "owner:v1")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def put(client: DaemonClient, key: str) -> None:
+    request = begin_request(client.session_hint)
+    request.key = key
+    started = client.call("BeginWrite", request, 10)
+    client.call("CommitWrite", daemon_pb2.CommitWriteRequest(write_id=started.write_id), 10)
+
+
+# ---- run in the other user's worker (module level: they travel pickled by name) ------------
+
+
+def grpc_call(address: str, method: str, request: bytes, token: str | None) -> tuple[str, str]:
+    """One raw call; (status code name, details)."""
+    with grpc.insecure_channel(address) as channel:
+        fn = channel.unary_unary(SERVICE + method)
+        try:
+            fn(request, timeout=10, metadata=_auth.call_metadata(token))
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+def connect_unix(path: str) -> str:
+    """Connect to ``path`` and send a Health request; what came back (or why not)."""
+    from tensorcast_ray._local_channel import _HEADER, _decode_error, _recv_exact
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        try:
+            sock.connect(path)
+        except PermissionError:
+            return "EACCES"
+        sock.sendall(_HEADER.pack(0, METHODS["Health"][0]))
+        length, status = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+        body = bytes(_recv_exact(sock, length))
+        if status == 0:
+            return "OK"
+        err = _decode_error(body)
+        return f"{err.status_code.name}: {err.message}"
+
+
+# ---- the token on gRPC ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("token", [None, "wrong", TOKEN + "x"])
+@pytest.mark.parametrize("method", sorted(REQUESTS))
+def test_a_call_without_the_token_is_unauthenticated_and_never_handled(
+    daemon: Daemon, owner: DaemonClient, method: str, token: str | None
+) -> None:
+    code, details = grpc_call(daemon.address, method, REQUESTS[method].SerializeToString(), token)
+    assert code == "UNAUTHENTICATED"
+    assert _auth.TOKEN_ENV in details and "docs/security.md" in details
+    listed = owner.call("ListKeys", daemon_pb2.ListKeysRequest(), 10).keys
+    assert "owner:v1" in listed and "w:v1" not in listed, "nothing was deleted or written"
+    assert not daemon.store._leases.pending, "no write was begun"
+
+
+def test_the_session_stream_needs_the_token_too(daemon: Daemon) -> None:
+    with pytest.raises(PermissionDeniedError) as err:
+        DaemonClient(daemon.address, use_local_socket=False, token="wrong")
+    assert err.value.status_code == grpc.StatusCode.UNAUTHENTICATED
+    sessions_before = daemon.service.clients
+    with grpc.insecure_channel(daemon.address) as channel:
+        stream = channel.unary_stream(SERVICE + "Session")
+        with pytest.raises(grpc.RpcError) as rpc:
+            next(iter(stream(b"", timeout=10)))
+    assert rpc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert daemon.service.clients == sessions_before, "no session was opened"
+
+
+def test_the_owner_with_the_token_works_on_both_channels(
+    daemon: Daemon, owner: DaemonClient
+) -> None:
+    local = DaemonClient(daemon.address, token=TOKEN)
+    try:
+        assert local.transport == "local"
+        for client in (owner, local):
+            info = client.call("Lookup", daemon_pb2.LookupRequest(key="owner:v1"), 10)
+            assert info.key == "owner:v1"
+    finally:
+        local.close()
+
+
+# ---- writes belong to a live session ------------------------------------------------------
+
+
+@pytest.mark.parametrize("session", ["", "grpc-not-a-session"])
+def test_a_grpc_write_naming_no_live_session_is_refused(
+    daemon: Daemon, owner: DaemonClient, session: str
+) -> None:
+    used = daemon.used()
+    with pytest.raises(ArtifactError, match="session") as err:
+        owner.call("BeginWrite", begin_request(session), 10)
+    if not session:
+        assert isinstance(err.value, FailedPreconditionError)
+    assert daemon.used() == used and not daemon.store._leases.pending
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_an_uncommitted_write_ends_with_its_session(daemon: Daemon, local: bool) -> None:
+    used = daemon.used()
+    client = DaemonClient(daemon.address, use_local_socket=local, token=TOKEN)
+    # On the local socket the connection is the session, whatever id a request names.
+    named = client.session_hint if not local else "local-999"
+    started = client.call("BeginWrite", begin_request(named), 10)
+    assert started.write_id and daemon.used() > used
+    client.close()
+    wait_for(lambda: daemon.used() == used, 10, "the write's capacity to come back")
+    assert started.write_id not in daemon.store._leases.pending
+
+
+# ---- the token file ---------------------------------------------------------------------------
+
+
+def test_the_token_file_is_private_and_found_by_port(tmp_path: Any) -> None:
+    path = _auth.token_file(str(tmp_path), PREFIX)
+    _auth.write_token_file(path, "tok-a", 4711)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    _auth.write_token_file(_auth.token_file(str(tmp_path), "tcr-other-"), "tok-b", 4712)
+    assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) == "tok-a"
+    assert _auth.token_for_address("somehost:4712", str(tmp_path)) == "tok-b"
+    assert _auth.token_for_address("127.0.0.1:4713", str(tmp_path)) is None
+    _auth.remove_token_file(path)
+    assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) is None
+
+
+def test_a_token_file_of_another_user_is_ignored(tmp_path: Any) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to chown a file to another uid")
+    path = _auth.token_file(str(tmp_path), PREFIX)
+    _auth.write_token_file(path, "planted", 4711)
+    os.chown(path, 65534, 65534)
+    assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) is None
+
+
+# ---- another user on the host ---------------------------------------------------------------
+
+
+def test_another_user_cannot_reach_the_unix_socket(
+    other_user: OtherUser | None, daemon: Daemon
+) -> None:
+    user = need(other_user)
+    assert stat.S_IMODE(os.stat(daemon.root).st_mode) == 0o700
+    assert user.run(connect_unix, daemon.socket_path) == "EACCES"
+
+
+@pytest.mark.parametrize("method", ["ListKeys", "Lookup", "Delete", "BeginWrite", "CommitWrite"])
+def test_another_user_without_the_token_is_unauthenticated(
+    other_user: OtherUser | None, daemon: Daemon, owner: DaemonClient, method: str
+) -> None:
+    user = need(other_user)
+    request = REQUESTS[method].SerializeToString()
+    code, details = user.run(grpc_call, daemon.address, method, request, None)
+    assert code == "UNAUTHENTICATED" and _auth.TOKEN_ENV in details
+    assert "owner:v1" in owner.call("ListKeys", daemon_pb2.ListKeysRequest(), 10).keys
+
+
+def test_peer_credentials_refuse_another_user_even_on_an_open_socket(
+    other_user: OtherUser | None,
+) -> None:
+    """Defence in depth: a socket another user can reach (a loose directory, a chmod) still
+    serves nobody but its own user."""
+    user = need(other_user)
+    root = tempfile.mkdtemp(prefix="tcr-open-", dir="/tmp")
+    os.chmod(root, 0o755)
+    path = os.path.join(root, "open.sock")
+    served: list[tuple[str, int]] = []
+
+    def handler(method: str, request: Any, conn_id: str) -> Any:
+        return daemon_pb2.StatusResponse()
+
+    server = LocalChannelServer(
+        path, handler, lambda conn, pid: served.append((conn, pid)), lambda conn: None
+    )
+    try:
+        os.chmod(path, 0o666)
+        answer = user.run(connect_unix, path)
+        assert answer.startswith("PERMISSION_DENIED") and f"uid {user.uid}" in answer
+        assert served == [], "the other user's connection never became a session"
+        assert connect_unix(path) == "OK"
+        wait_for(lambda: served, 10, "the owner's connection")
+        assert served[0][1] == os.getpid(), "the session's pid is the kernel's, not claimed"
+    finally:
+        server.close()
+        shutil.rmtree(root, ignore_errors=True)
