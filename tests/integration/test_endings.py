@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,6 +87,7 @@ def env() -> Iterator[dict[str, str]]:
     environ = {**os.environ, "RAY_TMPDIR": temp, "PYTHONPATH": str(ROOT)}
     environ.pop("RAY_ADDRESS", None)
     yield environ
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def run_script(
@@ -190,7 +192,7 @@ def test_ray_stop_of_a_cluster_a_job_only_joined(env: dict[str, str], tmp_path: 
     must stay: other jobs use it); then the cluster is stopped as ``ray stop`` does it —
     SIGTERM, then SIGKILL, to the cluster's processes (only this cluster's: its session)."""
     gcs, client, agent, agent_grpc, runtime_env = free_ports(5)
-    temp = tempfile.mkdtemp(prefix="rts-", dir="/tmp")
+    temp = tempfile.mkdtemp(prefix="rts-", dir=env["RAY_TMPDIR"])
     start = subprocess.run(
         [
             *(os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head"),
