@@ -1,4 +1,7 @@
-"""The control plane against a real local Ray: ports that must not collide across namespaces.
+"""The control plane against a real local Ray: the namespace token on the daemon and the
+Global Store (in Ray, by address from outside Ray, overridden by the environment), and ports
+that must not collide across namespaces. The checks against another Unix user run on an
+in-process daemon in tests/unit/test_auth.py.
 
 One Ray per module (``ray_local``); each test uses fresh namespaces whose actors are stopped
 afterwards.
@@ -6,16 +9,23 @@ afterwards.
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
+import textwrap
 import urllib.request
 import uuid
 from collections.abc import Iterator
 
+import grpc
 import pytest
+import torch
 
-from tensorcast_ray import _actors
+import tensorcast_ray as tc
+from tensorcast_ray import _actors, _auth
 from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
-from tests.helpers import stop_namespace
+from tensorcast_ray._proto.tensorcast_ray.v1 import global_store_pb2
+from tests.helpers import python_child, shm_prefix, stop_namespace
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -76,3 +86,65 @@ def test_an_explicit_busy_metrics_port_still_fails(ray_local: object) -> None:
                 _actors.call(handle, "info")
         finally:
             stop_namespace(ns)
+
+
+CONNECT_SCRIPT = """
+import json, os, sys
+import tensorcast_ray as tc
+
+address, token = sys.argv[1], sys.argv[2]
+if token:
+    os.environ["TENSORCAST_RAY_TOKEN"] = token
+try:
+    tc.init(mode="connect", address=address)
+    out = {"keys": tc.list_keys("sec"), "ray_loaded": "ray" in sys.modules}
+except tc.ArtifactError as exc:
+    out = {"error": type(exc).__name__, "code": exc.status_code.name, "message": exc.message}
+print(json.dumps(out), flush=True)
+tc.shutdown()
+"""
+
+
+@pytest.mark.parametrize("token", ["", "not-the-token"])
+def test_connect_by_address_takes_the_token_from_the_file_or_the_environment(
+    namespace: str, token: str
+) -> None:
+    ctx = tc.init(namespace=namespace, global_store_mode="none")
+    tc.put({"t": torch.ones(4)}, key="sec:v1")
+    name = f"{shm_prefix(namespace)}{ctx.node_id[:12]}-token"
+    path = os.path.join(_auth.default_socket_dir(), name)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with python_child(textwrap.dedent(CONNECT_SCRIPT), ctx.daemon_address, token) as (proc, out):
+        assert proc.wait(timeout=60) == 0
+    if not token:  # the owner outside Ray: the daemon's token file
+        assert out == {"keys": ["sec:v1"], "ray_loaded": False}
+    else:  # a wrong $TENSORCAST_RAY_TOKEN is used, and refused
+        assert out["error"] == "PermissionDeniedError" and out["code"] == "UNAUTHENTICATED"
+        assert _auth.TOKEN_ENV in out["message"]
+    tc.shutdown()
+    stop_namespace(namespace)
+    assert not os.path.exists(path), "the token file goes with its daemon"
+
+
+def test_the_global_store_needs_the_token(namespace: str) -> None:
+    tc.init(namespace=namespace)
+    info = _actors.call(_actors.get_actor(_actors.GLOBAL_STORE_NAME, namespace), "info")
+    with grpc.insecure_channel(info["address"]) as channel:
+        status = channel.unary_unary(
+            "/tensorcast_ray.v1.GlobalStore/Status",
+            request_serializer=global_store_pb2.GlobalStatusRequest.SerializeToString,
+            response_deserializer=global_store_pb2.GlobalStatusResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            status(global_store_pb2.GlobalStatusRequest(), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = _auth.call_metadata(_auth.namespace_token(namespace))
+        answer = status(global_store_pb2.GlobalStatusRequest(), timeout=10, metadata=token)
+    assert answer.namespace == namespace
+
+
+def test_namespaces_have_their_own_tokens(ray_local: object) -> None:
+    first, second = (f"t-{uuid.uuid4().hex[:10]}" for _ in range(2))
+    token = _auth.namespace_token(first)
+    assert token == _auth.namespace_token(first), "created once, then read back"
+    assert len(token) >= 43 and _auth.namespace_token(second) != token

@@ -78,12 +78,16 @@ def need(user: OtherUser | None) -> OtherUser:
     return user
 
 
+def daemon_config(root: str) -> DaemonConfig:
+    return DaemonConfig(
+        shm_dir=root, shm_pool_bytes=0, shm_segment_bytes=1 << 20, client_staging_bytes=0
+    )
+
+
 class Daemon:
     def __init__(self, root: str) -> None:
         self.root = root
-        config = DaemonConfig(
-            shm_dir=root, shm_pool_bytes=0, shm_segment_bytes=1 << 20, client_staging_bytes=0
-        )
+        config = daemon_config(root)
         metrics = DaemonMetrics()
         self.store = LocalStore(config, prefix=PREFIX, metrics=metrics)
         self.service = DaemonService(DaemonIdentity("authnode", "auth"), self.store, metrics)
@@ -230,6 +234,50 @@ def test_an_uncommitted_write_ends_with_its_session(daemon: Daemon, local: bool)
     client.close()
     wait_for(lambda: daemon.used() == used, 10, "the write's capacity to come back")
     assert started.write_id not in daemon.store._leases.pending
+
+
+# ---- leases are bound to proof of identity, never a claimed pid ----------------------------
+
+
+def test_after_a_restart_only_the_kernel_verified_pid_rebinds_register_leases() -> None:
+    root = tempfile.mkdtemp(prefix="tcr-rebind-", dir="/tmp")
+    first = LocalStore(daemon_config(root), prefix=PREFIX, metrics=DaemonMetrics())
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
+    request = begin_request("s1")
+    request.key, request.kind = "reg:v1", daemon_pb2.WRITE_KIND_REGISTER
+    started = first.rpc_BeginWrite(request, "")
+    first.rpc_CommitWrite(daemon_pb2.CommitWriteRequest(write_id=started.write_id), "")
+    first.close(unlink=False)  # a crash: the producer (this process) lives on
+    d = Daemon(root)
+    try:
+        (lease,) = d.store._leases.artifacts.values()
+        assert lease.owner_session == "" and lease.owner_pid == os.getpid()
+        # Another client claims the producer's pid over gRPC, then hangs up.
+        with grpc.insecure_channel(d.address) as channel:
+            stream = channel.unary_stream(
+                SERVICE + "Session",
+                request_serializer=daemon_pb2.SessionRequest.SerializeToString,
+                response_deserializer=daemon_pb2.SessionEvent.FromString,
+            )
+            call = stream(
+                daemon_pb2.SessionRequest(pid=os.getpid(), hostname=socket.gethostname()),
+                metadata=_auth.call_metadata(TOKEN),
+                timeout=30,
+            )
+            assert next(call).session_id
+            assert lease.owner_session == "", "a claimed pid took the lease over"
+            call.cancel()
+        wait_for(lambda: d.service.clients == 0, 10, "the claiming session to end")
+        assert d.store._leases.catalog.exists("reg:v1"), "hanging up ended the producer's lease"
+        # The producer itself reconnects on the unix socket: the kernel vouches for its pid.
+        producer = DaemonClient(d.address, token=TOKEN)
+        assert producer.transport == "local"
+        assert lease.owner_session.startswith("local-")
+        producer.close()
+        wait_for(lambda: not d.store._leases.catalog.exists("reg:v1"), 10, "the lease to end")
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- the token file ---------------------------------------------------------------------------
