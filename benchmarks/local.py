@@ -202,22 +202,30 @@ def plot(results: dict[str, Any], path: str) -> None:
         ) from None
     rows = results["rows"]
     n = [r["tensors"] for r in rows]
-    fig, (get_ax, put_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, key, style in (
-        ("tc.get (warm)", "tc_get_warm", "o-"),
-        ("tc.get (first in process)", "tc_get_first", "o--"),
-        ("ray.get numpy dict", "ray_get_numpy", "s-"),
-        ("ray.get torch dict", "ray_get_torch", "s--"),
-    ):
-        get_ax.plot(n, [r[key] * 1e3 for r in rows], style, label=label)
-    for label, key, style in (
-        ("tc.put", "tc_put", "o-"),
-        ("ray.put numpy dict", "ray_put_numpy", "s-"),
-        ("ray.put torch dict", "ray_put_torch", "s--"),
-        ("memcpy (warm)", "memcpy", "k:"),
-    ):
-        put_ax.plot(n, [r[key] * 1e3 for r in rows], style, label=label)
-    for ax, title in ((get_ax, "get of a 256 MiB state_dict"), (put_ax, "put of the same")):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        (
+            "get of a 256 MiB state_dict",
+            (
+                ("tc.get (warm)", "tc_get_warm", "o-"),
+                ("tc.get (first in process)", "tc_get_first", "o--"),
+                ("ray.get numpy dict", "ray_get_numpy", "s-"),
+                ("ray.get torch dict", "ray_get_torch", "s--"),
+            ),
+        ),
+        (
+            "put of the same",
+            (
+                ("tc.put", "tc_put", "o-"),
+                ("ray.put numpy dict", "ray_put_numpy", "s-"),
+                ("ray.put torch dict", "ray_put_torch", "s--"),
+                ("memcpy (warm)", "memcpy", "k:"),
+            ),
+        ),
+    )
+    for ax, (title, lines) in zip(axes, panels, strict=True):
+        for label, key, style in lines:
+            ax.plot(n, [r[key] * 1e3 for r in rows], style, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tensors in the state_dict")
