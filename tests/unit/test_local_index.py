@@ -155,6 +155,30 @@ def test_ttl_expiry_is_sliding_and_respects_readers() -> None:
     assert index.used == 10 and [e.artifact_id for e in index.entries()] == ["b"]
 
 
+def test_expire_walks_nothing_until_the_earliest_expiry() -> None:
+    """expire runs on every put: with no TTL due it must not walk every resident entry."""
+    index = LocalIndex(1000)
+    for i in range(20):
+        index.admit(req(f"b{i}", 10), now_ms=0)
+    index.admit(req("late", 10, retention="ttl", ttl=100), now_ms=0)
+    walked: list[int] = []
+    real_entries = index._entries
+
+    class Watched(dict):  # type: ignore[type-arg]
+        def values(self):  # type: ignore[no-untyped-def]
+            walked.append(len(self))
+            return super().values()
+
+    index._entries = Watched(real_entries)
+    assert index.expire(now_ms=50) == () and walked == []
+    index.admit(req("early", 10, retention="ttl", ttl=10), now_ms=50)  # due before "late"
+    assert index.expire(now_ms=59) == () and walked == []
+    assert index.expire(now_ms=60) == ("early",) and walked
+    assert index.expire(now_ms=100) == ("late",)
+    walked.clear()
+    assert index.expire(now_ms=10_000) == () and walked == [], "no TTL left: nothing to walk"
+
+
 def test_expired_entries_are_evicted_before_older_live_ones() -> None:
     index = LocalIndex(100)
     index.admit(req("old", 40), now_ms=0)
