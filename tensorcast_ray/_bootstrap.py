@@ -466,10 +466,11 @@ def _release(state: _State) -> None:
     if state.started_ray:
         import ray
 
-        if state.started_cluster:
+        if state.started_cluster and ray.is_initialized():
             # Ray goes away with us: stop the tensorcast actors cleanly first, or their
             # shared memory would outlive them in /dev/shm. A cluster we only joined keeps
-            # its daemons: other jobs use them.
+            # its daemons: other jobs use them. (Not when the caller shut Ray down already:
+            # listing actors would start a new Ray instance.)
             for name in _actors.named_actors(state.ctx.namespace):
                 handle = _actors.get_actor(name, state.ctx.namespace)
                 if handle is not None:

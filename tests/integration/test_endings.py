@@ -8,6 +8,7 @@ put, then the ending; the test then waits (60 s deadline) until the daemon's fil
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -67,6 +68,10 @@ ENDINGS = {
     )
     + AFTER_INIT,
     "ray_shutdown": RAY_LOCAL + AFTER_INIT + "ray.shutdown()\n",
+    # tc.init starts Ray; the script shuts Ray down itself, never calling tc.shutdown()
+    "init_started_ray_then_ray_shutdown": 'tc.init(ray_address="local", namespace=ns)\n'
+    + AFTER_INIT
+    + "ray.shutdown()\n",
     "script_ends_without_any_shutdown": RAY_LOCAL + AFTER_INIT,
     # the whole node gone at once: every process of this Ray and the driver, SIGKILLed
     "sigkill_of_the_node": RAY_LOCAL
@@ -123,10 +128,13 @@ def assert_gone(ns: str, guardian: int) -> None:
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
 def test_ending_frees_shared_memory(ending: str, env: dict[str, str], tmp_path: Path) -> None:
     ns = f"e-{uuid.uuid4().hex[:10]}"
-    rc, lines = run_script(ENDINGS[ending], ns, env, tmp_path)
+    temp = tempfile.mkdtemp(prefix="r", dir=env["RAY_TMPDIR"])
+    rc, lines = run_script(ENDINGS[ending], ns, {**env, "RAY_TMPDIR": temp}, tmp_path)
     assert rc == (-signal.SIGKILL if ending == "sigkill_of_the_node" else 0), (
         tmp_path / "stderr"
     ).read_text()[-4000:]
+    # Nothing at exit started Ray again (listing actors after ray.shutdown() would).
+    assert len(glob.glob(os.path.join(temp, "ray", "session_2*"))) == 1
     if ending == "init_started_ray_no_shutdown":
         assert lines[-1] == {"left_at_exit": []}, "stopped cleanly at interpreter exit"
     assert_gone(ns, lines[0]["guardian"])
