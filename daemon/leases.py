@@ -34,8 +34,10 @@ instance does not know), ``end_session`` aborts it, and so does ``expire`` once 
 
 A register lease belongs to its producer's session: it ends at ``delete``, at its TTL, or at
 ``end_session``.  After a daemon restart, sessions are gone: a re-adopted lease keeps its
-producer's pid, ``open_session`` with that pid *verified by the kernel* (the local socket's
-peer) re-binds it, and ``expire`` ends it once the shell reports the pid dead.
+producer's pid and key, ``open_session`` with proof re-binds it — the same pid *verified by the
+kernel* (the local socket's peer) or the same lease key (a gRPC session that sent back its
+lease secret), never a claimed pid — and ``expire`` ends it once the shell reports the pid
+dead.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class Artifact:
     owner_session: str = ""
     owner_pid: int = 0
     owner_host: str = ""
+    # A hash of the lease secret the owner's gRPC Session was issued: what re-binds the lease
+    # after a restart ("" = a local-socket owner, re-bound by its kernel-verified pid).
+    owner_key: str = ""
     expires_at_ms: int = 0
     buffers: list[str] = field(default_factory=list)  # register of tc.empty buffers
     degraded_reasons: list[str] = field(default_factory=list)
@@ -139,13 +144,14 @@ class Buffer:
     session_id: str
     pid: int
     refs: int = 0  # register artifacts over it
+    owner_key: str = ""  # as Artifact.owner_key
 
     def to_record(self) -> dict[str, Any]:
         return _record(self)
 
     @classmethod
     def from_record(cls, raw: dict[str, Any]) -> Buffer:
-        # Sessions do not survive a restart: the pid re-binds the buffer (open_session).
+        # Sessions do not survive a restart: the pid or key re-binds the buffer (open_session).
         return cls(**{**raw, "segment": tuple(raw["segment"]), "refs": 0, "session_id": ""})
 
 
@@ -236,30 +242,38 @@ class LeaseTable:
         self.pending: dict[str, PendingWrite] = {}
         self.buffers: dict[str, Buffer] = {}
         self.sessions: dict[str, int] = {}  # session id -> its process id
+        self.session_keys: dict[str, str] = {}  # gRPC session id -> its lease key
         # Segments leased to a writer's session ahead of its puts: name -> (size, session).
         self.staged: dict[str, tuple[int, str]] = {}
         self._trims: list[SegmentRef] = []  # (name, used bytes): to shrink off the hot path
 
     # ---- sessions -----------------------------------------------------------------------
-    def open_session(self, session_id: str, pid: int, hostname: str, *, pid_verified: bool) -> None:
-        """A session of process ``pid``. Only a pid the kernel vouches for (the peer of the
-        local socket, ``pid_verified``) re-adopts the leases a previous daemon instance
-        recorded for that process: a pid a client merely claims (over gRPC) is never proof,
-        or any client could take over, and by hanging up end, another process's leases."""
+    def open_session(
+        self, session_id: str, pid: int, hostname: str, *, pid_verified: bool, lease_key: str = ""
+    ) -> None:
+        """A session of process ``pid``; it re-adopts the leases a previous daemon instance
+        recorded for it only on proof: the same kernel-verified pid (the local socket's peer,
+        ``pid_verified``) for a lease made without a key, or the same ``lease_key`` (a gRPC
+        session that sent back its lease secret) for one made with it. A pid a client merely
+        claims is never proof, or any client could take over, and by hanging up end, another
+        process's leases."""
         self.sessions[session_id] = pid
-        if hostname != self.hostname or not pid_verified:
-            return
+        if lease_key:
+            self.session_keys[session_id] = lease_key
+        by_pid = pid_verified and hostname == self.hostname
+
+        def proven(key: str, owner_pid: int) -> bool:
+            return bool(lease_key and key == lease_key) or (by_pid and not key and owner_pid == pid)
+
         for artifact in self.artifacts.values():
             if (
                 artifact.kind == "register"
                 and not artifact.owner_session
-                and artifact.owner_pid == pid
+                and proven(artifact.owner_key, artifact.owner_pid)
             ):
                 artifact.owner_session = session_id
         for buf in self.buffers.values():
-            if buf.session_id == session_id and not buf.pid:
-                buf.pid = pid
-            elif not buf.session_id and buf.pid == pid:  # re-adopted after a restart
+            if not buf.session_id and proven(buf.owner_key, buf.pid):  # re-adopted
                 buf.session_id = session_id
 
     def lease_owner(self, session_id: str) -> str:
@@ -281,6 +295,7 @@ class LeaseTable:
         """The producer went away: end its leases, abort its unfinished writes."""
         actions = Actions()
         self.sessions.pop(session_id, None)
+        self.session_keys.pop(session_id, None)
         for write_id in [w for w, p in self.pending.items() if p.session_id == session_id]:
             self._abort(write_id, actions)
         for artifact in list(self.artifacts.values()):
@@ -473,7 +488,13 @@ class LeaseTable:
             self.index.remove(buffer_id)
             raise UnavailableError(f"session {session_id} ended while allocating a buffer")
         self._trims.extend(trims)
-        buf = Buffer(buffer_id, segment, session_id, self.sessions.get(session_id, 0))
+        buf = Buffer(
+            buffer_id,
+            segment,
+            session_id,
+            self.sessions.get(session_id, 0),
+            owner_key=self.session_keys.get(session_id, ""),
+        )
         self.buffers[buffer_id] = buf
         return buf
 

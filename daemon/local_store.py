@@ -187,6 +187,7 @@ class LocalStore:
             created_ms=now,
             owner_session=sid if kind == "register" else "",
             owner_pid=self._leases.sessions.get(sid, 0) if kind == "register" else 0,
+            owner_key=self._leases.session_keys.get(sid, "") if kind == "register" else "",
             owner_host=self.hostname if kind == "register" else "",
             expires_at_ms=now + request.ttl_ms if request.ttl_ms else 0,
             request_id=request.request_id,
@@ -363,6 +364,7 @@ class LocalStore:
                 created_ms=now,
                 owner_session=sid,
                 owner_pid=self._leases.sessions.get(sid, 0),
+                owner_key=self._leases.session_keys.get(sid, ""),
                 request_id=request.request_id,
                 owner_host=self.hostname,
                 expires_at_ms=now + request.ttl_ms if request.ttl_ms > 0 else 0,
@@ -424,12 +426,14 @@ class LocalStore:
         self._shm.free(segments)
 
     def bind_session_pid(
-        self, session_id: str, pid: int, hostname: str, *, pid_verified: bool
+        self, session_id: str, pid: int, hostname: str, *, pid_verified: bool, lease_key: str = ""
     ) -> None:
-        """A session's process; a kernel-verified pid re-adopts what a previous daemon
-        instance recorded for it (see LeaseTable.open_session)."""
+        """A session's process; a kernel-verified pid, or the lease key of a gRPC session,
+        re-adopts what a previous daemon instance recorded for it (LeaseTable.open_session)."""
         with self._lock:
-            self._leases.open_session(session_id, pid, hostname, pid_verified=pid_verified)
+            self._leases.open_session(
+                session_id, pid, hostname, pid_verified=pid_verified, lease_key=lease_key
+            )
 
     def end_session(self, session_id: str) -> None:
         """The producer went away: end its leases, abort its unfinished writes."""

@@ -113,10 +113,10 @@ class DaemonServer:
             await loop.run_in_executor(
                 self._executor, self.service.open_session, session_id, "grpc"
             )
-            await loop.run_in_executor(
+            secret = await loop.run_in_executor(
                 self._executor, self.service.describe_session, session_id, request
             )
-            yield daemon_pb2.SessionEvent(session_id=session_id)
+            yield daemon_pb2.SessionEvent(session_id=session_id, lease_secret=secret)
             await asyncio.Event().wait()  # held until the client goes away or we stop
         finally:
             # Runs on cancellation too: the client's process exited or closed the channel.

@@ -8,8 +8,10 @@ state lock, ask the local store's state machines for a decision and carry it out
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -85,15 +87,25 @@ class DaemonService:
                 session.pid, session.hostname = peer_pid, self.identity.hostname
         self.store.bind_session_pid(session_id, peer_pid, self.identity.hostname, pid_verified=True)
 
-    def describe_session(self, session_id: str, request: daemon_pb2.SessionRequest) -> None:
+    def describe_session(self, session_id: str, request: daemon_pb2.SessionRequest) -> str:
+        """Record a gRPC session's process; returns its lease secret (the one it resumes, or
+        a fresh one), whose hash re-binds its leases after a daemon restart."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is not None:
                 session.pid, session.hostname = request.pid, request.hostname
                 session.client_name = request.client_name
-        # Claimed, not proven: recorded (the death watch of its leases after a restart uses
-        # it), never used to take over leases recorded under that pid.
-        self.store.bind_session_pid(session_id, request.pid, request.hostname, pid_verified=False)
+        secret = request.resume_secret or secrets.token_urlsafe(32)
+        # The pid is claimed, not proven: recorded (the death watch of its leases after a
+        # restart uses it), never used to take over leases recorded under that pid.
+        self.store.bind_session_pid(
+            session_id,
+            request.pid,
+            request.hostname,
+            pid_verified=False,
+            lease_key=hashlib.sha256(secret.encode()).hexdigest(),
+        )
+        return secret
 
     def close_session(self, session_id: str) -> None:
         with self._lock:

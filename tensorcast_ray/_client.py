@@ -58,6 +58,9 @@ class DaemonClient:
         """``token``: the namespace's (tensorcast_ray._auth), carried by every gRPC call."""
         self.address = address
         self._metadata = call_metadata(token)
+        # Issued by the daemon with the first gRPC Session and sent back by every later one
+        # (after a daemon restart): it re-binds this process's leases, where a pid would not.
+        self._lease_secret = ""
         self._resolve = resolve_address
         self._use_local = use_local_socket
         self._timeout = connect_timeout
@@ -123,14 +126,18 @@ class DaemonClient:
         )
         call = stream(
             daemon_pb2.SessionRequest(
-                pid=os.getpid(), hostname=socket.gethostname(), client_name="tensorcast_ray"
+                pid=os.getpid(),
+                hostname=socket.gethostname(),
+                client_name="tensorcast_ray",
+                resume_secret=self._lease_secret,
             ),
             metadata=self._metadata,
         )
         try:
-            self.session_id = next(call).session_id  # type: ignore[call-overload]
+            event = next(call)  # type: ignore[call-overload]
         except grpc.RpcError as exc:
             raise from_grpc_error(exc, target=self.address) from exc
+        self.session_id, self._lease_secret = event.session_id, event.lease_secret
         self._session_call = call
 
     def _check_versions(self, hello: daemon_pb2.HelloResponse) -> None:

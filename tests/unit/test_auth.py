@@ -6,6 +6,7 @@ Unix user and remove it afterwards.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -275,6 +276,62 @@ def test_after_a_restart_only_the_kernel_verified_pid_rebinds_register_leases() 
         assert lease.owner_session.startswith("local-")
         producer.close()
         wait_for(lambda: not d.store._leases.catalog.exists("reg:v1"), 10, "the lease to end")
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def session(address: str, resume: str = "") -> Any:
+    """A raw gRPC Session stream (the caller cancels it) and its first event."""
+    channel = grpc.insecure_channel(address)
+    stream = channel.unary_stream(
+        SERVICE + "Session",
+        request_serializer=daemon_pb2.SessionRequest.SerializeToString,
+        response_deserializer=daemon_pb2.SessionEvent.FromString,
+    )
+    call = stream(
+        daemon_pb2.SessionRequest(pid=1, hostname="elsewhere", resume_secret=resume),
+        metadata=_auth.call_metadata(TOKEN),
+        timeout=30,
+    )
+    return channel, call, next(call)
+
+
+def test_a_client_keeps_its_lease_secret_across_sessions(daemon: Daemon) -> None:
+    client = DaemonClient(daemon.address, use_local_socket=False, token=TOKEN)
+    try:
+        secret, first = client._lease_secret, client.session_id
+        assert len(secret) >= 43
+        client.reconnect()  # e.g. after the daemon restarted: the new Session sends it back
+        assert client._lease_secret == secret and client.session_id != first
+    finally:
+        client.close()
+
+
+def test_after_a_restart_only_the_lease_secret_rebinds_a_grpc_clients_leases() -> None:
+    root = tempfile.mkdtemp(prefix="tcr-resume-", dir="/tmp")
+    secret = "the-secret-the-first-instance-issued"
+    first = LocalStore(daemon_config(root), prefix=PREFIX, metrics=DaemonMetrics())
+    key = hashlib.sha256(secret.encode()).hexdigest()
+    first.bind_session_pid("g1", 1, "elsewhere", pid_verified=False, lease_key=key)
+    request = begin_request("g1")
+    request.key, request.kind = "greg:v1", daemon_pb2.WRITE_KIND_REGISTER
+    started = first.rpc_BeginWrite(request, "")
+    first.rpc_CommitWrite(daemon_pb2.CommitWriteRequest(write_id=started.write_id), "")
+    first.close(unlink=False)  # a crash: the client lives on
+    d = Daemon(root)
+    try:
+        (lease,) = d.store._leases.artifacts.values()
+        assert lease.owner_session == "" and lease.owner_key
+        channel, call, event = session(d.address, resume="a-guess")
+        assert event.lease_secret == "a-guess" and lease.owner_session == ""
+        call.cancel()
+        channel.close()
+        channel, call, event = session(d.address, resume=secret)
+        assert event.lease_secret == secret and lease.owner_session == event.session_id
+        call.cancel()
+        channel.close()
+        wait_for(lambda: not d.store._leases.catalog.exists("greg:v1"), 10, "the lease to end")
     finally:
         d.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -278,6 +278,27 @@ def test_a_claimed_pid_never_takes_over_readopted_leases(table: LeaseTable) -> N
     assert table.watched_pids() == {77}, "still ended when pid 77 exits"
 
 
+def test_a_grpc_lease_rebinds_only_to_the_session_with_its_key(table: LeaseTable) -> None:
+    """A lease made over gRPC carries its session's key; after a restart only a session that
+    proves that key re-binds it: neither the pid (claimed) nor a wrong key."""
+    reg = put(table, "reg:v1", kind="register", owner_pid=77, owner_host=HOST, owner_key="k1")
+    table.adopt_buffer(Buffer("buf-1", ("bufseg", MiB), "", 77, owner_key="k1"), 0)
+    table.open_session("same-pid", 77, HOST, pid_verified=True)
+    table.open_session("wrong-key", 77, HOST, pid_verified=False, lease_key="k2")
+    assert reg.owner_session == "" and table.buffers["buf-1"].session_id == ""
+    table.open_session("owner", 5, "elsewhere", pid_verified=False, lease_key="k1")
+    assert reg.owner_session == "owner" and table.buffers["buf-1"].session_id == "owner"
+    actions = table.end_session("owner")
+    assert [f.key for f in actions.freed] == ["reg:v1"] and actions.dropped_buffers == ["buf-1"]
+
+
+def test_a_buffer_records_its_sessions_key(table: LeaseTable) -> None:
+    table.open_session("g1", 9, "elsewhere", pid_verified=False, lease_key="k9")
+    table.admit_buffer("buf-9", MiB, 0)
+    assert table.add_buffer("buf-9", ("seg9", MiB), "g1", []).owner_key == "k9"
+    assert Buffer.from_record(table.buffers["buf-9"].to_record()).owner_key == "k9"
+
+
 @pytest.mark.parametrize(
     ("session", "error"), [("", FailedPreconditionError), ("gone", UnavailableError)]
 )

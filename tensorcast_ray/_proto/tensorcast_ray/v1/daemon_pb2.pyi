@@ -116,20 +116,24 @@ class StatusResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., version: _Optional[str] = ..., build: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., uptime_s: _Optional[float] = ..., clients: _Optional[int] = ..., artifacts: _Optional[int] = ..., bytes: _Optional[int] = ..., leases: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierUsage, _Mapping]]] = ..., namespace: _Optional[str] = ..., local_socket: _Optional[str] = ..., pid: _Optional[int] = ..., global_store_address: _Optional[str] = ..., shm_pool_bytes: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SessionRequest(_message.Message):
-    __slots__ = ("pid", "hostname", "client_name")
+    __slots__ = ("pid", "hostname", "client_name", "resume_secret")
     PID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SECRET_FIELD_NUMBER: _ClassVar[int]
     pid: int
     hostname: str
     client_name: str
-    def __init__(self, pid: _Optional[int] = ..., hostname: _Optional[str] = ..., client_name: _Optional[str] = ...) -> None: ...
+    resume_secret: str
+    def __init__(self, pid: _Optional[int] = ..., hostname: _Optional[str] = ..., client_name: _Optional[str] = ..., resume_secret: _Optional[str] = ...) -> None: ...
 
 class SessionEvent(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "lease_secret")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, session_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class BeginWriteRequest(_message.Message):
     __slots__ = ("key", "kind", "session_id", "tensors", "policy_json", "ttl_ms", "staged_segments", "request_id")
