@@ -16,7 +16,8 @@ Where the token comes from, step by step:
 2. [daemon] writes it to ``<socket_dir>/<prefix>token`` (mode 0600 in the private 0700
    socket directory), with its port, for processes of the same user outside Ray.
 3. [SDK outside Ray] ``init(mode="connect", address=...)``: ``$TENSORCAST_RAY_TOKEN`` if set,
-   else :func:`token_for_address` finds the token file of the daemon at that port.
+   else :func:`token_for_address` finds the token file of the daemon at that port (for an
+   address on this host only).
 """
 
 from __future__ import annotations
@@ -127,6 +128,21 @@ class TokenCheck(grpc.aio.ServerInterceptor):
 # ---- the token file, for processes of the daemon's user outside Ray ------------------------
 
 
+def _is_this_host(host: str) -> bool:
+    """Whether ``host`` names this machine: loopback, or what a daemon bound to all
+    interfaces publishes (the address of this host's name)."""
+    import ipaddress
+    import socket
+
+    try:
+        resolved = socket.gethostbyname(host)
+        if ipaddress.ip_address(resolved).is_loopback:
+            return True
+        return resolved == socket.gethostbyname(socket.gethostname())
+    except (OSError, ValueError):
+        return False
+
+
 def token_file(socket_dir: str, prefix: str) -> str:
     return os.path.join(socket_dir, prefix + _TOKEN_SUFFIX)
 
@@ -152,9 +168,10 @@ def remove_token_file(path: str) -> None:
 
 def token_for_address(address: str, socket_dir: str | None = None) -> str | None:
     """[SDK] The token in this user's token file of the daemon serving ``address``'s port
-    (the newest, if a crashed daemon left one for the same port), or None."""
-    _, _, port_text = address.rpartition(":")
-    if not port_text.isdigit():
+    (the newest, if a crashed daemon left one for the same port), or None. Only for an
+    address on this host: a token must never go to whatever listens on that port elsewhere."""
+    host, _, port_text = address.rpartition(":")
+    if not port_text.isdigit() or not _is_this_host(host.strip("[]")):
         return None
     folder = socket_dir or default_socket_dir()
     try:

@@ -346,8 +346,10 @@ def test_the_token_file_is_private_and_found_by_port(tmp_path: Any) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     _auth.write_token_file(_auth.token_file(str(tmp_path), "tcr-other-"), "tok-b", 4712)
     assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) == "tok-a"
-    assert _auth.token_for_address("somehost:4712", str(tmp_path)) == "tok-b"
+    assert _auth.token_for_address(f"{socket.gethostname()}:4712", str(tmp_path)) == "tok-b"
     assert _auth.token_for_address("127.0.0.1:4713", str(tmp_path)) is None
+    # Never sent elsewhere, whatever listens on that port there.
+    assert _auth.token_for_address("192.0.2.7:4711", str(tmp_path)) is None
     _auth.remove_token_file(path)
     assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) is None
 
