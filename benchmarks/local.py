@@ -13,7 +13,10 @@ A 256 MiB state_dict is split into 16, 256, 1024, 4096 and 16384 tensors (real o
   refilled, as between two weight pushes) against ``ray.put`` of the numpy and the torch
   dict, and a warm memcpy (one copy of the same bytes between two already-faulted buffers);
   the same again at 16 MiB;
-- control: ``tc.exists`` p50.
+- control: ``tc.exists`` p50;
+- memory: 4 reader actors holding the whole 256 MiB (1024 tensors), ``tc.get`` (one shared
+  copy) against ``ray.get`` of the torch dict (a private copy each);
+- GPU: pinned host-to-device GB/s when CUDA is present (skipped otherwise).
 
 Ratios are printed against the alternatives measured here; nothing is asserted. ``--plot``
 needs matplotlib (``pip install 'tensorcast_ray[bench]'``).
@@ -92,8 +95,9 @@ def wait_pool_full(state: Any, timeout: float = 60.0) -> None:
 
 def warm_memcpy(total: int, repeat: int) -> float:
     src = torch.ones(total, dtype=torch.uint8)
-    dst = torch.zeros(total, dtype=torch.uint8)
-    return timed(lambda: dst.copy_(src), repeat)
+    dst = torch.empty(total, dtype=torch.uint8)
+    dst.fill_(0)  # every page faulted in before timing
+    return timed(lambda: dst.copy_(src), max(repeat, 5))
 
 
 def bench_put(sd: dict[str, torch.Tensor], tag: str, repeat: int) -> dict[str, float]:
@@ -139,6 +143,73 @@ def bench_get(sd: dict[str, torch.Tensor], tag: str, repeat: int) -> dict[str, f
     return out
 
 
+@ray.remote(num_cpus=0)
+class Reader:
+    """Holds what it read, so its private memory (USS) shows what the read cost."""
+
+    def __init__(self) -> None:
+        tc.init(mode="connect", namespace=NAMESPACE)
+        key = f"warmup-{os.getpid()}:v1"  # imports and first-use setup, before measuring
+        tc.put({"x": torch.zeros(1)}, key=key)
+        tc.get(key)
+        tc.delete(key)
+        self.held: Any = None
+
+    def uss(self) -> int:
+        import psutil
+
+        return int(psutil.Process().memory_full_info().uss)
+
+    def tc_get(self, key: str) -> None:
+        self.held = tc.get(key)
+
+    def ray_get(self, refs: list[Any]) -> None:
+        self.held = ray.get(refs[0])
+
+    def drop(self) -> None:
+        self.held = None
+
+
+def readers_memory(count: int = 4) -> dict[str, float]:
+    """MiB in use for ``count`` readers holding a 256 MiB state_dict: the stored copy plus
+    what the readers added to their private memory."""
+    sd = state_dict(256 * MiB, 1024)
+    total = sum(t.nbytes for t in sd.values())
+    tc.put(sd, key="readers:v1")
+    refs = [ray.put(sd)]
+    readers = [Reader.remote() for _ in range(count)]
+    out = {}
+    try:
+        for label, read in (
+            ("tc", lambda r: r.tc_get.remote("readers:v1")),
+            ("ray_torch", lambda r: r.ray_get.remote(refs)),
+        ):
+            before = sum(ray.get([r.uss.remote() for r in readers]))
+            ray.get([read(r) for r in readers])
+            added = sum(ray.get([r.uss.remote() for r in readers])) - before
+            out[f"readers{count}_{label}_mib"] = (total + added) / MiB
+            ray.get([r.drop.remote() for r in readers])
+    finally:
+        for r in readers:
+            ray.kill(r)
+        tc.delete("readers:v1")
+    return out
+
+
+def gpu_figures() -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"gpu": "no CUDA device: GPU figures skipped"}
+    host = torch.empty(256 * MiB, dtype=torch.uint8).pin_memory()
+    dev = torch.empty_like(host, device="cuda")
+    dev.copy_(host)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        dev.copy_(host, non_blocking=True)
+    torch.cuda.synchronize()
+    return {"h2d_pinned_gbps": 10 * 256 * MiB / (time.perf_counter() - start) / 1e9}
+
+
 def run(counts: tuple[int, ...], repeat: int) -> dict[str, Any]:
     rows = []
     for count in counts:
@@ -153,6 +224,8 @@ def run(counts: tuple[int, ...], repeat: int) -> dict[str, Any]:
     return {
         "rows": rows,
         "tc_exists_p50": p50(lambda: tc.exists("nothing:v1"), 2000, warmup=100),
+        **readers_memory(),
+        **gpu_figures(),
     }
 
 
@@ -188,6 +261,11 @@ def report(results: dict[str, Any]) -> None:
             f"{r['tc_put_16m'] / n * 1e6:.2f} us a tensor (16 MiB)"
         )
     print(f"control round trip: tc.exists p50 {results['tc_exists_p50'] * 1e6:.0f} us")
+    print(
+        f"4 readers holding 256 MiB: {results['readers4_tc_mib']:.0f} MiB with tc.get, "
+        f"{results['readers4_ray_torch_mib']:.0f} MiB with ray.get of the torch dict"
+    )
+    print(f"gpu: {results.get('h2d_pinned_gbps', results.get('gpu'))}")
 
 
 def plot(results: dict[str, Any], path: str) -> None:
