@@ -145,8 +145,8 @@ class LocalStore:
         if self._journal is not None:
             for buffer_id in actions.dropped_buffers:
                 self._journal.drop_buffer(buffer_id)
-        if actions.freed:
-            self._update_gauges()
+        if actions.freed:  # a delete, expiry or eviction: rarer than puts
+            self._update_gauges(leases=True)
 
     def _record_admission(self, kind: str, outcome: BeginOutcome, seconds: float) -> None:
         if outcome.decision is None:
@@ -293,7 +293,7 @@ class LocalStore:
             artifact = self._leases.commit_write(request.write_id, slot, generation)
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
-            self._update_gauges()
+            self._update_gauges(leases=artifact.kind == "register")
         return _result(artifact)
 
     def rpc_AbortWrite(
