@@ -93,7 +93,7 @@ class DaemonActor:
         write_owner(self.config.shm_dir, self.prefix, port=self.server.port, **owner)
         # For this user's processes outside Ray (init(mode="connect", address=...)).
         self._token_file = token_file(socket_dir, self.prefix)
-        write_token_file(self._token_file, token, self.server.port)
+        write_token_file(self._token_file, token, self.server.port, self.server.tls_cert.decode())
         self._collect_stale()
         self._connect_global_store()
         logger.info("daemon %s serving at %s", self.node_id, self.service.address)
@@ -164,6 +164,7 @@ class DaemonActor:
             "shm_dir": self.config.shm_dir,
             "segment_prefix": self.prefix,
             "config_fingerprint": self.config.fingerprint(),
+            "tls_cert_pem": self.server.tls_cert.decode(),
         }
 
     @ray.method(concurrency_group="control")

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from tensorcast_ray.daemon.service import DaemonService
 
+from tensorcast_ray._auth import tls_server_credentials
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._errors import FailedPreconditionError
 from tensorcast_ray._grpc_server import (
@@ -46,6 +47,12 @@ class DaemonServer:
         self.service = service
         self.config = config
         self._token = token  # of the namespace: every gRPC call must carry it
+        self._credentials: grpc.ServerCredentials | None = None
+        self.tls_cert = b""  # the PEM certificate clients must trust ("" = plaintext)
+        if config.tls_cert_file and config.tls_key_file:
+            self._credentials, self.tls_cert = tls_server_credentials(
+                config.tls_cert_file, config.tls_key_file
+            )
         self._executor = concurrent.futures.ThreadPoolExecutor(
             16, thread_name_prefix="tc-daemon-rpc"
         )
@@ -81,12 +88,16 @@ class DaemonServer:
         if port == 0 and preferred_port:
             # A restarted daemon takes its old port back so address= clients reconnect.
             self.port = bind_preferring(
-                lambda p: self._aio.start(handlers, cfg.listen_host, p, self._token),
+                lambda p: self._aio.start(
+                    handlers, cfg.listen_host, p, self._token, self._credentials
+                ),
                 preferred_port,
                 "daemon gRPC server",
             )
         else:
-            self.port = self._aio.start(handlers, cfg.listen_host, port, self._token)
+            self.port = self._aio.start(
+                handlers, cfg.listen_host, port, self._token, self._credentials
+            )
         self.service.address = f"{_host_for_clients(cfg.listen_host)}:{self.port}"
         try:
             self.metrics_port = self.service.metrics.serve(cfg.metrics_port, cfg.metrics_host)

@@ -44,6 +44,8 @@ __all__ = [
     "default_socket_dir",
     "namespace_token",
     "remove_token_file",
+    "tls_cert_for_address",
+    "tls_server_credentials",
     "token_file",
     "token_for_address",
     "write_token_file",
@@ -147,13 +149,14 @@ def token_file(socket_dir: str, prefix: str) -> str:
     return os.path.join(socket_dir, prefix + _TOKEN_SUFFIX)
 
 
-def write_token_file(path: str, token: str, port: int) -> None:
-    """[daemon] Write ``path`` (0600) atomically: a reader never sees half a file."""
+def write_token_file(path: str, token: str, port: int, tls_cert: str) -> None:
+    """[daemon] Write ``path`` (0600) atomically: a reader never sees half a file.
+    ``tls_cert``: the PEM certificate the daemon's gRPC server presents ("" without TLS)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"port": port, "token": token}, f)
+            json.dump({"port": port, "token": token, "tls_cert": tls_cert}, f)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -170,6 +173,18 @@ def token_for_address(address: str, socket_dir: str | None = None) -> str | None
     """[SDK] The token in this user's token file of the daemon serving ``address``'s port
     (the newest, if a crashed daemon left one for the same port), or None. Only for an
     address on this host: a token must never go to whatever listens on that port elsewhere."""
+    data = _daemon_file(address, socket_dir)
+    return str(data["token"]) if data else None
+
+
+def tls_cert_for_address(address: str, socket_dir: str | None = None) -> bytes | None:
+    """[SDK] The TLS certificate the token file of the daemon at ``address`` names, or None."""
+    data = _daemon_file(address, socket_dir)
+    cert = data.get("tls_cert") if data else None
+    return cert.encode() if isinstance(cert, str) and cert else None
+
+
+def _daemon_file(address: str, socket_dir: str | None) -> dict[str, Any] | None:
     host, _, port_text = address.rpartition(":")
     if not port_text.isdigit() or not _is_this_host(host.strip("[]")):
         return None
@@ -178,7 +193,7 @@ def token_for_address(address: str, socket_dir: str | None = None) -> str | None
         names = [n for n in os.listdir(folder) if n.endswith(_TOKEN_SUFFIX)]
     except OSError:
         return None
-    found: list[tuple[float, str]] = []
+    found: list[tuple[float, str, dict[str, Any]]] = []
     for name in names:
         path = os.path.join(folder, name)
         try:
@@ -192,5 +207,26 @@ def token_for_address(address: str, socket_dir: str | None = None) -> str | None
         if isinstance(data, dict) and data.get("port") == int(port_text):
             token = data.get("token")
             if isinstance(token, str) and token:
-                found.append((st.st_mtime, token))
-    return max(found)[1] if found else None
+                found.append((st.st_mtime, name, data))
+    return max(found)[2] if found else None
+
+
+# ---- TLS for a gRPC server bound beyond loopback --------------------------------------------
+
+
+def tls_server_credentials(cert_file: str, key_file: str) -> tuple[grpc.ServerCredentials, bytes]:
+    """[daemon] The server credentials of a PEM certificate and key, and the certificate
+    (clients trust it); INVALID_ARGUMENT naming a file that cannot be read."""
+    from tensorcast_ray._errors import InvalidArgumentError
+
+    pems = []
+    for field, path in (("tls_cert_file", cert_file), ("tls_key_file", key_file)):
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                pems.append(f.read())
+        except OSError as exc:
+            raise InvalidArgumentError(
+                f"daemon config {field}={path!r} cannot be read: {exc}; give a PEM file"
+            ) from exc
+    cert, key = pems
+    return grpc.ssl_server_credentials([(key, cert)]), cert

@@ -144,7 +144,7 @@ def init(
                 "tensorcast_ray.shutdown() first"
             )
         if mode == "connect" and address is not None:
-            state = _connect_address(address, namespace, env.token)
+            state = _connect_address(address, namespace, env)
         else:
             state = _init_with_ray(
                 mode,
@@ -201,11 +201,14 @@ def _context(client: DaemonClient, mode: str, namespace: str) -> InitContext:
     )
 
 
-def _connect_address(address: str, namespace: str, token: str | None) -> _State:
-    from tensorcast_ray._auth import token_for_address
+def _connect_address(address: str, namespace: str, env: EnvSettings) -> _State:
+    from tensorcast_ray._auth import tls_cert_for_address, token_for_address
 
+    certs = _read_ca(env.tls_ca_file) if env.tls_ca_file else tls_cert_for_address(address)
     try:
-        client = DaemonClient(address, token=token or token_for_address(address))
+        client = DaemonClient(
+            address, token=env.token or token_for_address(address), root_certificates=certs
+        )
     except UnavailableError as exc:
         raise UnavailableError(
             f"no tensorcast daemon answers at {address}: {exc.message}. Start one with "
@@ -213,6 +216,17 @@ def _connect_address(address: str, namespace: str, token: str | None) -> _State:
             "mode='auto') in a Ray job, then pass its address (see `tensorcast-ray daemon status`)"
         ) from exc
     return _State(os.getpid(), _context(client, "connect", namespace), client)
+
+
+def _read_ca(path: str) -> bytes:
+    try:
+        with open(os.path.expanduser(path), "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"$TENSORCAST_RAY_TLS_CA={path!r} cannot be read: {exc}; give the PEM certificate "
+            "(or CA) of the daemon's TLS server, or unset it"
+        ) from exc
 
 
 def _ensure_ray(env: EnvSettings) -> bool:
@@ -324,7 +338,12 @@ def _init_with_ray(
         from tensorcast_ray._auth import namespace_token
 
         token = env.token or namespace_token(namespace)
-        client = DaemonClient(info["address"], resolve_address=resolve, token=token)
+        certs = _read_ca(env.tls_ca_file) if env.tls_ca_file else None
+        if certs is None and info.get("tls_cert_pem"):
+            certs = str(info["tls_cert_pem"]).encode()
+        client = DaemonClient(
+            info["address"], resolve_address=resolve, token=token, root_certificates=certs
+        )
         ctx = _context(client, mode, namespace)
         state = _State(os.getpid(), ctx, client, started_ray, started_cluster, owned, owned_gs)
         return state

@@ -54,8 +54,11 @@ class DaemonClient:
         use_local_socket: bool = True,
         connect_timeout: float = 10.0,
         token: str | None = None,
+        root_certificates: bytes | None = None,
     ) -> None:
-        """``token``: the namespace's (tensorcast_ray._auth), carried by every gRPC call."""
+        """``token``: the namespace's (tensorcast_ray._auth), carried by every gRPC call;
+        ``root_certificates``: PEM to verify a TLS daemon by (None: plaintext gRPC)."""
+        self._root_certificates = root_certificates
         self.address = address
         self._metadata = call_metadata(token)
         # Issued by the daemon with the first gRPC Session and sent back by every later one
@@ -76,9 +79,13 @@ class DaemonClient:
     # ---- connection ------------------------------------------------------------------
     def connect(self) -> None:
         self._lost: str | None = None
-        self._channel = grpc.insecure_channel(
-            self.address, options=[("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 10_000)]
-        )
+        options = [("grpc.enable_retries", 0), ("grpc.keepalive_time_ms", 10_000)]
+        if self._root_certificates is not None:
+            self._channel = grpc.secure_channel(
+                self.address, grpc.ssl_channel_credentials(self._root_certificates), options
+            )
+        else:
+            self._channel = grpc.insecure_channel(self.address, options=options)
         self._callables = {
             name: self._channel.unary_unary(
                 f"/{SERVICE}/{name}",

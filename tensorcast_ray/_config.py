@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 
 from tensorcast_ray._errors import InvalidArgumentError
 
@@ -70,7 +70,16 @@ class DaemonConfig(_Strict):
     guardian_grace_s: Annotated[float, Field(ge=0)] = 20.0
     global_store_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     write_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    # PEM files: with both, the gRPC server speaks TLS (for a bind beyond loopback).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> DaemonConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        return self
 
 
 class GlobalStoreConfig(_Strict):
@@ -134,6 +143,7 @@ class EnvSettings:
     namespace: str | None = None
     ray_address: str | None = None
     token: str | None = None  # the namespace token, for clients that cannot get it from Ray
+    tls_ca_file: str | None = None  # PEM the SDK trusts for a TLS daemon, instead of its own
 
     def with_overrides(self, **kwargs: Any) -> EnvSettings:
         return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
@@ -147,6 +157,7 @@ def from_env(environ: dict[str, str] | None = None) -> EnvSettings:
         namespace=env.get("TENSORCAST_RAY_NAMESPACE") or None,
         ray_address=env.get("RAY_ADDRESS") or None,
         token=env.get("TENSORCAST_RAY_TOKEN") or None,
+        tls_ca_file=env.get("TENSORCAST_RAY_TLS_CA") or None,
     )
 
 

@@ -64,16 +64,25 @@ class AioServerThread:
         self.server: grpc.aio.Server | None = None
 
     def start(
-        self, handlers: list[grpc.GenericRpcHandler], host: str, port: int, token: str
+        self,
+        handlers: list[grpc.GenericRpcHandler],
+        host: str,
+        port: int,
+        token: str,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> int:
-        """Serve ``handlers`` on ``host:port`` to callers that present ``token``."""
+        """Serve ``handlers`` on ``host:port`` to callers that present ``token``; over TLS
+        with ``credentials``, else in plaintext."""
 
         async def _start() -> int:
             server = grpc.aio.server(
                 interceptors=[TokenCheck(token)], options=[("grpc.so_reuseport", 0)]
             )
             server.add_generic_rpc_handlers(handlers)
-            bound = server.add_insecure_port(f"{host}:{port}")
+            if credentials is not None:
+                bound = server.add_secure_port(f"{host}:{port}", credentials)
+            else:
+                bound = server.add_insecure_port(f"{host}:{port}")
             await server.start()
             self.server = server
             return bound

@@ -16,16 +16,18 @@ import textwrap
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
+import yaml
 
 import tensorcast_ray as tc
 from tensorcast_ray import _actors, _auth
 from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
 from tensorcast_ray._proto.tensorcast_ray.v1 import global_store_pb2
-from tests.helpers import python_child, shm_prefix, stop_namespace
+from tests.helpers import python_child, self_signed, shm_prefix, stop_namespace
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -148,3 +150,20 @@ def test_namespaces_have_their_own_tokens(ray_local: object) -> None:
     token = _auth.namespace_token(first)
     assert token == _auth.namespace_token(first), "created once, then read back"
     assert len(token) >= 43 and _auth.namespace_token(second) != token
+
+
+def test_a_tls_daemon_is_reached_through_ray_and_by_address(namespace: str, tmp_path: Path) -> None:
+    """Ray-connected clients trust the certificate the daemon actor publishes; a process of
+    its user outside Ray finds it in the token file."""
+    cert_file, key_file = self_signed(str(tmp_path), "daemon")
+    config = yaml.safe_load((Path(__file__).parents[1] / "config" / "daemon.yaml").read_text())
+    config.update(tls_cert_file=cert_file, tls_key_file=key_file)
+    path = tmp_path / "daemon.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ctx = tc.init(namespace=namespace, global_store_mode="none", daemon_config_path=str(path))
+    info = _actors.call(_actors.get_actor(_actors.daemon_name(ctx.node_id), namespace), "info")
+    assert info["tls_cert_pem"] == Path(cert_file).read_text()
+    tc.put({"t": torch.ones(4)}, key="sec:v1")
+    with python_child(textwrap.dedent(CONNECT_SCRIPT), ctx.daemon_address, "") as (proc, out):
+        assert proc.wait(timeout=60) == 0
+    assert out == {"keys": ["sec:v1"], "ray_loaded": False}

@@ -28,12 +28,14 @@ from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._errors import (
     ArtifactError,
     FailedPreconditionError,
+    InvalidArgumentError,
     PermissionDeniedError,
+    UnavailableError,
 )
 from tensorcast_ray._layout import Columns
 from tensorcast_ray._local_channel import METHODS, LocalChannelServer
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
-from tests.helpers import OtherUser, wait_for
+from tests.helpers import OtherUser, self_signed, wait_for
 
 PREFIX = "tcr-authtest-000000000000-"
 TOKEN = "the-namespace-token"
@@ -86,9 +88,9 @@ def daemon_config(root: str) -> DaemonConfig:
 
 
 class Daemon:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, **overrides: Any) -> None:
         self.root = root
-        config = daemon_config(root)
+        config = daemon_config(root).model_copy(update=overrides)
         metrics = DaemonMetrics()
         self.store = LocalStore(config, prefix=PREFIX, metrics=metrics)
         self.service = DaemonService(DaemonIdentity("authnode", "auth"), self.store, metrics)
@@ -342,9 +344,9 @@ def test_after_a_restart_only_the_lease_secret_rebinds_a_grpc_clients_leases() -
 
 def test_the_token_file_is_private_and_found_by_port(tmp_path: Any) -> None:
     path = _auth.token_file(str(tmp_path), PREFIX)
-    _auth.write_token_file(path, "tok-a", 4711)
+    _auth.write_token_file(path, "tok-a", 4711, "")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    _auth.write_token_file(_auth.token_file(str(tmp_path), "tcr-other-"), "tok-b", 4712)
+    _auth.write_token_file(_auth.token_file(str(tmp_path), "tcr-other-"), "tok-b", 4712, "")
     assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) == "tok-a"
     assert _auth.token_for_address(f"{socket.gethostname()}:4712", str(tmp_path)) == "tok-b"
     assert _auth.token_for_address("127.0.0.1:4713", str(tmp_path)) is None
@@ -358,7 +360,7 @@ def test_a_token_file_of_another_user_is_ignored(tmp_path: Any) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to chown a file to another uid")
     path = _auth.token_file(str(tmp_path), PREFIX)
-    _auth.write_token_file(path, "planted", 4711)
+    _auth.write_token_file(path, "planted", 4711, "")
     os.chown(path, 65534, 65534)
     assert _auth.token_for_address("127.0.0.1:4711", str(tmp_path)) is None
 
@@ -413,3 +415,52 @@ def test_peer_credentials_refuse_another_user_even_on_an_open_socket(
     finally:
         server.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- TLS ------------------------------------------------------------------------------------
+
+
+def test_a_tls_daemon_serves_clients_that_trust_its_certificate() -> None:
+    root = tempfile.mkdtemp(prefix="tcr-tls-", dir="/tmp")
+    cert_file, key_file = self_signed(root, "daemon")
+    other_cert, _ = self_signed(root, "other")
+    d = Daemon(root, tls_cert_file=cert_file, tls_key_file=key_file)
+    try:
+        with open(cert_file, "rb") as f:
+            cert = f.read()
+        assert d.server.tls_cert == cert
+        client = DaemonClient(
+            d.address, use_local_socket=False, token=TOKEN, root_certificates=cert
+        )
+        try:
+            assert client.transport == "grpc"
+            assert client.call("ListKeys", daemon_pb2.ListKeysRequest(), 10).keys == []
+        finally:
+            client.close()
+        local = DaemonClient(d.address, token=TOKEN, root_certificates=cert)
+        assert local.transport == "local"  # Hello over TLS, then the unix socket
+        local.close()
+        with open(other_cert, "rb") as f:
+            untrusted = f.read()
+        for certs in (None, untrusted):  # plaintext, or a certificate it does not trust
+            with pytest.raises(UnavailableError):
+                DaemonClient(
+                    d.address,
+                    use_local_socket=False,
+                    token=TOKEN,
+                    root_certificates=certs,
+                    connect_timeout=5,
+                )
+    finally:
+        d.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_tls_needs_both_files_and_readable_ones(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="set both or neither"):
+        DaemonConfig(tls_cert_file=str(tmp_path / "x.crt"))
+    config = daemon_config(str(tmp_path)).model_copy(
+        update={"tls_cert_file": str(tmp_path / "none.crt"), "tls_key_file": "k"}
+    )
+    with pytest.raises(InvalidArgumentError, match="tls_cert_file"):
+        DaemonServer(None, config, None, TOKEN)  # type: ignore[arg-type]
