@@ -24,7 +24,7 @@ from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
 from tensorcast_ray import _auth
 from tensorcast_ray._client import DaemonClient
-from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._config import DaemonConfig, from_env
 from tensorcast_ray._errors import (
     ArtifactError,
     FailedPreconditionError,
@@ -464,3 +464,17 @@ def test_tls_needs_both_files_and_readable_ones(tmp_path: Any) -> None:
     )
     with pytest.raises(InvalidArgumentError, match="tls_cert_file"):
         DaemonServer(None, config, None, TOKEN)  # type: ignore[arg-type]
+
+
+def test_every_endpoint_binds_loopback_by_default() -> None:
+    """/metrics is unauthenticated (read-only): it stays on loopback unless configured."""
+    from tensorcast_ray._config import (
+        GlobalStoreConfig,
+        load_daemon_config,
+        load_global_store_config,
+    )
+
+    packaged = from_env({})
+    configs = [DaemonConfig(), GlobalStoreConfig(), load_daemon_config(env=packaged)]
+    for config in [*configs, load_global_store_config(env=packaged)]:
+        assert config.listen_host == config.metrics_host == "127.0.0.1"
