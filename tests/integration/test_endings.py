@@ -217,7 +217,7 @@ def test_ray_stop_of_a_cluster_a_job_only_joined(env: dict[str, str], tmp_path: 
         timeout=120,
         start_new_session=True,  # one session holds every process of this cluster
     )
-    sid = _session_of_raylet(temp)
+    sid = _session_of_raylet(temp, start)
     try:
         assert start.returncode == 0, start.stderr[-4000:]
         ns = f"e-{uuid.uuid4().hex[:10]}"
@@ -225,7 +225,10 @@ def test_ray_stop_of_a_cluster_a_job_only_joined(env: dict[str, str], tmp_path: 
         rc, lines = run_script("tc.init(namespace=ns)\n" + AFTER_INIT, ns, joined, tmp_path)
         assert rc == 0, (tmp_path / "stderr").read_text()[-4000:]
         assert running(lines[0]["pid"]) and leftovers(ns), "a joined job stopped the daemon"
-        assert _sid(lines[0]["pid"]) == sid != _sid(lines[0]["guardian"])
+        daemon, guardian = _sid(lines[0]["pid"]), _sid(lines[0]["guardian"])
+        assert daemon == sid != guardian, (
+            f"sessions: cluster {sid} daemon {daemon} guardian {guardian}"
+        )
     finally:
         _stop([p for p in psutil.process_iter() if _sid(p.pid) == sid])
     assert_gone(ns, lines[0]["guardian"])
@@ -238,13 +241,16 @@ def _sid(pid: int) -> int:
         return -1
 
 
-def _session_of_raylet(temp: str) -> int:
+def _session_of_raylet(temp: str, start: subprocess.CompletedProcess[str]) -> int:
     """The session of the cluster in ``temp``: its raylet's (the `ray start` process that led
     it has exited)."""
     for proc in psutil.process_iter(["name", "cmdline"]):
         if proc.info["name"] == "raylet" and any(temp in a for a in proc.info["cmdline"] or []):
             return _sid(proc.pid)
-    raise AssertionError(f"no raylet runs with --temp-dir {temp}")
+    raise AssertionError(
+        f"no raylet runs with --temp-dir {temp}; `ray start` exited {start.returncode}: "
+        f"{start.stdout[-2000:]}{start.stderr[-2000:]}"
+    )
 
 
 def _stop(procs: list[psutil.Process]) -> None:
