@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tensorcast_ray._errors import InvalidArgumentError, NotFoundError, UnimplementedError
 from tensorcast_ray._layout import TensorMeta, normalize_slices, slice_region
 from tensorcast_ray._metrics import get_sdk_metrics
-from tensorcast_ray._read_cache import CachedArtifact
+from tensorcast_ray._read_cache import CachedArtifact, in_read_only_mapping
 
 if TYPE_CHECKING:
     import torch
@@ -221,6 +221,21 @@ def _validate_targets(
             raise InvalidArgumentError(
                 f"target {name!r} is {dtype_name(target.dtype)}{list(target.shape)} but {key} "
                 f"holds {dtype}{list(shape)}; allocate a matching tensor"
+            )
+        if target.layout != torch.strided or target.is_nested:
+            raise InvalidArgumentError(
+                f"target {name!r} is a {target.layout} tensor; copy into a dense (strided) one"
+            )
+        if target.device.type not in ("cpu", "cuda"):
+            raise InvalidArgumentError(
+                f"target {name!r} is on device {str(target.device)!r}, which holds no bytes to "
+                "copy into; allocate it on 'cpu' or 'cuda:N'"
+            )
+        if in_read_only_mapping(target):
+            raise InvalidArgumentError(
+                f"target {name!r} is a read-only zero-copy tensor returned by get (writing it "
+                "would kill the process); pass a writable tensor, e.g. from get(copy=True) or "
+                ".clone()"
             )
         # Checked here, before any copy, so a bad target never leaves the others half-written.
         if target.is_inference() and not torch.is_inference_mode_enabled():

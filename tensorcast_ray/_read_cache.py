@@ -21,8 +21,10 @@ stay valid: the kernel frees the bytes after the last mapping goes.
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 from tensorcast_ray._epochs import EpochReader
@@ -35,7 +37,51 @@ if TYPE_CHECKING:
 
     from tensorcast_ray._transport.base import Transport
 
-__all__ = ["CachedArtifact", "ReadCache"]
+__all__ = ["CachedArtifact", "ReadCache", "in_read_only_mapping"]
+
+
+class _ReadOnlyRanges:
+    """[SDK] Address ranges of this process's read-only segment mappings, so a write into
+    one (``get_into`` into a tensor ``tc.get`` returned) is refused instead of faulting.
+
+    A range is added when a segment is first wrapped and leaves with its mapping (which
+    lives while any tensor over it does). Kept sorted: a check is one bisect. Mappings made
+    before a fork stay mapped in the child, so the ranges stay true there."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: list[int] = []
+        self._ends: dict[int, tuple[int, object]] = {}  # start -> (end, owner token)
+
+    def add(self, start: int, nbytes: int, mapping: mmap.mmap) -> None:
+        token = object()  # a later mapping at a reused address must outlive this one's end
+        with self._lock:
+            if start not in self._ends:
+                bisect.insort(self._starts, start)
+            self._ends[start] = (start + nbytes, token)
+        weakref.finalize(mapping, self._remove, start, token)
+
+    def _remove(self, start: int, token: object) -> None:
+        with self._lock:
+            if self._ends.get(start, (0, None))[1] is token:
+                del self._ends[start]
+                del self._starts[bisect.bisect_left(self._starts, start)]
+
+    def overlaps(self, start: int, nbytes: int) -> bool:
+        with self._lock:
+            i = bisect.bisect_right(self._starts, start + max(nbytes, 1) - 1) - 1
+            return i >= 0 and self._ends[self._starts[i]][0] > start
+
+
+_read_only = _ReadOnlyRanges()
+
+
+def in_read_only_mapping(tensor: torch.Tensor) -> bool:
+    """[SDK] Whether ``tensor``'s storage lies in one of tensorcast's read-only mappings."""
+    if tensor.device.type != "cpu":
+        return False
+    storage = tensor.untyped_storage()
+    return _read_only.overlaps(storage.data_ptr(), storage.nbytes())
 
 
 class CachedArtifact:
@@ -85,7 +131,10 @@ class CachedArtifact:
     def _wrapped(self) -> list[torch.Tensor]:
         """One base tensor per segment (caller holds the lock)."""
         if self._bases is None:
-            self._bases = [self._transport.wrap_base(m) for m in self.maps]
+            bases = [self._transport.wrap_base(m) for m in self.maps]
+            for base, mapping in zip(bases, self.maps, strict=True):
+                _read_only.add(base.data_ptr(), base.numel(), mapping)
+            self._bases = bases
         return self._bases
 
 
