@@ -107,7 +107,7 @@ class LocalStore:
             self._journal,
             shm_dir=self.shm_dir,
             prefix=prefix,
-            keep={self.epoch_segment, journal_name, journal_name + ".tmp"},
+            keep={self.epoch_segment, self._epochs.reads_name, journal_name, journal_name + ".tmp"},
             now_ms=self._now_ms(),
         )
         # The bytes go through the shared-memory transport's daemon half (its segment pool).
@@ -195,6 +195,7 @@ class LocalStore:
         write_id = uuid.uuid4().hex
         with self._lock:  # one block: a retry's check, the reservation and the claim
             start = time.perf_counter()
+            self._count_cached_reads(now)  # eviction must see reads served from caches
             outcome = self._leases.begin_write(
                 artifact,
                 policy,
@@ -338,19 +339,27 @@ class LocalStore:
         self, request: daemon_pb2.RegisterBuffersRequest, session_id: str
     ) -> daemon_pb2.WriteResult:
         parse_key(request.key, for_write=True)
-        _require_tensors(request.key, len(request.tensors))
+        # One compact table, as in BeginWrite: no message per tensor to decode.
+        cols = Columns.from_table(request.tensors)
+        _require_tensors(request.key, len(cols))
         policy = _resolved_policy(request.policy_json)
         sid = self._lease_owner(request.session_id, session_id)
-        tensors = [
-            BufferTensor(
-                t.name,
-                t.dtype,
-                tuple(int(d) for d in t.shape),
-                t.buffer_id,
-                int(t.offset),
-                int(t.nbytes),
+        ids, index, offsets = request.buffer_ids, request.buffer_index, request.buffer_offsets
+        if len(index) != len(cols) or len(offsets) != len(cols):
+            raise InvalidArgumentError(
+                f"malformed register of {request.key!r}: {len(cols)} tensors, "
+                f"{len(index)} buffer indices and {len(offsets)} offsets"
             )
-            for t in request.tensors
+        if index and not 0 <= min(index) <= max(index) < len(ids):
+            raise InvalidArgumentError(
+                f"malformed register of {request.key!r}: a buffer index outside the "
+                f"{len(ids)} buffer ids"
+            )
+        tensors = [
+            BufferTensor(name, dtype, shape, ids[i], off, nb)
+            for name, dtype, shape, i, off, nb in zip(
+                cols.names, cols.dtypes, cols.shapes, index, offsets, cols.nbytes, strict=True
+            )
         ]
         with self._lock:
             now = self._now_ms()
@@ -369,6 +378,7 @@ class LocalStore:
                 owner_host=self.hostname,
                 expires_at_ms=now + request.ttl_ms if request.ttl_ms > 0 else 0,
             )
+            self._count_cached_reads(now)
             outcome = self._leases.register_buffers(artifact, tensors, policy)
             self._apply(outcome.actions)
             if outcome.error is not None:
@@ -458,9 +468,22 @@ class LocalStore:
         self._compact_journal()
         now = self._now_ms()
         with self._lock:
+            self._count_cached_reads(now)
             dead = {pid for pid in self._leases.watched_pids() if not pid_alive(pid)}
             self._apply(self._leases.expire(now, dead))
             self._update_gauges(leases=True)
+
+    def _count_cached_reads(self, now_ms: int) -> None:
+        """Touch (sliding TTL, LRU order) the artifacts SDK processes read from their caches
+        since the last call, as stamped in the epoch table's reads file (under the lock)."""
+        slots = self._epochs.read_slots()
+        if not slots:
+            return
+        by_slot = {a.epoch_slot: a.artifact_id for a in self._leases.artifacts.values()}
+        for slot in slots:
+            artifact_id = by_slot.get(slot)
+            if artifact_id is not None:
+                self._leases.index.touch(artifact_id, now_ms)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -51,6 +51,9 @@ _INLINE_BYTES = 4 << 20
 #: large copies are cut into chunks of this size, spread over the copy threads.
 _CHUNK_BYTES = 16 << 20
 
+#: a register over tc.empty buffers: (buffer ids, buffer index per tensor, offset per tensor).
+BufferRefs = tuple[list[str], list[int], list[int]]
+
 #: ``fill(started, maps)``: write every tensor into ``maps[segment]`` at its offset, as
 #: ``started.tensor_segments`` / ``started.tensor_offsets`` say (request order).
 Fill = Callable[[daemon_pb2.BeginWriteResponse, Sequence[Any]], None]
@@ -140,10 +143,14 @@ def write(
                 mode="copy",
             )
         if refs is not None:
+            ids, index, offsets = refs
             request = daemon_pb2.RegisterBuffersRequest(
                 key=key,
                 request_id=uuid.uuid4().hex,
-                tensors=refs,
+                tensors=cols.to_table(),
+                buffer_ids=ids,
+                buffer_index=index,
+                buffer_offsets=offsets,
                 policy_json=pjson,
                 ttl_ms=ttl_ms or 0,
             )
@@ -304,32 +311,25 @@ def copy_tensors(
 
 
 # ---- register of tc.empty buffers ------------------------------------------------------------
-def _buffer_refs(store: Store, tensors: Mapping[str, Any]) -> list[daemon_pb2.BufferTensor] | None:
-    """BufferTensor refs when every tensor lives in a tc.empty buffer, else None."""
+def _buffer_refs(store: Store, tensors: Mapping[str, Any]) -> BufferRefs | None:
+    """Where each tensor lies when every one is in a tc.empty buffer, else None: the
+    distinct buffer ids, then per tensor (in order) its buffer's index and byte offset."""
     import torch
 
-    from tensorcast_ray._dtypes import dtype_name
-
     registry = store._buffers
-    refs = []
-    for name, t in tensors.items():
+    ids: dict[str, int] = {}
+    index: list[int] = []
+    offsets: list[int] = []
+    for t in tensors.values():
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.numel() == 0:
             return None
         found = registry.find(t)
         if found is None:
             return None
         buffer_id, offset = found
-        refs.append(
-            daemon_pb2.BufferTensor(
-                name=name,
-                dtype=dtype_name(t.dtype),
-                shape=list(t.shape),
-                buffer_id=buffer_id,
-                offset=offset,
-                nbytes=t.numel() * t.element_size(),
-            )
-        )
-    return refs
+        index.append(ids.setdefault(buffer_id, len(ids)))
+        offsets.append(offset)
+    return list(ids), index, offsets
 
 
 # ---- staging -----------------------------------------------------------------------------------

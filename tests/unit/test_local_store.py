@@ -15,7 +15,12 @@ from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
 from tensorcast_ray._config import DaemonConfig
-from tensorcast_ray._errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
+from tensorcast_ray._errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from tensorcast_ray._layout import Columns
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
 
@@ -395,25 +400,42 @@ def test_the_committed_answer_survives_a_daemon_restart(tmp_path: Path) -> None:
         second.close(unlink=True)
 
 
+def register_request(
+    key: str, buffer_id: str, nbytes: int, request_id: str = ""
+) -> daemon_pb2.RegisterBuffersRequest:
+    """A register of one uint8 tensor ``w`` filling ``nbytes`` of a tc.empty buffer."""
+    return daemon_pb2.RegisterBuffersRequest(
+        key=key,
+        session_id="s1",
+        request_id=request_id,
+        tensors=Columns.of(["w"], ["uint8"], [(nbytes,)]).to_table(),
+        buffer_ids=[buffer_id],
+        buffer_index=[0],
+        buffer_offsets=[0],
+    )
+
+
+def test_a_malformed_register_is_refused(store: LocalStore) -> None:
+    buffer = store.rpc_AllocateBuffer(
+        daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=4096), ""
+    )
+    no_offsets = register_request("bad:v1", buffer.buffer_id, 4096)
+    del no_offsets.buffer_offsets[:]
+    bad_index = register_request("bad:v1", buffer.buffer_id, 4096)
+    bad_index.buffer_index[0] = 1
+    for request, what in ((no_offsets, "1 tensors"), (bad_index, "buffer index")):
+        with pytest.raises(InvalidArgumentError, match=what):
+            store.rpc_RegisterBuffers(request, "")
+    assert not store._leases.catalog.exists("bad:v1")
+    store.rpc_RegisterBuffers(register_request("bad:v1", buffer.buffer_id, 4096), "")
+    assert store._leases.catalog.exists("bad:v1")
+
+
 def test_retry_of_a_committed_register_returns_it(store: LocalStore) -> None:
     buffer = store.rpc_AllocateBuffer(
         daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=4096), ""
     )
-    request = daemon_pb2.RegisterBuffersRequest(
-        key="reg:v1",
-        session_id="s1",
-        request_id="req-5",
-        tensors=[
-            daemon_pb2.BufferTensor(
-                name="w",
-                dtype="uint8",
-                shape=[4096],
-                buffer_id=buffer.buffer_id,
-                offset=0,
-                nbytes=4096,
-            )
-        ],
-    )
+    request = register_request("reg:v1", buffer.buffer_id, 4096, request_id="req-5")
     first = store.rpc_RegisterBuffers(request, "")
     again = store.rpc_RegisterBuffers(request, "")
     assert again.artifact_id == first.artifact_id
@@ -513,23 +535,7 @@ def test_a_restart_does_not_count_a_buffer_lease_twice(tmp_path: Path) -> None:
     buffer = first.rpc_AllocateBuffer(
         daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=2 * MiB), ""
     )
-    first.rpc_RegisterBuffers(
-        daemon_pb2.RegisterBuffersRequest(
-            key="buf:v1",
-            session_id="s1",
-            tensors=[
-                daemon_pb2.BufferTensor(
-                    name="w",
-                    dtype="uint8",
-                    shape=[2 * MiB],
-                    buffer_id=buffer.buffer_id,
-                    offset=0,
-                    nbytes=2 * MiB,
-                )
-            ],
-        ),
-        "",
-    )
+    first.rpc_RegisterBuffers(register_request("buf:v1", buffer.buffer_id, 2 * MiB), "")
     assert first.stats()["tiers"][0]["used_bytes"] == 2 * MiB
     first.close(unlink=False)
     second = make_store(tmp_path, stable_dram_capacity_bytes=3 * MiB)

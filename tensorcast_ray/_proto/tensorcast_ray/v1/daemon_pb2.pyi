@@ -243,37 +243,27 @@ class AllocateBufferResponse(_message.Message):
     shm_dir: str
     def __init__(self, buffer_id: _Optional[str] = ..., segment: _Optional[_Union[_common_pb2.SegmentRef, _Mapping]] = ..., shm_dir: _Optional[str] = ...) -> None: ...
 
-class BufferTensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "buffer_id", "offset", "nbytes")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DTYPE_FIELD_NUMBER: _ClassVar[int]
-    SHAPE_FIELD_NUMBER: _ClassVar[int]
-    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    NBYTES_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dtype: str
-    shape: _containers.RepeatedScalarFieldContainer[int]
-    buffer_id: str
-    offset: int
-    nbytes: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., buffer_id: _Optional[str] = ..., offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
-
 class RegisterBuffersRequest(_message.Message):
-    __slots__ = ("key", "session_id", "tensors", "policy_json", "ttl_ms", "request_id")
+    __slots__ = ("key", "session_id", "tensors", "buffer_ids", "buffer_index", "buffer_offsets", "policy_json", "ttl_ms", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_IDS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     POLICY_JSON_FIELD_NUMBER: _ClassVar[int]
     TTL_MS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     key: str
     session_id: str
-    tensors: _containers.RepeatedCompositeFieldContainer[BufferTensor]
+    tensors: _common_pb2.TensorTable
+    buffer_ids: _containers.RepeatedScalarFieldContainer[str]
+    buffer_index: _containers.RepeatedScalarFieldContainer[int]
+    buffer_offsets: _containers.RepeatedScalarFieldContainer[int]
     policy_json: str
     ttl_ms: int
     request_id: str
-    def __init__(self, key: _Optional[str] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[BufferTensor, _Mapping]]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, key: _Optional[str] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., buffer_ids: _Optional[_Iterable[str]] = ..., buffer_index: _Optional[_Iterable[int]] = ..., buffer_offsets: _Optional[_Iterable[int]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
     __slots__ = ("key", "artifact_id")
