@@ -98,7 +98,7 @@ class Artifact:
         return [metas[n] for n in self._select_names(names)]
 
     def _check_alive(self) -> None:
-        if not self._store._read_cache.valid(self._entry.info):
+        if not self._store._read_cache.check_read(self._entry.info):
             raise NotFoundError(f"{self.key} was deleted (or evicted) after it was opened")
 
     def _wrap(self, meta: TensorMeta) -> torch.Tensor:

@@ -11,6 +11,12 @@ into the slot; [SDK] ``get`` of a cached artifact → ``EpochReader.valid(slot, 
 [daemon] ``delete`` → ``free(slot)`` writes 0; the SDK's next check fails and it asks the
 daemon, which answers NOT_FOUND.
 
+Reads the SDK serves from its cache (no RPC) still count as use: next to the table, a reads
+file holds one 8-byte stamp per slot. [SDK] a cached read writes ``time.monotonic_ns()``
+into its artifact's slot (one memory write); [daemon] each tick, ``EpochTable.read_slots``
+compares the file with its last snapshot and answers the slots that changed, which the
+daemon touches (sliding TTL, LRU order) as if they had been looked up.
+
 A table that goes away (a clean daemon stop, or a new daemon that does not adopt it) is
 zeroed before it is unlinked, so a process still mapping it sees nothing valid and asks the
 new daemon; and a new table starts its generations at a random point, so a (slot, gen) pair
@@ -22,12 +28,20 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import sys
+import time
 
 from tensorcast_ray._errors import ResourceExhaustedError
 
-__all__ = ["EpochReader", "EpochTable"]
+__all__ = ["EpochReader", "EpochTable", "reads_name"]
 
 _SLOT = 8
+_CHUNK = 4096  # bytes of the reads file compared at once before looking at single slots
+
+
+def reads_name(name: str) -> str:
+    """The reads file of the table ``name``."""
+    return name + ".reads"
 
 
 class EpochTable:
@@ -50,6 +64,18 @@ class EpochTable:
         finally:
             os.close(fd)
         self._view = memoryview(self._map).cast("Q")
+        # Stamps of a previous instance mean nothing to this one: the reads file starts empty.
+        self.reads_name = reads_name(name)
+        reads_path = os.path.join(shm_dir, self.reads_name)
+        if os.path.exists(reads_path):
+            os.unlink(reads_path)
+        fd = os.open(reads_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._reads = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self._reads_seen = bytes(size)
         live = [i for i in range(slots) if self._view[i]]
         # Generations only grow within a table; a new table starts at a random point.
         self._next_gen = max((self._view[i] for i in live), default=secrets.randbits(62)) + 1
@@ -67,6 +93,24 @@ class EpochTable:
         self._next_gen += 1
         self._view[slot] = gen
         return slot, gen
+
+    def read_slots(self) -> list[int]:
+        """Slots SDK processes stamped as read since the last call, least recent first (the
+        stamps share one clock, ``CLOCK_MONOTONIC``, across the host's processes)."""
+        now = self._reads[:]
+        seen, self._reads_seen = self._reads_seen, now
+        if now == seen:
+            return []
+        out: list[tuple[int, int]] = []
+        for start in range(0, len(now), _CHUNK):
+            end = start + _CHUNK
+            if now[start:end] == seen[start:end]:
+                continue
+            for off in range(start, min(end, len(now)), _SLOT):
+                stamp = now[off : off + _SLOT]
+                if stamp != seen[off : off + _SLOT] and any(stamp):
+                    out.append((int.from_bytes(stamp, sys.byteorder), off // _SLOT))
+        return [slot for _, slot in sorted(out)]
 
     def restore(self, slot: int, gen: int) -> bool:
         """Re-claim a slot recorded by a previous daemon instance (restart recovery)."""
@@ -94,11 +138,13 @@ class EpochTable:
             self._map[:] = bytes(len(self._map))
         self._view.release()
         self._map.close()
+        self._reads.close()
         if unlink:
-            try:
-                os.unlink(os.path.join(self.shm_dir, self.name))
-            except FileNotFoundError:
-                pass
+            for name in (self.name, self.reads_name):
+                try:
+                    os.unlink(os.path.join(self.shm_dir, name))
+                except FileNotFoundError:
+                    pass
 
 
 def _invalidate(path: str) -> None:
@@ -127,10 +173,32 @@ class EpochReader:
             os.close(fd)
         self._view = memoryview(self._map).cast("Q")
         self.name = name
+        self._reads: mmap.mmap | None = None
+        self._stamps: memoryview | None = None
+        try:
+            fd = os.open(os.path.join(shm_dir, reads_name(name)), os.O_RDWR)
+        except OSError:
+            return  # a daemon without a reads file: cached reads go unreported
+        try:
+            self._reads = mmap.mmap(fd, slots * _SLOT, mmap.MAP_SHARED)
+        except (OSError, ValueError):
+            return
+        finally:
+            os.close(fd)
+        self._stamps = memoryview(self._reads).cast("Q")
 
     def valid(self, slot: int, gen: int) -> bool:
         return 0 <= slot < len(self._view) and gen != 0 and self._view[slot] == gen
 
+    def mark_read(self, slot: int) -> None:
+        """Tell the daemon slot ``slot`` was just read (one memory write, no RPC)."""
+        stamps = self._stamps
+        if stamps is not None and 0 <= slot < len(stamps):
+            stamps[slot] = time.monotonic_ns()
+
     def close(self) -> None:
         self._view.release()
         self._map.close()
+        if self._stamps is not None and self._reads is not None:
+            self._stamps.release()
+            self._reads.close()

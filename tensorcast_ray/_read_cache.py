@@ -4,6 +4,8 @@ Costs are per artifact, not per tensor. One get, step by step:
 
 1. A key this process already read, whose generation the node's validity table
    (:mod:`tensorcast_ray._epochs`) still shows, is a hit: no RPC (:meth:`ReadCache.lookup_key`).
+   Reading its tensors stamps the artifact's slot in the table's reads file
+   (:meth:`ReadCache.check_read`), so the daemon's TTL and LRU count the read.
 2. Otherwise the daemon's ``Lookup`` answers the layout as one compact ``TensorTable``;
    :meth:`ReadCache.admit` decodes it column by column and maps each segment read-only once.
 3. The first ``tensor_dict`` of that generation wraps every tensor once through the
@@ -168,6 +170,14 @@ class ReadCache:
     def valid(self, info: daemon_pb2.ArtifactInfo) -> bool:
         epochs = self._epochs  # once: attach_epochs may swap it from another thread
         return epochs is not None and epochs.valid(info.epoch_slot, info.generation)
+
+    def check_read(self, info: daemon_pb2.ArtifactInfo) -> bool:
+        """``valid``, and if so stamp the read for the daemon's TTL and LRU (no RPC)."""
+        epochs = self._epochs
+        if epochs is None or not epochs.valid(info.epoch_slot, info.generation):
+            return False
+        epochs.mark_read(info.epoch_slot)
+        return True
 
     def lookup_key(self, key: str) -> CachedArtifact | None:
         """A cached, still-valid entry for an explicit version, else None."""

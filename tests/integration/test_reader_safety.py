@@ -8,6 +8,7 @@ interpreter (a crash there fails the test instead of killing pytest).
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import tensorcast_ray as tc
-from tests.helpers import python_child
+from tests.helpers import python_child, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -74,3 +75,60 @@ def test_a_meta_or_sparse_target_is_refused(driver: str) -> None:
             tc.get_into("meta:v1", {"w": target})
         assert err.value.status_code == grpc.StatusCode.INVALID_ARGUMENT
         assert "'w'" in str(err.value)
+
+
+# ---- 2. cached reads count as use --------------------------------------------------------------
+SMALL = """\
+listen_host: 127.0.0.1
+listen_port: 0
+metrics_port: 0
+stable_dram_capacity_bytes: 64MiB
+shm_segment_bytes: 16MiB
+shm_pool_bytes: 0
+epoch_slots: 4096
+"""
+
+
+def blob(mib: int, fill: int) -> dict[str, torch.Tensor]:
+    return {"t": torch.full((mib * MiB // 4,), fill, dtype=torch.int32)}
+
+
+def lookups() -> float:
+    """Lookups this process had to send to the daemon (the read cache answered the rest)."""
+    from tensorcast_ray._metrics import get_sdk_metrics
+
+    value = get_sdk_metrics().registry.get_sample_value("tc_store_artifact_cache_misses_total")
+    return value or 0.0
+
+
+def test_reads_from_the_process_cache_restart_the_ttl(driver: str) -> None:
+    """The old code expired the version 2 s after its one Lookup, however often it was read."""
+    ttl = tc.StorePolicy(
+        may=[tc.TierSpec("stable_dram", retention_policy="ttl", retention_ttl_ms=2000)]
+    )
+    tc.put({"w": torch.arange(8.0)}, key="ttl:v1", policy=ttl)
+    assert tc.get("ttl:v1")["w"].sum() == 28.0  # one Lookup; later reads are cache hits
+    misses = lookups()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:  # reads every 0.5 s for 2.5 TTLs: the behaviour under test
+        assert tc.get("ttl:v1")["w"].sum() == 28.0
+        time.sleep(0.5)
+    assert lookups() == misses, "the reads were to come from the process cache"
+    assert tc.exists("ttl:v1")
+    # Unread, it expires as before.
+    wait_for(lambda: not tc.exists("ttl:v1"), 30, "the unread version to expire")
+
+
+def test_lru_counts_a_read_from_the_process_cache(namespace: str, tmp_path: Path) -> None:
+    path = tmp_path / "daemon.yaml"
+    path.write_text(SMALL)
+    tc.init(namespace=namespace, daemon_config_path=str(path), global_store_mode="none")
+    tc.put(blob(24, 1), key="a:v1")
+    tc.put(blob(24, 2), key="b:v1")
+    assert int(tc.get("a:v1")["t"][0]) == 1  # Lookup: a touched
+    assert int(tc.get("b:v1")["t"][0]) == 2  # Lookup: b touched, a is now the older
+    misses = lookups()
+    assert int(tc.get("a:v1")["t"][-1]) == 1  # from the cache: a is the most recent again
+    assert lookups() == misses
+    tc.put(blob(24, 3), key="c:v1")  # 72 MiB > 64: the least recently used goes
+    assert tc.list_keys() == ["a:v1", "c:v1"]

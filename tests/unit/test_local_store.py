@@ -89,7 +89,7 @@ def segment_files(shm_dir: Path) -> set[str]:
     return {
         n
         for n in os.listdir(shm_dir)
-        if n.startswith(PREFIX) and not n.endswith(("epochs", ".jsonl", ".tmp"))
+        if n.startswith(PREFIX) and not n.endswith(("epochs", ".reads", ".jsonl", ".tmp"))
     }
 
 
