@@ -37,6 +37,8 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from tensorcast_ray.daemon import recovery
@@ -193,6 +195,7 @@ class LocalStore:
             request_id=request.request_id,
         )
         write_id = uuid.uuid4().hex
+        classes = [self._shm.staging_size(size) for size in segment_sizes]
         with self._lock:  # one block: a retry's check, the reservation and the claim
             start = time.perf_counter()
             self._count_cached_reads(now)  # eviction must see reads served from caches
@@ -201,8 +204,8 @@ class LocalStore:
                 policy,
                 write_id=write_id,
                 session_id=sid,
-                staged=request.staged_segments,
-                stageable=sum(1 for size in segment_sizes if self._stageable(size)),
+                staged=self._fitting_staged(request.staged_segments, classes),
+                stageable=sum(1 for c in classes if c),
                 now_ms=now,
             )
             self._record_admission(kind, outcome, time.perf_counter() - start)
@@ -215,13 +218,16 @@ class LocalStore:
                 )
             assert outcome.pending is not None
             claimed = list(outcome.pending.claimed)
-        staged = list(claimed)
+        staged: dict[int, list[SegmentRef]] = {}
+        for seg in claimed:
+            staged.setdefault(seg[1], []).append(seg)
         segments: list[SegmentRef] = []
         trims: list[SegmentRef] = []
         # Segment creation may fault pages when the pool runs dry: do it outside the lock.
         try:
-            for size in segment_sizes:
-                seg = staged.pop(0) if staged and self._stageable(size) else self._take(size)
+            for size, cls in zip(segment_sizes, classes, strict=True):
+                fitting = staged.get(cls)
+                seg = fitting.pop() if fitting else self._take(size)
                 segments.append(_fit(seg, size, trims))
             with self._lock:
                 if not self._leases.place_segments(write_id, segments, trims):
@@ -244,11 +250,28 @@ class LocalStore:
             tensor_segments=segs,
             tensor_offsets=offsets,
             shm_dir=self.shm_dir,
-            stageable=sum(1 for size in segment_sizes if self._stageable(size)),
+            stageable=classes.count(self._shm.pool.segment_bytes),
+            stageable_small=classes.count(self._shm.pool.small_bytes or -1),
         )
 
-    def _stageable(self, size: int) -> bool:
-        return self._shm.stageable(size)
+    def _fitting_staged(self, offered: Sequence[str], classes: Sequence[int]) -> list[str]:
+        """The offered staged segments this layout can use, by size class (caller holds the
+        lock): a whole segment for a small planned one would waste it, and the claim takes
+        offered segments in order. A segment an unheard attempt of this write claimed counts
+        too: the retry aborts that attempt, which hands it back, before claiming."""
+        wanted = Counter(c for c in classes if c)
+        if not wanted or not offered:
+            return []
+        sizes = {name: size for name, (size, _) in self._leases.staged.items()}
+        for pending in self._leases.pending.values():
+            sizes.update(pending.claimed)
+        fitting: list[str] = []
+        for name in offered:
+            size = sizes.get(name, 0)
+            if wanted[size] > 0:
+                wanted[size] -= 1
+                fitting.append(name)
+        return fitting
 
     def _take(self, size: int) -> SegmentRef:
         return self._shm.allocate(size)
@@ -258,19 +281,24 @@ class LocalStore:
     ) -> daemon_pb2.LeaseSegmentsResponse:
         sid = self._lease_owner(request.session_id, session_id)
         segment_bytes = int(self.config.shm_segment_bytes)
+        small_bytes = self._shm.pool.small_bytes
         with self._lock:
-            lost, held = self._leases.release_unheld(sid, request.held)
+            lost, _ = self._leases.release_unheld(sid, request.held)
             self._apply(lost)
+            held = sum(size for size, owner in self._leases.staged.values() if owner == sid)
         if lost.unlink:
             logger.info(
                 "freed %d staged segments session %s no longer holds", len(lost.unlink), sid
             )
-        allowed = int(self.config.client_staging_bytes) // segment_bytes - held
-        count = max(0, min(int(request.count), allowed))
+        # Whole segments first, then small ones, all within client_staging_bytes.
+        budget = int(self.config.client_staging_bytes) - held
+        count = max(0, min(int(request.count), budget // segment_bytes))
+        budget -= count * segment_bytes
+        small = max(0, min(int(request.small_count), budget // small_bytes)) if small_bytes else 0
         segments: list[SegmentRef] = []
         try:
-            for _ in range(count):
-                segments.append(self._shm.allocate(segment_bytes))
+            for size in [segment_bytes] * count + [small_bytes] * small:
+                segments.append(self._shm.allocate(size))
         except BaseException:
             self._shm.free(segments)
             raise

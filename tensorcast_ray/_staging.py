@@ -7,9 +7,11 @@ care of the second. After each put, once no write of this process is in flight, 
 from its daemon (``LeaseSegments``) as many pooled segments as that put could have used
 (``BeginWriteResponse.stageable``, the daemon's rule; at most ``staging_bytes`` in all) and
 maps them with MAP_POPULATE in a background thread. The next put offers them in
-``BeginWrite``; the daemon places the artifact in them, so the copy faults no page. A process
-that only puts small artifacts stages nothing. Leased segments belong to this process's
-session: if it exits, the daemon frees them.
+``BeginWrite``; the daemon places the artifact in them, so the copy faults no page. Segments
+come in two size classes, the daemon's pool's: whole ``shm_segment_bytes`` ones and small ones
+(``BeginWriteResponse.stageable_small``, a sixteenth of that), so a put of 16 MiB is as warm
+as one of 1 GiB; a process whose puts fit neither class stages nothing. Leased segments
+belong to this process's session: if it exits, the daemon frees them.
 
 Walk-through: [SDK] put #1 of 1 GiB → no staged segments, copy faults pages (slow path) →
 BeginWrite says 4 segments were stageable → the write ends → stager wakes → [daemon]
@@ -32,6 +34,9 @@ from tensorcast_ray._shm import map_segment
 
 logger = logging.getLogger(__name__)
 
+#: small segments a writer keeps staged at most (a put places at most one or two of them).
+SMALL_STAGED = 2
+
 
 @dataclass
 class Staged:
@@ -41,20 +46,30 @@ class Staged:
 
 
 class Stager:
-    """[SDK] Keeps leased, mapped segments ready for this process's next put: as many as its
-    last put could use (:meth:`expect`), never more than ``count``."""
+    """[SDK] Keeps leased, mapped segments ready for this process's next put: as many of each
+    size class as its last put could use (:meth:`expect`), never more than ``count`` whole
+    segments (of ``segment_bytes``; any other size is a small one) and ``small_count`` small."""
 
     def __init__(
-        self, call: Callable[[str, Any], Any], session_hint: Callable[[], str], count: int
+        self,
+        call: Callable[[str, Any], Any],
+        session_hint: Callable[[], str],
+        count: int,
+        *,
+        segment_bytes: int,
+        small_count: int = SMALL_STAGED,
     ) -> None:
         self._call = call
         self._session_hint = session_hint
         self._count = count
+        self._small_count = small_count
+        self._segment_bytes = segment_bytes
         self._ready: list[Staged] = []
         self._to_close: list[mmap.mmap] = []
         self._cond = threading.Condition()
         self._closed = False
-        self._target = 0  # segments to keep ready: what the last write could use
+        self._target = 0  # whole segments to keep ready: what the last write could use
+        self._target_small = 0  # and small ones
         # Writes between take() and their retire()/give_back(done=True): refilling waits for
         # them, since leasing and MAP_POPULATE would compete with their copy.
         self._in_flight = 0
@@ -62,11 +77,19 @@ class Stager:
         self._thread.start()
 
     def take(self, n: int) -> list[Staged]:
-        """Up to ``n`` ready segments (possibly none) for a write starting now. The write must
-        end with :meth:`retire` or ``give_back(..., done=True)``; refilling waits until then."""
+        """Up to ``n`` ready whole segments and every ready small one (possibly none) for a
+        write starting now: the daemon uses those its layout fits, the rest are given back.
+        The write must end with :meth:`retire` or ``give_back(..., done=True)``; refilling
+        waits until then."""
         with self._cond:
             self._in_flight += 1
-            taken, self._ready = self._ready[:n], self._ready[n:]
+            taken: list[Staged] = []
+            kept: list[Staged] = []
+            for st in self._ready:
+                whole = st.size == self._segment_bytes
+                (taken if not whole or n > 0 else kept).append(st)
+                n -= whole
+            self._ready = kept
         return taken
 
     @property
@@ -75,11 +98,13 @@ class Stager:
         with self._cond:
             return self._target
 
-    def expect(self, stageable: int) -> None:
-        """The write in flight could use ``stageable`` staged segments: keep that many ready
-        for the next one (capped at ``count``). Refilling starts when no write is in flight."""
+    def expect(self, stageable: int, small: int = 0) -> None:
+        """The write in flight could use ``stageable`` whole and ``small`` small staged
+        segments: keep that many ready for the next one (capped at ``count`` and
+        ``small_count``). Refilling starts when no write is in flight."""
         with self._cond:
             self._target = max(0, min(int(stageable), self._count))
+            self._target_small = max(0, min(int(small), self._small_count))
 
     def give_back(self, staged: list[Staged], *, done: bool = False) -> None:
         """Segments a write offered but did not use (still leased to this session); ``done``
@@ -103,12 +128,13 @@ class Stager:
             return sum(s.size for s in self._ready)
 
     def wait_ready(self, count: int | None = None, *, timeout: float) -> bool:
-        """Wait until ``count`` (default: :attr:`target`) segments are ready or the stager
-        closes; False on timeout."""
+        """Wait until ``count`` segments (default: as many of each class as the targets) are
+        ready or the stager closes; False on timeout."""
         with self._cond:
             return self._cond.wait_for(
                 lambda: (
-                    self._closed or len(self._ready) >= (self._target if count is None else count)
+                    self._closed
+                    or (not any(self._missing()) if count is None else len(self._ready) >= count)
                 ),
                 timeout,
             )
@@ -120,7 +146,7 @@ class Stager:
                     lambda: (
                         self._closed
                         or self._to_close
-                        or (self._in_flight == 0 and len(self._ready) < self._target)
+                        or (self._in_flight == 0 and any(self._missing()))
                     )
                 )
                 if self._closed:
@@ -128,21 +154,31 @@ class Stager:
                 to_close, self._to_close = self._to_close, []
                 # Never while a write is in flight: leasing and MAP_POPULATE would compete
                 # with its copy for the CPU and memory bandwidth (measured: 2-3x slower puts).
-                missing = self._target - len(self._ready) if self._in_flight == 0 else 0
+                missing = self._missing() if self._in_flight == 0 else (0, 0)
                 held = [s.name for s in self._ready]
             for m in to_close:
                 _close(m)
-            if missing > 0 and not self._refill(missing, held):
+            if any(missing) and not self._refill(*missing, held):
                 with self._cond:  # the daemon refused or failed: wait for the next put
-                    self._target = 0
+                    self._target = self._target_small = 0
 
-    def _refill(self, missing: int, held: list[str]) -> bool:
-        """Lease ``missing`` more segments. ``held`` tells the daemon which of this session's
-        staged segments we still have, so it frees any we lost (a lost reply, a failed map)."""
+    def _missing(self) -> tuple[int, int]:
+        """(whole, small) segments short of the targets (caller holds the lock)."""
+        whole = sum(1 for s in self._ready if s.size == self._segment_bytes)
+        small = len(self._ready) - whole
+        return max(0, self._target - whole), max(0, self._target_small - small)
+
+    def _refill(self, missing: int, missing_small: int, held: list[str]) -> bool:
+        """Lease ``missing`` more whole and ``missing_small`` small segments. ``held`` tells
+        the daemon which of this session's staged segments we still have, so it frees any we
+        lost (a lost reply, a failed map)."""
         staged: list[Staged] = []
         try:
             request = daemon_pb2.LeaseSegmentsRequest(
-                session_id=self._session_hint(), count=missing, held=held
+                session_id=self._session_hint(),
+                count=missing,
+                small_count=missing_small,
+                held=held,
             )
             response = self._call("LeaseSegments", request)
             for s in response.segments:

@@ -213,13 +213,15 @@ def write_segments(
                 stager.give_back(staged, done=True)
             return started.committed
         if stager is not None:
-            stager.expect(started.stageable)  # staged for the next write, once this ends
+            # staged for the next write, once this ends
+            stager.expect(started.stageable, started.stageable_small)
             offered = {st.name for st in staged}
             used = sum(1 for seg in started.segments if seg.name in offered)
-            if used < started.stageable:
+            stageable = started.stageable + started.stageable_small
+            if used < stageable:
                 log_fallback(
                     "staging_empty",
-                    f"{verb} had {used} of {started.stageable} stageable segments staged; "
+                    f"{verb} had {used} of {stageable} stageable segments staged; "
                     "the rest fault pages while copying",
                     key=begin.key,
                     mode="unstaged",
@@ -354,15 +356,16 @@ def _start_stager(state: Any) -> Stager | None:
                 lambda method, request: client.call(method, request, timeout=30.0),
                 lambda: client.session_hint,
                 count,
+                segment_bytes=int(hello.segment_bytes),
             )
     return state.stager
 
 
 def _segments_needed(cols: Columns, state: Any) -> int:
-    """How many staged segments to offer: enough for the bytes, plus one for alignment and
-    a partly filled segment. The daemon decides which it uses (it keeps small ones out of
-    staging) and the rest are given back at once, so this rule lives in one place, the
-    daemon, and offering one too many costs nothing."""
+    """How many staged whole segments to offer (every small one is offered too): enough for
+    the bytes, plus one for alignment and a partly filled segment. The daemon decides which
+    it uses, by size class, and the rest are given back at once, so this rule lives in one
+    place, the daemon, and offering one too many costs nothing."""
     segment_bytes = int(state.client.hello.segment_bytes)
     return -(-sum(cols.nbytes) // segment_bytes) + 1
 

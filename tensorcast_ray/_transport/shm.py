@@ -98,11 +98,16 @@ class ShmTransport(Transport):
         if self._pool is not None:
             self._pool.close()
 
-    def stageable(self, size: int) -> bool:
-        """[daemon] Whether a planned segment of ``size`` may use a staged (whole pooled)
-        segment: the pool's own rule, so a small artifact never takes a whole pooled one."""
+    def staging_size(self, size: int) -> int:
+        """[daemon] The size of staged segment a planned segment of ``size`` may use, 0 for
+        none: the pool's own size classes (whole pooled, or small pooled), so a small
+        artifact never takes a whole pooled segment."""
         pool = self.pool
-        return pool.min_pooled_bytes <= size <= pool.segment_bytes
+        if pool.min_pooled_bytes <= size <= pool.segment_bytes:
+            return pool.segment_bytes
+        if pool.small_bytes and pool.small_bytes // 16 <= size <= pool.small_bytes:
+            return pool.small_bytes
+        return 0
 
     def shrink(self, name: str, used: int) -> None:
         """[daemon] Cut a segment to the ``used`` bytes its artifact holds (gone: nothing)."""

@@ -357,6 +357,44 @@ def begin_request(key: str, nbytes: int, request_id: str) -> daemon_pb2.BeginWri
     )
 
 
+def test_small_writes_use_staged_small_segments_by_size_class(tmp_path: Path) -> None:
+    """Staging has the pool's two size classes: a small put takes a staged small segment and
+    leaves an offered whole one staged; leases stay within client_staging_bytes."""
+    config = DaemonConfig(
+        shm_dir=str(tmp_path),
+        shm_segment_bytes=16 * MiB,
+        shm_pool_bytes=16 * MiB,
+        client_staging_bytes=17 * MiB,
+    )
+    store = LocalStore(config, prefix=PREFIX, metrics=DaemonMetrics())
+    try:
+        store.bind_session_pid("s1", os.getpid(), store.hostname, pid_verified=True)
+        small_bytes = store._shm.pool.small_bytes
+        assert small_bytes == MiB
+        leased = store.rpc_LeaseSegments(
+            daemon_pb2.LeaseSegmentsRequest(session_id="s1", count=1, small_count=5), ""
+        )
+        sizes = [s.size for s in leased.segments]
+        assert sizes == [16 * MiB, MiB], "one small one fits the budget left after the whole"
+        whole, small = (s.name for s in leased.segments)
+        request = begin_request("small:v1", 512 * 1024, "req-s")
+        request.staged_segments[:] = [whole, small]
+        started = store.rpc_BeginWrite(request, "")
+        assert [s.name for s in started.segments] == [small]
+        assert (started.stageable, started.stageable_small) == (0, 1)
+        assert list(store._leases.staged) == [whole], "the whole segment stays staged"
+        write(store, started, 3)
+        request = begin_request("big:v1", 8 * MiB, "req-b")
+        request.staged_segments[:] = [whole]
+        started = store.rpc_BeginWrite(request, "")
+        assert [s.name for s in started.segments] == [whole]
+        assert (started.stageable, started.stageable_small) == (1, 0)
+        write(store, started, 4)
+        assert store._leases.staged == {}
+    finally:
+        store.close(unlink=True)
+
+
 def test_retry_after_a_lost_begin_reply_replaces_the_unheard_write(
     store: LocalStore, tmp_path: Path
 ) -> None:

@@ -20,6 +20,7 @@ from tensorcast_ray._staging import Stager
 from tests.helpers import wait_for
 
 SEGMENT = 64 * 1024
+SMALL = SEGMENT // 16
 PREFIX = "tcr-stagetest-"
 
 
@@ -29,6 +30,7 @@ class LeaseLog:
     def __init__(self, shm_dir: Path) -> None:
         self.shm_dir = shm_dir
         self.calls: list[int] = []
+        self.small_calls: list[int] = []
         self.refuse = False
         self.lock = threading.Lock()
 
@@ -36,11 +38,12 @@ class LeaseLog:
         assert method == "LeaseSegments"
         with self.lock:
             self.calls.append(int(request.count))
+            self.small_calls.append(int(request.small_count))
         if self.refuse:
             raise ResourceExhaustedError("pool is empty (test)")
         refs = []
-        for _ in range(request.count):
-            seg = Segment.create(str(self.shm_dir), new_segment_name(PREFIX), SEGMENT)
+        for size in [SEGMENT] * request.count + [SMALL] * request.small_count:
+            seg = Segment.create(str(self.shm_dir), new_segment_name(PREFIX), size)
             refs.append(common_pb2.SegmentRef(name=seg.name, size=seg.size))
         return daemon_pb2.LeaseSegmentsResponse(segments=refs, shm_dir=str(self.shm_dir))
 
@@ -56,7 +59,7 @@ def lease(tmp_path: Path) -> LeaseLog:
 
 @pytest.fixture
 def stager(lease: LeaseLog) -> Iterator[Stager]:
-    s = Stager(lease, lambda: "session-1", count=3)
+    s = Stager(lease, lambda: "session-1", count=3, segment_bytes=SEGMENT)
     try:
         yield s
     finally:
@@ -80,10 +83,29 @@ def test_stages_what_the_last_write_could_use_capped(stager: Stager, lease: Leas
     assert lease.calls == [3] and stager.ready_bytes() == 3 * SEGMENT
 
 
-def test_small_writes_stage_nothing(stager: Stager, lease: LeaseLog) -> None:
+def test_writes_that_fit_no_class_stage_nothing(stager: Stager, lease: LeaseLog) -> None:
     write(stager, 0)
     assert not stager.wait_ready(1, timeout=0.3)
     assert lease.count() == 0 and stager.ready_bytes() == 0
+
+
+def test_small_segments_are_staged_as_their_own_class(stager: Stager, lease: LeaseLog) -> None:
+    """A small put (one small pooled segment) stages a small segment, capped at
+    small_count, and a later take offers it besides the whole segments asked for."""
+    stager.take(0)
+    stager.expect(1, small=5)
+    stager.give_back([], done=True)
+    assert stager.wait_ready(timeout=30)
+    assert (lease.calls, lease.small_calls) == ([1], [2]), "small ones capped at SMALL_STAGED"
+    assert stager.ready_bytes() == SEGMENT + 2 * SMALL
+    taken = stager.take(0)
+    assert sorted(st.size for st in taken) == [SMALL, SMALL], "no whole segment was asked for"
+    stager.expect(1, small=1)
+    stager.give_back(taken[1:])  # the write used one small segment
+    stager.retire([taken[0].mapping])
+    assert stager.wait_ready(timeout=30)
+    assert lease.count() == 1, "one whole and one small are still ready: nothing to lease"
+    assert sorted(st.size for st in stager.take(1)) == [SMALL, SEGMENT]
 
 
 def test_refill_waits_until_the_write_ends(stager: Stager, lease: LeaseLog) -> None:
@@ -120,7 +142,7 @@ def test_a_refusal_stops_refilling_until_the_next_write(stager: Stager, lease: L
 
 
 def test_close_unmaps_everything(lease: LeaseLog) -> None:
-    s = Stager(lease, lambda: "session-1", count=2)
+    s = Stager(lease, lambda: "session-1", count=2, segment_bytes=SEGMENT)
     write(s, 2)
     assert s.wait_ready(timeout=30)
     mappings = [st.mapping for st in s._ready]

@@ -12,6 +12,7 @@ import pytest
 
 from tensorcast_ray import _transport
 from tensorcast_ray._errors import FailedPreconditionError, InvalidArgumentError
+from tensorcast_ray._shm import SegmentPool
 from tensorcast_ray._transport import known_transports, transport_class
 from tensorcast_ray._transport.shm import ShmTransport
 from tensorcast_ray.testing import TransportConformance
@@ -69,12 +70,18 @@ def test_the_sdk_half_reads_what_the_daemon_half_allocated(
     daemon_half.free([ref])
 
 
-def test_stageable_is_the_pools_rule(daemon_half: ShmTransport) -> None:
-    pool = daemon_half.pool
-    assert not daemon_half.stageable(pool.min_pooled_bytes - 1)
-    assert daemon_half.stageable(pool.min_pooled_bytes)
-    assert daemon_half.stageable(pool.segment_bytes)
-    assert not daemon_half.stageable(pool.segment_bytes + 1)
+def test_staging_sizes_are_the_pools_size_classes(tmp_path: Path) -> None:
+    pool = SegmentPool(str(tmp_path), PREFIX, segment_bytes=32 << 20, reserve_bytes=32 << 20)
+    daemon_half = ShmTransport(str(tmp_path), pool=pool)  # never started: no files made
+    whole, small = pool.segment_bytes, pool.small_bytes
+    assert small, "this pool has a small class"
+    assert daemon_half.staging_size(pool.min_pooled_bytes - 1) == 0, "between the classes"
+    assert daemon_half.staging_size(pool.min_pooled_bytes) == whole
+    assert daemon_half.staging_size(whole) == whole
+    assert daemon_half.staging_size(whole + 1) == 0, "larger than a pooled segment"
+    assert daemon_half.staging_size(small) == small
+    assert daemon_half.staging_size(small // 16) == small
+    assert daemon_half.staging_size(small // 16 - 1) == 0, "too small to take a pooled one"
 
 
 def test_shrink_cuts_a_segment_and_ignores_one_that_is_gone(

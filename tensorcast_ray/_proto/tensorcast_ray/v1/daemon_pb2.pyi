@@ -156,7 +156,7 @@ class BeginWriteRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., kind: _Optional[_Union[WriteKind, str]] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., staged_segments: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class BeginWriteResponse(_message.Message):
-    __slots__ = ("write_id", "artifact_id", "segments", "tensor_segments", "tensor_offsets", "shm_dir", "stageable", "committed")
+    __slots__ = ("write_id", "artifact_id", "segments", "tensor_segments", "tensor_offsets", "shm_dir", "stageable", "stageable_small", "committed")
     WRITE_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class BeginWriteResponse(_message.Message):
     TENSOR_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     STAGEABLE_FIELD_NUMBER: _ClassVar[int]
+    STAGEABLE_SMALL_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     write_id: str
     artifact_id: str
@@ -172,8 +173,9 @@ class BeginWriteResponse(_message.Message):
     tensor_offsets: _containers.RepeatedScalarFieldContainer[int]
     shm_dir: str
     stageable: int
+    stageable_small: int
     committed: WriteResult
-    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensor_segments: _Optional[_Iterable[int]] = ..., tensor_offsets: _Optional[_Iterable[int]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ..., committed: _Optional[_Union[WriteResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, write_id: _Optional[str] = ..., artifact_id: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensor_segments: _Optional[_Iterable[int]] = ..., tensor_offsets: _Optional[_Iterable[int]] = ..., shm_dir: _Optional[str] = ..., stageable: _Optional[int] = ..., stageable_small: _Optional[int] = ..., committed: _Optional[_Union[WriteResult, _Mapping]] = ...) -> None: ...
 
 class CommitWriteRequest(_message.Message):
     __slots__ = ("write_id",)
@@ -208,14 +210,16 @@ class AbortWriteResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class LeaseSegmentsRequest(_message.Message):
-    __slots__ = ("session_id", "count", "held")
+    __slots__ = ("session_id", "count", "held", "small_count")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    SMALL_COUNT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     count: int
     held: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., held: _Optional[_Iterable[str]] = ...) -> None: ...
+    small_count: int
+    def __init__(self, session_id: _Optional[str] = ..., count: _Optional[int] = ..., held: _Optional[_Iterable[str]] = ..., small_count: _Optional[int] = ...) -> None: ...
 
 class LeaseSegmentsResponse(_message.Message):
     __slots__ = ("segments", "shm_dir")
