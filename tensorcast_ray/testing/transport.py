@@ -30,7 +30,7 @@ from tensorcast_ray._errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from tensorcast_ray._layout import NO_SEGMENT, LayoutPlan, describe_tensors, plan_layout
+from tensorcast_ray._layout import NO_SEGMENT, Columns, LayoutPlan, describe_tensors, plan_layout
 from tensorcast_ray._transport import transport_class
 from tensorcast_ray._transport.base import DEVICES, Capabilities, SegmentRef, Transport
 
@@ -103,7 +103,7 @@ class TransportConformance:
         """[SDK] map for read, one base per segment, a slice per tensor: one read."""
         regions = [transport.map_for_read(ref) for ref in refs]
         bases = [transport.wrap_base(region) for region in regions]
-        out = transport.tensors(bases, plan.tensors)
+        out = transport.tensors(bases, _columns(plan))
         for region in regions:
             transport.unmap(region)  # the tensors keep what they use mapped
         return out
@@ -302,3 +302,12 @@ class TransportConformance:
             transport.unmap(region)
         finally:
             transport.free(refs)
+
+
+def _columns(plan: LayoutPlan) -> Columns:
+    """``plan`` as the read cache holds a layout: placed columns decoded from the wire."""
+    metas = plan.tensors
+    cols = Columns.of([m.name for m in metas], [m.dtype for m in metas], [m.shape for m in metas])
+    sizes = plan.segment_sizes
+    placed = cols.placed([m.segment for m in metas], [m.offset for m in metas], sizes)
+    return Columns.from_table(placed.to_table(), sizes)
