@@ -10,15 +10,18 @@ Costs are per artifact, not per tensor. One get, step by step:
    :meth:`ReadCache.admit` decodes it column by column and maps each segment read-only once.
 3. The first ``tensor_dict`` of that generation wraps every tensor once through the
    artifact's transport: one base tensor per segment, one typed view per (segment, dtype),
-   then one ``as_strided`` per tensor, straight from the decoded columns (:meth:`Transport.tensors
+   then one ``as_strided`` per tensor (:meth:`Transport.tensors
    <tensorcast_ray._transport.base.Transport.tensors>`). Later gets return a new dict over
    the same read-only tensors: a warm get costs a dict copy, whatever the size.
 
 Tensors of one segment share one storage (the segment's): ``torch.save`` or pickling a
 single such tensor writes its whole segment; ``.clone()`` it first (or ``copy=True``).
 A delete or eviction zeroes the artifact's validity slot; the next lookup in any process
-sees it, drops the entry and asks the daemon, which answers NOT_FOUND. Tensors handed out
-stay valid: the kernel frees the bytes after the last mapping goes.
+sees it, drops the entry and asks the daemon, which answers NOT_FOUND. A process that does
+not look anything up lets go too: while it caches anything, a background thread sweeps the
+cache every :data:`SWEEP_S` seconds, so a deleted artifact's mappings close as soon as no
+tensor over them is left, and its bytes return to the node. Tensors handed out stay valid:
+the kernel frees the bytes after the last mapping goes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -39,7 +43,10 @@ if TYPE_CHECKING:
 
     from tensorcast_ray._transport.base import Transport
 
-__all__ = ["CachedArtifact", "ReadCache", "in_read_only_mapping"]
+__all__ = ["SWEEP_S", "CachedArtifact", "ReadCache", "in_read_only_mapping"]
+
+#: how often a process that caches artifacts drops the ones the validity table says are gone.
+SWEEP_S = 1.0
 
 
 class _ReadOnlyRanges:
@@ -120,7 +127,7 @@ class CachedArtifact:
         if tensors is None:
             with self._lock:
                 if self._tensors is None:
-                    self._tensors = self._transport.tensors(self._wrapped(), self.cols)
+                    self._tensors = self._transport.tensors(self._wrapped(), self.metas.values())
                 tensors = self._tensors
         return tensors
 
@@ -150,6 +157,7 @@ class ReadCache:
         self._by_key: dict[str, str] = {}
         self._epochs: EpochReader | None = None
         self._instance = ""
+        self._sweeper: threading.Thread | None = None
 
     def attach_epochs(self, shm_dir: str, name: str, slots: int, instance: str = "") -> None:
         """Map the validity table of daemon ``instance``. A different instance (the daemon
@@ -212,7 +220,23 @@ class ReadCache:
         with self._lock:
             entry = self._by_id.setdefault(info.artifact_id, entry)
             self._by_key[info.key] = info.artifact_id
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(
+                    target=self._sweep_while_caching, name="tensorcast-read-cache", daemon=True
+                )
+                self._sweeper.start()
             return entry
+
+    def _sweep_while_caching(self) -> None:
+        """[SDK, background] Sweep every SWEEP_S while anything is cached; a later admit
+        starts the thread again, so a process that stopped reading holds no thread."""
+        while True:
+            time.sleep(SWEEP_S)  # a timer, not a wait for state
+            with self._lock:
+                self._sweep()
+                if not self._by_id:
+                    self._sweeper = None
+                    return
 
     def _sweep(self) -> None:
         """Forget artifacts the validity table says are gone, so their memory can go too."""

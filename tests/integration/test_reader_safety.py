@@ -7,6 +7,8 @@ interpreter (a crash there fails the test instead of killing pytest).
 
 from __future__ import annotations
 
+import json
+import os
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 import tensorcast_ray as tc
-from tests.helpers import python_child, wait_for
+from tests.helpers import python_child, shm_prefix, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -132,3 +134,52 @@ def test_lru_counts_a_read_from_the_process_cache(namespace: str, tmp_path: Path
     assert lookups() == misses
     tc.put(blob(24, 3), key="c:v1")  # 72 MiB > 64: the least recently used goes
     assert tc.list_keys() == ["a:v1", "c:v1"]
+
+
+# ---- 3. an idle reader lets go of deleted memory -----------------------------------------------
+def mapped_segments(pid: int, prefix: str) -> set[str]:
+    """Paths of the segments under ``prefix`` that process ``pid`` maps."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {
+            line.split(maxsplit=5)[5].split(" (deleted)")[0].strip() for line in f if prefix in line
+        }
+
+
+def test_an_idle_reader_unmaps_a_deleted_artifact(driver: str) -> None:
+    """The old code kept the segments mapped until the reader's next lookup."""
+    address = tc.init(namespace=driver, global_store_mode="none").daemon_address
+    tc.put({"big": torch.ones(64 * MiB // 4), "small": torch.zeros(3)}, key="gone:v1")
+    tc.put({"x": torch.ones(4)}, key="kept:v1")
+    script = textwrap.dedent(
+        f"""
+        import gc, json, sys
+        import tensorcast_ray as tc
+        tc.init(mode="connect", address={address!r})
+        kept = tc.get("kept:v1")["x"]  # a tensor the reader still holds: it stays valid
+        t = tc.get("gone:v1")
+        total = float(t["big"].sum())
+        del t
+        gc.collect()
+        print(json.dumps({{"sum": total}}))
+        sys.stdout.flush()
+        sys.stdin.readline()
+        print(json.dumps({{"kept": kept.tolist()}}))
+        """
+    )
+    prefix = shm_prefix(driver)
+    with python_child(script) as (proc, out):
+        assert out["sum"] == 64 * MiB // 4
+        before = mapped_segments(proc.pid, prefix)
+        gone = {s.name for s in tc.artifact("gone:v1")._entry.info.segments}
+        assert {os.path.basename(p) for p in before} >= gone, "the reader maps the artifact"
+        assert tc.delete("gone:v1")
+        wait_for(
+            lambda: not gone & {os.path.basename(p) for p in mapped_segments(proc.pid, prefix)},
+            15,
+            "the idle reader to unmap the deleted artifact's segments",
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"kept": [1.0] * 4}
+        assert proc.wait(timeout=60) == 0
