@@ -43,6 +43,7 @@ dead.
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -517,6 +518,7 @@ class LeaseTable:
             placed: list[int] = []
             offsets: list[int] = []
             used: list[str] = []
+            frozen: FailedPreconditionError | None = None
             for t in tensors:
                 buf = self.buffers.get(t.buffer_id)
                 if buf is None:
@@ -531,6 +533,13 @@ class LeaseTable:
                         f"tensor {t.name!r} lies outside its tc.empty buffer "
                         f"(offset {t.offset}, {t.nbytes} bytes, buffer {buf.segment[1]} bytes)"
                     )
+                if buf.refs and frozen is None:
+                    frozen = FailedPreconditionError(
+                        f"tensor {t.name!r}: its tc.empty buffer already backs "
+                        f"{self._registered_over(buf.buffer_id)}; a buffer is frozen by its "
+                        "register and backs one version: delete that version first, or put a "
+                        "copy (tc.put, or register tensor.clone())"
+                    )
                 if buf.segment not in segments:
                     segments.append(buf.segment)
                     used.append(buf.buffer_id)
@@ -539,19 +548,27 @@ class LeaseTable:
                 shapes.append(tuple(t.shape))
                 placed.append(segments.index(buf.segment))
                 offsets.append(t.offset)
+            _refuse_overlaps(tensors)
             cols = Columns.of(names, dtypes, shapes)
             cols = cols.placed(placed, offsets, [size for _, size in segments])
             artifact.segments, artifact.buffers = segments, used
             artifact.tensors = cols.to_table().SerializeToString()
             artifact.nbytes = sum(cols.nbytes)
             artifact.degraded_reasons = tier_outcomes(policy)
-            self.catalog.reserve(artifact.key, artifact.artifact_id)
+            self.catalog.reserve(artifact.key, artifact.artifact_id)  # a taken key first
+            if frozen is not None:
+                self.catalog.abort(artifact.key)
+                raise frozen
         except ArtifactError as exc:
             out.error = exc
             return out
         for buffer_id in used:
             self.buffers[buffer_id].refs += 1
         return out
+
+    def _registered_over(self, buffer_id: str) -> str:
+        keys = sorted(a.key for a in self.artifacts.values() if buffer_id in a.buffers)
+        return ", ".join(keys) or "another version"
 
     def commit_registered(self, artifact: Artifact, epoch_slot: int, generation: int) -> None:
         artifact.epoch_slot, artifact.generation = epoch_slot, generation
@@ -704,3 +721,17 @@ def _numel(shape: Sequence[int]) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _refuse_overlaps(tensors: Sequence[BufferTensor]) -> None:
+    """Tensors of one register may share a buffer but not bytes: a version whose tensors
+    alias each other would change under a reader as one of them is written."""
+    spans = sorted(
+        (t.buffer_id, t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes
+    )
+    for (buf_a, _, end_a, name_a), (buf_b, start_b, _, name_b) in itertools.pairwise(spans):
+        if buf_a == buf_b and start_b < end_a:
+            raise InvalidArgumentError(
+                f"tensors {name_a!r} and {name_b!r} overlap in their tc.empty buffer; register "
+                "disjoint slices (or put a copy)"
+            )

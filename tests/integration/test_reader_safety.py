@@ -183,3 +183,27 @@ def test_an_idle_reader_unmaps_a_deleted_artifact(driver: str) -> None:
         proc.stdin.flush()
         assert json.loads(proc.stdout.readline()) == {"kept": [1.0] * 4}
         assert proc.wait(timeout=60) == 0
+
+
+# ---- 4. a tc.empty buffer backs one version ----------------------------------------------------
+def test_a_registered_buffer_backs_one_version(driver: str) -> None:
+    """The old code accepted both and counted the buffer's bytes once per version."""
+    buf = tc.empty((1024,), dtype=torch.float32)
+    buf.copy_(torch.arange(1024.0))
+    assert tc.register({"w": buf}, key="buf:v1").status == "ready"
+    for tensors in ({"w": buf}, {"head": buf[:512]}):  # the same buffer, or a slice of it
+        with pytest.raises(tc.FailedPreconditionError) as err:
+            tc.register(tensors, key="buf:v2")
+        assert err.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "buf:v1" in str(err.value) and "delete" in str(err.value)
+    assert not tc.exists("buf:v2")
+    assert tc.delete("buf:v1")
+    # Free again once its version is gone; disjoint slices share it, overlapping ones do not.
+    parts = {"head": buf[:512], "tail": buf[512:]}
+    assert tc.register(parts, key="buf:v3").status == "ready"
+    assert tc.get("buf:v3")["tail"][0] == 512.0
+    other = tc.empty((64,), dtype=torch.float32)
+    with pytest.raises(tc.InvalidArgumentError) as err:
+        tc.register({"a": other[:40], "b": other[32:]}, key="buf:v4")
+    assert "'a'" in str(err.value) and "'b'" in str(err.value) and "overlap" in str(err.value)
+    assert tc.register({"a": other[:32], "b": other[32:]}, key="buf:v4").status == "ready"
