@@ -37,10 +37,14 @@ def parse_key(key: object, *, for_write: bool = False) -> tuple[str, str]:
         )
     if any(ord(c) < 32 or ord(c) == 127 for c in key):
         raise InvalidArgumentError(f"key {key!r} contains control characters")
-    if for_write and version == LATEST:
+    if for_write and version.lower() == LATEST:
         raise InvalidArgumentError(
-            f"key {key!r}: 'latest' names the newest version when reading and cannot be written; "
-            "write an explicit version such as 'v2'"
+            f"key {key!r}: 'latest' (in any case) names the newest version when reading and "
+            "cannot be written; write an explicit version such as 'v2'"
+        )
+    if for_write and (name != name.strip() or version != version.strip()):
+        raise InvalidArgumentError(
+            f"key {key!r} has spaces around its name or version; write it without them"
         )
     return name, version
 

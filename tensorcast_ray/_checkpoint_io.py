@@ -26,10 +26,13 @@ import mmap
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from tensorcast_ray._artifact import Artifact
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._errors import (
     AlreadyExistsError,
+    ArtifactError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -57,7 +60,30 @@ def _check_progress(progress: Progress | None) -> None:
 def _check_url(url: object, what: str) -> str:
     if not isinstance(url, str) or not url:
         raise InvalidArgumentError(f"{what} must be a non-empty URL or path, got {url!r}")
+    if "\0" in url:
+        raise InvalidArgumentError(f"{what} {url!r} holds a NUL character; no path can")
     return url
+
+
+def _guarded(progress: Progress | None, verb: str) -> Progress | None:
+    """``progress``, with what it raises reported as the caller's own stop (CANCELLED, never
+    retried) rather than as a tensorcast bug."""
+    if progress is None:
+        return None
+    callback = progress
+
+    def call(done: int, total: int) -> None:
+        try:
+            callback(done, total)
+        except Exception as exc:
+            raise ArtifactError(
+                f"{verb}: the progress callback raised {type(exc).__name__}: {exc}; the "
+                f"{verb} was stopped (fix the callback, or raise from it only to stop)",
+                grpc.StatusCode.CANCELLED,
+                False,
+            ) from exc
+
+    return call
 
 
 # ---- export --------------------------------------------------------------------------------
@@ -124,7 +150,7 @@ def export_artifact(
                     sources,
                     artifact_id=art.artifact_id,
                     storage_options=storage_options,
-                    progress=progress,
+                    progress=_guarded(progress, "export"),
                 ),
             )
         finally:
@@ -259,7 +285,7 @@ def import_into(
                     dest,
                     names=[t.name for t in chosen],
                     storage_options=storage_options,
-                    progress=progress,
+                    progress=_guarded(progress, "import"),
                 )
             finally:
                 for b in bases:

@@ -493,6 +493,12 @@ def map_os_error(
             )
         else:
             status, advice = _C.NOT_FOUND, "no such file or object"
+    elif isinstance(exc, NotADirectoryError) or code == errno.ENOTDIR:
+        status = _C.FAILED_PRECONDITION
+        advice = "a part of the path is a file, not a directory; pass a directory"
+    elif isinstance(exc, IsADirectoryError) or code == errno.EISDIR:
+        status = _C.FAILED_PRECONDITION
+        advice = "the path is a directory, not a file; pass a file"
     elif isinstance(exc, TimeoutError) or code == errno.ETIMEDOUT:
         status, advice = _C.DEADLINE_EXCEEDED, "timed out; retry, or give it a longer deadline"
     elif isinstance(exc, ConnectionError) or code in _CONNECTION_ERRNOS:
@@ -503,6 +509,20 @@ def map_os_error(
     else:
         status, advice = _C.INTERNAL, "unexpected OS error"
     return _make(status, _prefix(context, f"{advice} ({what})"))
+
+
+#: botocore's errors for credentials that are missing or cannot be loaded (named, so that
+#: mapping needs no botocore import).
+_CREDENTIAL_ERRORS = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+)
+
+
+def _is_missing_cloud_credentials(exc: BaseException) -> bool:
+    return any(
+        c.__module__.startswith("botocore") and c.__name__ in _CREDENTIAL_ERRORS
+        for c in type(exc).__mro__
+    )
 
 
 def map_exception(exc: BaseException, *, context: str = "") -> ArtifactError:
@@ -536,6 +556,16 @@ def map_exception(exc: BaseException, *, context: str = "") -> ArtifactError:
         mapped = _make(_C.UNIMPLEMENTED, _prefix(context, f"not implemented yet: {exc}"))
     elif isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)):
         mapped = _make(_C.CANCELLED, _prefix(context, "the call was cancelled"))
+    elif _is_missing_cloud_credentials(exc):
+        mapped = _make(
+            _C.UNAUTHENTICATED,
+            _prefix(
+                context,
+                f"the storage found no credentials ({exc}); pass key and secret in "
+                "storage_options, set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a "
+                "profile), or anon=True for a public bucket",
+            ),
+        )
     else:
         # ValueError, TypeError, KeyError ... reaching here were not raised by validation
         # (which raises InvalidArgumentError itself), so they are bugs.

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "MAX_TENSOR_NAME_LENGTH",
     "NO_SEGMENT",
     "Columns",
     "LayoutPlan",
@@ -350,6 +351,10 @@ class Columns:
         return cols.placed(list(table.segment), list(table.offset), segment_sizes)
 
 
+#: the longest tensor name a put, register or import accepts.
+MAX_TENSOR_NAME_LENGTH = 4096
+
+
 def describe_tensors(tensors: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
     """``(name, canonical dtype, shape)`` of each torch tensor or numpy array.  [SDK]
 
@@ -376,7 +381,19 @@ def describe(tensors: Mapping[str, Any]) -> Columns:
     for key, value in tensors.items():
         if not isinstance(key, str):
             raise InvalidArgumentError(f"tensor names must be str, got {key!r} ({type(key)})")
+        if len(key) > MAX_TENSOR_NAME_LENGTH:
+            raise InvalidArgumentError(
+                f"tensor name {key[:40]!r}... is {len(key)} characters; the limit is "
+                f"{MAX_TENSOR_NAME_LENGTH}"
+            )
+        if "\0" in key:
+            raise InvalidArgumentError(f"tensor name {key!r} holds a NUL character; remove it")
         if isinstance(value, torch.Tensor):
+            if value.is_nested:
+                raise InvalidArgumentError(
+                    f"tensor {key!r} is a nested tensor; only dense tensors are stored: store "
+                    "its components (.unbind()) as separate tensors"
+                )
             if value.layout != torch.strided:
                 raise InvalidArgumentError(
                     f"tensor {key!r} has layout {value.layout}; only dense tensors are "

@@ -205,9 +205,14 @@ class Store:
         tensors are copied once."""
         with self._verb("register"):
             if ttl_ms is not None and (
-                isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms <= 0
+                isinstance(ttl_ms, bool)
+                or not isinstance(ttl_ms, int)
+                or not 0 < ttl_ms <= MAX_TTL_MS
             ):
-                raise InvalidArgumentError(f"ttl_ms must be a positive int or None, got {ttl_ms!r}")
+                raise InvalidArgumentError(
+                    f"ttl_ms must be a positive int of at most {MAX_TTL_MS} (about 292 years) "
+                    f"or None, got {ttl_ms!r}"
+                )
             return write(self, "register", tensors, key, policy, ttl_ms)
 
     def empty(self, shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
@@ -220,11 +225,14 @@ class Store:
         from tensorcast_ray._layout import TensorMeta, wrap_tensor
 
         dtype = dtype or torch.get_default_dtype()
-        shape = tuple(int(d) for d in shape)
-        if any(d < 0 for d in shape):
-            raise InvalidArgumentError(f"shape {shape} has a negative dimension")
+        shape = _check_shape(shape)
         name = dtype_name(dtype)
         nbytes = itemsize(name) * _numel(shape)
+        if nbytes > MAX_BUFFER_BYTES:
+            raise InvalidArgumentError(
+                f"tc.empty{shape} of {name} is {nbytes} bytes, more than any node can hold "
+                f"(at most {MAX_BUFFER_BYTES}); ask for a smaller buffer"
+            )
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         self._require_same_host()
@@ -252,6 +260,11 @@ class Store:
     def _artifact(self, key: str | None, artifact_id: str | None, verb: str) -> Artifact:
         if (key is None) == (artifact_id is None):
             raise InvalidArgumentError("pass exactly one of key or artifact_id")
+        if artifact_id is not None and (not isinstance(artifact_id, str) or not artifact_id):
+            raise InvalidArgumentError(
+                f"artifact_id must be the non-empty str an Artifact or PutResult reports, got "
+                f"{artifact_id!r}"
+            )
         if key is not None:
             _, version = parse_key(key)
         self._check_source()
@@ -347,6 +360,38 @@ class Store:
             policy=policy,
             progress=progress,
         )
+
+
+#: the largest ``ttl_ms`` (the wire's int64).
+MAX_TTL_MS = 2**63 - 1
+#: the largest tc.empty buffer (the wire's int64 byte count).
+MAX_BUFFER_BYTES = 2**63 - 1
+
+
+def _check_shape(shape: Any) -> tuple[int, ...]:
+    """A shape of non-negative ints (an int is a 1-d shape); floats, strs and bools are
+    refused rather than truncated."""
+    import operator
+
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise InvalidArgumentError(
+            f"shape must be a sequence of ints such as (4096, 4096), got {shape!r}"
+        )
+    dims = []
+    for d in shape:
+        if isinstance(d, bool):
+            raise InvalidArgumentError(f"shape {tuple(shape)!r} holds a bool; dims are ints")
+        try:
+            dims.append(operator.index(d))
+        except TypeError:
+            raise InvalidArgumentError(
+                f"shape {tuple(shape)!r}: dimension {d!r} is not an int"
+            ) from None
+    if any(d < 0 for d in dims):
+        raise InvalidArgumentError(f"shape {tuple(dims)} has a negative dimension")
+    return tuple(dims)
 
 
 def _numel(shape: Sequence[int]) -> int:

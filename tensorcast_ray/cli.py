@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -497,6 +498,13 @@ def import_cmd(
     click.echo(f"{result.key} {result.artifact_id} {result.nbytes} bytes {result.status}")
 
 
+def _seconds(value: float) -> float:
+    """A duration option: finite and not negative (``nan`` compares false to every bound)."""
+    if not math.isfinite(value) or value < 0:
+        raise click.BadParameter(f"{value} is not a number of seconds >= 0")
+    return value
+
+
 @cli.command("gc")
 @click.option(
     "--shm-dir", default=None, help="Shared-memory directory (default: the daemon config's)."
@@ -504,6 +512,7 @@ def import_cmd(
 @click.option(
     "--min-age",
     type=float,
+    callback=lambda _ctx, _param, value: _seconds(value),
     default=600.0,
     show_default=True,
     help="Only prefixes whose files are all older than this many seconds.",

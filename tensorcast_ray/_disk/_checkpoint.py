@@ -118,7 +118,8 @@ def _listing(
         try:
             weight_map = json.loads(cat(fs, join(directory, indexes[0])))["weight_map"]
             if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) and "/" not in v for v in weight_map.values()
+                isinstance(v, str) and "/" not in v and "\0" not in v and v not in ("", ".", "..")
+                for v in weight_map.values()
             ):
                 raise ValueError("weight_map must map names to file names in the directory")
         except (ValueError, KeyError, TypeError) as exc:

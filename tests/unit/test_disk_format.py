@@ -583,7 +583,8 @@ def test_storage_errors_get_the_documented_codes() -> None:
         (OSError(errno.EMFILE, "fds"), grpc.StatusCode.RESOURCE_EXHAUSTED, None),
         (OSError("request failed"), grpc.StatusCode.UNAVAILABLE, True),  # fsspec remote
         (ConnectionResetError(errno.ECONNRESET, "reset"), grpc.StatusCode.UNAVAILABLE, True),
-        (IsADirectoryError(errno.EISDIR, "dir"), grpc.StatusCode.INTERNAL, False),
+        (IsADirectoryError(errno.EISDIR, "dir"), grpc.StatusCode.FAILED_PRECONDITION, False),
+        (NotADirectoryError(errno.ENOTDIR, "file"), grpc.StatusCode.FAILED_PRECONDITION, False),
         # How s3fs reports throttling (SlowDown), server errors and its fallback: retried.
         (OSError(errno.EBUSY, "SlowDown"), grpc.StatusCode.UNAVAILABLE, True),
         (OSError(errno.EREMOTEIO, "500"), grpc.StatusCode.UNAVAILABLE, True),

@@ -282,7 +282,7 @@ def test_ray_rpc_error_keeps_its_grpc_code() -> None:
         (TimeoutError("slow"), C.DEADLINE_EXCEEDED),
         (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), C.UNAVAILABLE),
         (ConnectionResetError(errno.ECONNRESET, "reset"), C.UNAVAILABLE),
-        (IsADirectoryError(errno.EISDIR, "dir"), C.INTERNAL),
+        (IsADirectoryError(errno.EISDIR, "dir"), C.FAILED_PRECONDITION),
         (OSError(errno.EIO, "I/O error"), C.INTERNAL),
         (ValueError("bad"), C.INTERNAL),
         (TypeError("bad"), C.INTERNAL),
