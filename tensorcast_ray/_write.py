@@ -288,15 +288,27 @@ def copy_tensors(
 ) -> None:
     """Copy ``values[i]`` to ``maps[segments[i]]`` at ``offsets[i]`` (placement already
     checked against the mappings' sizes)."""
+    import torch
+
     bases = [(ctypes.c_char * len(m)).from_buffer(m) for m in maps]  # holds each export
     try:
         addrs = [ctypes.addressof(b) for b in bases]
         memmove = ctypes.memmove
+        tensor_type = torch.Tensor
         chunks: list[tuple[int, int, int]] = []
         for value, nbytes, seg, off in zip(values, cols.nbytes, segments, offsets, strict=True):
             if nbytes == 0 or seg == NO_SEGMENT:
                 continue
-            src = _host_address(value)
+            # The common case inline (a call per tensor is measurable at 16,384 tensors).
+            if (
+                type(value) is tensor_type
+                and value.is_cpu
+                and value.is_contiguous()
+                and not (value.is_conj() or value.is_neg())
+            ):
+                src: int | None = value.data_ptr()
+            else:
+                src = _host_address(value)
             if src is None:
                 copy_into(value, maps[seg], off)
             elif nbytes < _INLINE_BYTES:
