@@ -10,7 +10,7 @@ Costs are per artifact, not per tensor. One get, step by step:
    :meth:`ReadCache.admit` decodes it column by column and maps each segment read-only once.
 3. The first ``tensor_dict`` of that generation wraps every tensor once through the
    artifact's transport: one base tensor per segment, one typed view per (segment, dtype),
-   then one ``as_strided`` per tensor (:meth:`Transport.tensors
+   then one ``as_strided`` per tensor, straight from the decoded columns (:meth:`Transport.tensors
    <tensorcast_ray._transport.base.Transport.tensors>`). Later gets return a new dict over
    the same read-only tensors: a warm get costs a dict copy, whatever the size.
 
@@ -127,7 +127,7 @@ class CachedArtifact:
         if tensors is None:
             with self._lock:
                 if self._tensors is None:
-                    self._tensors = self._transport.tensors(self._wrapped(), self.metas.values())
+                    self._tensors = self._transport.tensors(self._wrapped(), self.cols)
                 tensors = self._tensors
         return tensors
 
