@@ -19,7 +19,7 @@ One put through a transport, step by step::
 
 One get, step by step::
 
-    [daemon] Lookup answers the SegmentRefs and the layout (TensorMeta per tensor).
+    [daemon] Lookup answers the SegmentRefs and the layout (one compact TensorTable).
     [SDK]    map_for_read(ref) per segment; wrap_base(region) once per segment; then
              tensors(bases, columns): one strided view of its segment's base per tensor.
 

@@ -19,7 +19,7 @@ One get, step by step::
 
     [SDK]    map_for_read(ref) maps it PROT_READ without MAP_POPULATE (a get that must stay
              under a millisecond faults pages in as it reads them).
-    [SDK]    wrap_base(region): one uint8 tensor per segment; tensors(bases, metas) views
+    [SDK]    wrap_base(region): one uint8 tensor per segment; tensors(bases, columns) views
              each tensor over it, so a get costs one as_strided per tensor, not a frombuffer.
 
 A delete is [daemon] free(refs): unlink only, so readers keep their mapped bytes and the
