@@ -13,6 +13,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+#: A daemon config for capacity and lifetime tests: 64 MiB of stable DRAM in 16 MiB segments,
+#: no pool (so every byte in /dev/shm belongs to an artifact), loopback, ephemeral ports.
+SMALL_DAEMON_CONFIG = """\
+listen_host: 127.0.0.1
+listen_port: 0
+metrics_port: 0
+stable_dram_capacity_bytes: 64MiB
+shm_segment_bytes: 16MiB
+shm_pool_bytes: 0
+epoch_slots: 4096
+"""
+
 
 def wait_for(
     predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition"

@@ -14,28 +14,19 @@ import torch
 
 import tensorcast_ray as tc
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
-from tests.helpers import shm_prefix
+from tests.helpers import SMALL_DAEMON_CONFIG, shm_prefix
 
 pytestmark = pytest.mark.timeout(240)
 
 MiB = 1 << 20
 CAPACITY = 64 * MiB
-CONFIG = """\
-listen_host: 127.0.0.1
-listen_port: 0
-metrics_port: 0
-stable_dram_capacity_bytes: 64MiB
-shm_segment_bytes: 16MiB
-shm_pool_bytes: 0
-epoch_slots: 4096
-"""
 
 
 @pytest.fixture
 def small(namespace: str, tmp_path: Path) -> str:
     """This test's daemon, with 64 MiB of capacity; the test process is connected to it."""
     path = tmp_path / "daemon.yaml"
-    path.write_text(CONFIG)
+    path.write_text(SMALL_DAEMON_CONFIG)
     tc.init(namespace=namespace, daemon_config_path=str(path), global_store_mode="none")
     assert daemon_status().tiers[0].capacity_bytes == CAPACITY
     return namespace

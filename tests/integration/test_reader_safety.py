@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tensorcast_ray as tc
-from tests.helpers import python_child, shm_prefix, wait_for
+from tests.helpers import SMALL_DAEMON_CONFIG, python_child, shm_prefix, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -80,15 +80,6 @@ def test_a_meta_or_sparse_target_is_refused(driver: str) -> None:
 
 
 # ---- 2. cached reads count as use --------------------------------------------------------------
-SMALL = """\
-listen_host: 127.0.0.1
-listen_port: 0
-metrics_port: 0
-stable_dram_capacity_bytes: 64MiB
-shm_segment_bytes: 16MiB
-shm_pool_bytes: 0
-epoch_slots: 4096
-"""
 
 
 def blob(mib: int, fill: int) -> dict[str, torch.Tensor]:
@@ -123,7 +114,7 @@ def test_reads_from_the_process_cache_restart_the_ttl(driver: str) -> None:
 
 def test_lru_counts_a_read_from_the_process_cache(namespace: str, tmp_path: Path) -> None:
     path = tmp_path / "daemon.yaml"
-    path.write_text(SMALL)
+    path.write_text(SMALL_DAEMON_CONFIG)
     tc.init(namespace=namespace, daemon_config_path=str(path), global_store_mode="none")
     tc.put(blob(24, 1), key="a:v1")
     tc.put(blob(24, 2), key="b:v1")

@@ -63,6 +63,7 @@ CASES: list[tuple[str, Callable[[], Any], grpc.StatusCode, str]] = [
 
 
 @pytest.mark.parametrize(("fn", "code", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
 def test_refused_with_its_code(fn: Callable[[], Any], code: grpc.StatusCode, words: str) -> None:
     with pytest.raises(tc.ArtifactError) as err:
         fn()
