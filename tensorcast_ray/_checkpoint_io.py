@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -251,8 +252,12 @@ def import_into(
                 f"{key} already exists; versions are immutable — import under a new version "
                 "(e.g. 'v2'), or delete it first"
             )
+        # Every storage step (header scan, each ranged read) is bounded by the verb's deadline:
+        # a storage that stalls ends the import with DEADLINE_EXCEEDED, never holds it forever.
+        deadline = time.monotonic() + store._retrier.policy_for("import").deadline_seconds
         ckpt = store._retrier.call(
-            "import", lambda _t: scan_checkpoint(url, storage_options=storage_options)
+            "import",
+            lambda _t: scan_checkpoint(url, storage_options=storage_options, deadline=deadline),
         )
         _check_committed(url, ckpt)
         chosen = _select(ckpt, names)
@@ -286,6 +291,7 @@ def import_into(
                     names=[t.name for t in chosen],
                     storage_options=storage_options,
                     progress=_guarded(progress, "import"),
+                    deadline=deadline,
                 )
             finally:
                 for b in bases:

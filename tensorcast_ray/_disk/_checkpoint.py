@@ -24,7 +24,13 @@ from tensorcast_ray._disk._manifest import Manifest, ManifestTensor
 from tensorcast_ray._disk._paths import MANIFEST_NAME, cat, filesystem, join, map_os_error
 from tensorcast_ray._disk._reader import as_dest, load_manifest, read_into, select
 from tensorcast_ray._disk._safetensors import ParsedHeader, header_length, parse_header
-from tensorcast_ray._disk._streams import Progress, ReadTarget, check_tuning, read_targets
+from tensorcast_ray._disk._streams import (
+    Progress,
+    ReadTarget,
+    check_deadline,
+    check_tuning,
+    read_targets,
+)
 from tensorcast_ray._errors import (
     DataLossError,
     FailedPreconditionError,
@@ -133,8 +139,12 @@ def _listing(
     return files, {}
 
 
-def scan_checkpoint(url: str, *, storage_options: Mapping[str, Any] | None = None) -> Checkpoint:
-    """List a checkpoint's tensors (name, dtype, shape, file, byte range) from headers only."""
+def scan_checkpoint(
+    url: str, *, storage_options: Mapping[str, Any] | None = None, deadline: float | None = None
+) -> Checkpoint:
+    """List a checkpoint's tensors (name, dtype, shape, file, byte range) from headers only.
+
+    ``deadline`` (``time.monotonic()`` seconds) is checked before each file's header read."""
     fs, path = filesystem(url, storage_options)
     if path.endswith(".safetensors") and fs.isfile(path):
         directory, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
@@ -152,6 +162,7 @@ def scan_checkpoint(url: str, *, storage_options: Mapping[str, Any] | None = Non
         files, weight_map = _listing(fs, directory, url)
 
     def head(name: str) -> tuple[ParsedHeader, int]:
+        check_deadline(deadline, f"scanning checkpoint {url!r}")
         return _read_header(fs, join(directory, name), f"file {name!r} of checkpoint {url!r}")
 
     with ThreadPoolExecutor(min(8, len(files)), thread_name_prefix="tc-disk-scan") as pool:
@@ -190,8 +201,10 @@ def read_checkpoint_into(
     max_buffer_bytes: int = 64 << 20,
     parallelism: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    deadline: float | None = None,
 ) -> None:
-    """Read the checkpoint's tensors (all, or ``names``) into the buffers ``dest`` gives."""
+    """Read the checkpoint's tensors (all, or ``names``) into the buffers ``dest`` gives
+    (``deadline``: see :func:`~._streams.read_targets`)."""
     check_tuning(max_buffer_bytes, parallelism)
     if ckpt.manifest is not None:
         by_name = {t.name: t for t in ckpt.tensors}
@@ -210,6 +223,7 @@ def read_checkpoint_into(
             parallelism=parallelism,
             progress=progress,
             directory_url=ckpt.url,  # where it was scanned, whatever its name now
+            deadline=deadline,
         )
         return
     fs, directory = filesystem(ckpt.url, storage_options)
@@ -241,4 +255,5 @@ def read_checkpoint_into(
         max_buffer_bytes=max_buffer_bytes,
         parallelism=parallelism,
         progress=Progress(sum(t.nbytes for t in chosen), progress),
+        deadline=deadline,
     )

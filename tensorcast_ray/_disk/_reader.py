@@ -161,6 +161,7 @@ def read_into(
     parallelism: int = 4,
     progress: Callable[[int, int], None] | None = None,
     directory_url: str | None = None,
+    deadline: float | None = None,
 ) -> None:
     """Read the tensors of ``manifest`` (all, or ``names``) into the buffers ``dest`` gives.
 
@@ -198,6 +199,7 @@ def read_into(
         max_buffer_bytes=max_buffer_bytes,
         parallelism=parallelism,
         progress=Progress(sum(t.nbytes for t in chosen), progress),
+        deadline=deadline,
     )
     if algo is None:
         return

@@ -19,6 +19,7 @@ Memory in flight is therefore ``parallelism * max_buffer_bytes`` at most, whatev
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ import fsspec
 
 from tensorcast_ray._disk._checksum import Checksum, to_hex
 from tensorcast_ray._disk._paths import is_local, map_os_error, open_read
-from tensorcast_ray._errors import DataLossError, InvalidArgumentError
+from tensorcast_ray._errors import DataLossError, DeadlineExceededError, InvalidArgumentError
 
-__all__ = ["Progress", "ReadTarget", "check_tuning", "read_targets"]
+__all__ = ["Progress", "ReadTarget", "check_deadline", "check_tuning", "read_targets"]
 
 _SMALL = 1 << 20  # parts below this are coalesced with their neighbours...
 _RUN_CAP = 4 << 20  # ...into ranged reads of at most this (and max_buffer_bytes)
@@ -43,6 +44,15 @@ def check_tuning(max_buffer_bytes: int, parallelism: int) -> None:
         )
     if not isinstance(parallelism, int) or parallelism < 1:
         raise InvalidArgumentError(f"parallelism must be an int >= 1, got {parallelism!r}")
+
+
+def check_deadline(deadline: float | None, doing: str) -> None:
+    """DeadlineExceededError once ``deadline`` (``time.monotonic()``) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceededError(
+            f"{doing}: the storage did not answer within the call's deadline; check that it "
+            "is reachable, or raise the verb's deadline (RetryPolicy.deadline_seconds)"
+        )
 
 
 class Progress:
@@ -139,8 +149,13 @@ def read_targets(
     max_buffer_bytes: int,
     parallelism: int,
     progress: Progress,
+    deadline: float | None = None,
 ) -> list[int]:
-    """Read every target; returns each target's computed checksum (0 when ``algo`` is None)."""
+    """Read every target; returns each target's computed checksum (0 when ``algo`` is None).
+
+    ``deadline`` (``time.monotonic()`` seconds) is checked before every ranged read, each at
+    most ``max_buffer_bytes``: a storage that stalls or crawls ends the read with
+    DeadlineExceededError instead of holding the caller forever."""
     jobs, counts = _plan(targets, max_buffer_bytes)
     part_crcs: list[list[int]] = [[0] * c for c in counts]
     local = threading.local()
@@ -160,6 +175,7 @@ def read_targets(
 
     def run(job: list[_Part]) -> None:
         label = targets[job[0].target].label
+        check_deadline(deadline, f"reading {label}")
         try:
             f = handle(targets[job[0].target].path)
             f.seek(job[0].offset)

@@ -18,6 +18,7 @@ from tensorcast_ray._disk._safetensors import MAX_DIMS, parse_header
 from tensorcast_ray._errors import (
     ArtifactError,
     DataLossError,
+    DeadlineExceededError,
     InvalidArgumentError,
     PermissionDeniedError,
 )
@@ -197,3 +198,42 @@ def test_float_offsets_never_import_misaligned_bytes(tmp_path: Path) -> None:
         scan_checkpoint(str(tmp_path))
     assert isinstance(info.value, DataLossError)
     assert "data_offsets" in info.value.message
+
+
+def _shards(directory: Path, count: int, nbytes: int) -> None:
+    for i in range(count):
+        data = bytes([i]) * nbytes
+        entry = {"dtype": "U8", "shape": [nbytes], "data_offsets": [0, nbytes]}
+        (directory / f"s{i}.safetensors").write_bytes(_file({f"t{i}": entry}, data))
+
+
+def test_a_storage_that_stalls_ends_the_read_at_the_deadline(tmp_path: Path) -> None:
+    # Three 2 MiB tensors read one ranged read at a time; the storage "stalls" after the first
+    # (the progress callback runs in the reading thread, so sleeping there delays the next read).
+    import time
+
+    _shards(tmp_path, 3, 2 << 20)
+    found = scan_checkpoint(str(tmp_path))
+    bufs = {t.name: bytearray(t.nbytes) for t in found.tensors}
+    deadline = time.monotonic() + 0.5
+
+    def stall(done: int, total: int) -> None:
+        time.sleep(0.6)
+
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        read_checkpoint_into(
+            found,
+            lambda t: memoryview(bufs[t.name]),
+            parallelism=1,
+            progress=stall,
+            deadline=deadline,
+        )
+
+
+def test_scan_past_its_deadline_is_deadline_exceeded(tmp_path: Path) -> None:
+    import time
+
+    _shards(tmp_path, 2, 16)
+    with pytest.raises(DeadlineExceededError):
+        scan_checkpoint(str(tmp_path), deadline=time.monotonic() - 1)
+    assert len(scan_checkpoint(str(tmp_path), deadline=time.monotonic() + 60).tensors) == 2
