@@ -12,9 +12,9 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import secrets
 import stat
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -118,7 +118,8 @@ class DaemonServer:
     async def _session(
         self, request: daemon_pb2.SessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[daemon_pb2.SessionEvent]:
-        session_id = "grpc-" + uuid.uuid4().hex[:12]
+        # 128 random bits: the id is what a gRPC request names to act in this session.
+        session_id = "grpc-" + secrets.token_hex(16)
         loop = asyncio.get_running_loop()
         try:  # from the first await: a client gone meanwhile must still close its session
             await loop.run_in_executor(

@@ -23,7 +23,11 @@ from typing import Any
 from google.protobuf.message import Message
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
-from tensorcast_ray._errors import FailedPreconditionError, UnimplementedError
+from tensorcast_ray._errors import (
+    FailedPreconditionError,
+    PermissionDeniedError,
+    UnimplementedError,
+)
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
 from tensorcast_ray._version import PROTOCOL_VERSION, __version__
 
@@ -120,11 +124,28 @@ class DaemonService:
 
     # ---- dispatch -------------------------------------------------------------------
     def handle(self, method: str, request: Any, session_id: str) -> Message:
+        """Run ``method``; ``session_id`` is the local connection's session ("" over gRPC,
+        where a request names its ``Session`` stream's id instead)."""
         with self.metrics.observe_rpc(method):
             fn = getattr(self, f"rpc_{method}", None) or getattr(self.store, f"rpc_{method}", None)
             if fn is None:
                 raise UnimplementedError(f"{method} is not implemented by this daemon")
+            if not session_id:
+                self._check_named_session(getattr(request, "session_id", ""))
             return fn(request, session_id)
+
+    def _check_named_session(self, named: str) -> None:
+        """A gRPC request may act only in a gRPC session: a local connection's session (its
+        staged segments, buffers, writes) belongs to that connection alone."""
+        if not named:
+            return
+        with self._lock:
+            session = self._sessions.get(named)
+        if session is not None and session.transport != "grpc":
+            raise PermissionDeniedError(
+                f"session {named[:16]}... is a local-socket connection's; a gRPC request may "
+                "only name the id its own Session stream returned"
+            )
 
     # ---- control methods ---------------------------------------------------------------
     def rpc_Health(self, request: Any, session_id: str) -> common_pb2.HealthResponse:

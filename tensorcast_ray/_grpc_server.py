@@ -54,6 +54,17 @@ def bind_preferring(bind: Callable[[int], int], port: int, what: str) -> int:
         return bound
 
 
+#: Clients ping every 10 s to keep their ``Session`` stream (their leases) alive through idle
+#: periods; the server's defaults (a ping at most every 5 min without data, 2 strikes) would
+#: answer GOAWAY ``too_many_pings`` and end the stream, and with it the client's leases.
+_SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
 class AioServerThread:
     """[daemon, Global Store] A grpc.aio server running on its own event-loop thread."""
 
@@ -75,9 +86,7 @@ class AioServerThread:
         with ``credentials``, else in plaintext."""
 
         async def _start() -> int:
-            server = grpc.aio.server(
-                interceptors=[TokenCheck(token)], options=[("grpc.so_reuseport", 0)]
-            )
+            server = grpc.aio.server(interceptors=[TokenCheck(token)], options=_SERVER_OPTIONS)
             server.add_generic_rpc_handlers(handlers)
             if credentials is not None:
                 bound = server.add_secure_port(f"{host}:{port}", credentials)

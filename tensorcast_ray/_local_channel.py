@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import struct
 import threading
@@ -279,7 +280,9 @@ class LocalChannelServer:
                 return
             with self._lock:
                 self._counter += 1
-                conn_id = f"local-{self._counter}"
+                # Unguessable: the id names the connection's session and its leases inside
+                # the daemon, and no other client may name it (it is never sent out).
+                conn_id = f"local-{self._counter}-{secrets.token_hex(16)}"
                 self._conns[conn_id] = conn
             threading.Thread(
                 target=self._serve, args=(conn, conn_id), name=f"tc-{conn_id}", daemon=True

@@ -478,3 +478,31 @@ def test_every_endpoint_binds_loopback_by_default() -> None:
     configs = [DaemonConfig(), GlobalStoreConfig(), load_daemon_config(env=packaged)]
     for config in [*configs, load_global_store_config(env=packaged)]:
         assert config.listen_host == config.metrics_host == "127.0.0.1"
+
+
+def test_a_grpc_request_cannot_act_in_a_local_connections_session(
+    daemon: Daemon, owner: DaemonClient
+) -> None:
+    """A token holder over gRPC names a local connection's session: its staged segments,
+    buffers and writes are that connection's alone (the old code let a LeaseSegments naming
+    it unlink the connection's staged segments, and a BeginWrite be charged to it)."""
+    local = DaemonClient(daemon.address, token=TOKEN)
+    try:
+        assert local.transport == "local"
+        (sid,) = [s for s in daemon.service._sessions if s.startswith("local-")]
+        assert len(sid) > len("local-1-") + 16, "a local session id must not be guessable"
+        used = daemon.used()
+        for request in (
+            daemon_pb2.LeaseSegmentsRequest(session_id=sid, count=0),
+            begin_request(sid),
+        ):
+            with pytest.raises(PermissionDeniedError, match="local-socket connection"):
+                owner.call(type(request).__name__.removesuffix("Request"), request, 10)
+        assert not daemon.store._leases.pending and daemon.used() == used
+    finally:
+        local.close()
+
+
+def test_grpc_session_ids_are_128_bit_random(owner: DaemonClient) -> None:
+    sid = owner.session_hint
+    assert sid.startswith("grpc-") and len(sid) == len("grpc-") + 32
