@@ -4,6 +4,11 @@ Each entry names the module and class of one transport and the extra that instal
 needs, so importing ``tensorcast_ray`` never needs CUDA, cupy or NCCL, and a missing piece
 says what to install (fsspec's registry does the same for file systems).  An entry is added
 when its transport is built and passes :mod:`tensorcast_ray.testing`'s conformance suite.
+
+Today the only transport is ``shm``, which needs nothing optional, so the read cache, the
+write pipeline and the daemon import :class:`~._transport.shm.ShmTransport` directly; the
+registry is how code picks a transport by name (the conformance tests, and the ordered
+fallback once a second transport exists).
 """
 
 from __future__ import annotations
