@@ -30,7 +30,6 @@ from typing import Any
 
 from tensorcast_ray._errors import ArtifactError
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
-from tensorcast_ray._shm import map_segment
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +181,12 @@ class Stager:
             )
             response = self._call("LeaseSegments", request)
             for s in response.segments:
-                mapping = map_segment(response.shm_dir, s.name, s.size, writable=True)
+                from tensorcast_ray._transport.shm import ShmTransport
+
+                # The whole segment is about to be written: fill its page table now.
+                mapping = ShmTransport(response.shm_dir).map_for_write(
+                    (s.name, s.size), prefault=True
+                )
                 staged.append(Staged(s.name, s.size, mapping))
         except ArtifactError as exc:
             logger.info("write staging unavailable: %s", exc)
