@@ -22,7 +22,7 @@ One put, step by step (the shell's part in brackets):
 2. ``place_segments(write_id, segments, trims)``: the write's segments, or False when it was
    aborted meanwhile (its session ended, a retry replaced it).  [the shell unlinks the fresh
    segments it took]
-3. [the shell allocates a validity slot] ``commit_write(write_id, slot, generation)``
+3. [the shell allocates a validity slot] ``commit_write(write_id, slot, generation, now_ms)``
    publishes the key; larger-than-used segments go on the trim list.  [journal the artifact]
 
 Or ``abort_write(write_id)``: the claimed staged segments go back to the session whole (the
@@ -240,6 +240,8 @@ class LeaseTable:
         self.catalog = Catalog()
         self.index = LocalIndex(capacity_bytes)
         self.artifacts: dict[str, Artifact] = {}
+        # Validity slot -> its published artifact: cached reads arrive stamped by slot.
+        self.by_slot: dict[int, str] = {}
         self.pending: dict[str, PendingWrite] = {}
         self.buffers: dict[str, Buffer] = {}
         self.sessions: dict[str, int] = {}  # session id -> its process id
@@ -438,16 +440,18 @@ class LeaseTable:
             )
         return pending
 
-    def commit_write(self, write_id: str, epoch_slot: int, generation: int) -> Artifact:
+    def commit_write(
+        self, write_id: str, epoch_slot: int, generation: int, now_ms: int
+    ) -> Artifact:
         """Publish a started write under the validity slot the shell allocated for it."""
         pending = self.pending_write(write_id)
         del self.pending[write_id]
         artifact = pending.artifact
         self.index.release(artifact.artifact_id)
+        # Its TTL runs from publication: a copy slower than the TTL must not expire at once.
+        self.index.touch(artifact.artifact_id, now_ms)
         self._trims.extend(pending.trims)
-        artifact.epoch_slot, artifact.generation = epoch_slot, generation
-        self.catalog.commit(artifact.key)
-        self.artifacts[artifact.artifact_id] = artifact
+        self._publish(artifact, epoch_slot, generation)
         return artifact
 
     def abort_write(self, write_id: str) -> Actions:
@@ -571,9 +575,14 @@ class LeaseTable:
         return ", ".join(keys) or "another version"
 
     def commit_registered(self, artifact: Artifact, epoch_slot: int, generation: int) -> None:
+        # Not in the index (its tc.empty buffers hold the bytes), so no access to stamp.
+        self._publish(artifact, epoch_slot, generation)
+
+    def _publish(self, artifact: Artifact, epoch_slot: int, generation: int) -> None:
         artifact.epoch_slot, artifact.generation = epoch_slot, generation
         self.catalog.commit(artifact.key)
         self.artifacts[artifact.artifact_id] = artifact
+        self.by_slot[epoch_slot] = artifact.artifact_id
 
     # ---- reads and deletes ----------------------------------------------------------------
     def lookup(self, key: str, artifact_id: str, now_ms: int) -> Artifact:
@@ -639,6 +648,8 @@ class LeaseTable:
         artifact = self.artifacts.pop(artifact_id, None)
         if artifact is None:
             return
+        if self.by_slot.get(artifact.epoch_slot) == artifact_id:
+            del self.by_slot[artifact.epoch_slot]
         self.catalog.remove_artifact(artifact_id)
         self.index.remove(artifact_id)
         actions.freed.append(Freed(artifact_id, artifact.key, artifact.epoch_slot, reason))
@@ -686,6 +697,7 @@ class LeaseTable:
         self.catalog.reserve(artifact.key, artifact.artifact_id)
         self.catalog.commit(artifact.key)
         self.artifacts[artifact.artifact_id] = artifact
+        self.by_slot[artifact.epoch_slot] = artifact.artifact_id
         for buffer_id in artifact.buffers:
             if buffer_id in self.buffers:
                 self.buffers[buffer_id].refs += 1
@@ -703,6 +715,7 @@ class LeaseTable:
     def clear(self) -> None:
         """Forget everything (a clean stop: the shell unlinked ``live_segments`` first)."""
         self.artifacts.clear()
+        self.by_slot.clear()
         self.pending.clear()
         self.buffers.clear()
         self.staged.clear()

@@ -198,7 +198,7 @@ class LocalStore:
         classes = [self._shm.staging_size(size) for size in segment_sizes]
         with self._lock:  # one block: a retry's check, the reservation and the claim
             start = time.perf_counter()
-            self._count_cached_reads(now)  # eviction must see reads served from caches
+            self._count_reads_if_evicting(artifact.nbytes, now)
             outcome = self._leases.begin_write(
                 artifact,
                 policy,
@@ -319,7 +319,7 @@ class LocalStore:
         with self._lock:
             self._leases.pending_write(request.write_id)  # unknown: refused before a slot
             slot, generation = self._epochs.alloc()
-            artifact = self._leases.commit_write(request.write_id, slot, generation)
+            artifact = self._leases.commit_write(request.write_id, slot, generation, self._now_ms())
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
             self._update_gauges(leases=artifact.kind == "register")
@@ -406,7 +406,6 @@ class LocalStore:
                 owner_host=self.hostname,
                 expires_at_ms=now + request.ttl_ms if request.ttl_ms > 0 else 0,
             )
-            self._count_cached_reads(now)
             outcome = self._leases.register_buffers(artifact, tensors, policy)
             self._apply(outcome.actions)
             if outcome.error is not None:
@@ -504,14 +503,19 @@ class LocalStore:
     def _count_cached_reads(self, now_ms: int) -> None:
         """Touch (sliding TTL, LRU order) the artifacts SDK processes read from their caches
         since the last call, as stamped in the epoch table's reads file (under the lock)."""
-        slots = self._epochs.read_slots()
-        if not slots:
-            return
-        by_slot = {a.epoch_slot: a.artifact_id for a in self._leases.artifacts.values()}
-        for slot in slots:
+        by_slot = self._leases.by_slot
+        for slot in self._epochs.read_slots():
             artifact_id = by_slot.get(slot)
             if artifact_id is not None:
                 self._leases.index.touch(artifact_id, now_ms)
+
+    def _count_reads_if_evicting(self, nbytes: int, now_ms: int) -> None:
+        """Before an admission: eviction must see reads served from caches, but comparing the
+        reads file costs every put; only an admission that may evict pays it (tick does the
+        rest)."""
+        index = self._leases.index
+        if index.used + nbytes > index.capacity:
+            self._count_cached_reads(now_ms)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

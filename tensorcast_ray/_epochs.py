@@ -28,6 +28,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import stat
 import sys
 import time
 
@@ -51,7 +52,8 @@ class EpochTable:
         self.shm_dir, self.name, self.slots = shm_dir, name, slots
         path = os.path.join(shm_dir, name)
         size = slots * _SLOT
-        if adopt and os.path.exists(path) and os.path.getsize(path) == size:
+        adopt = adopt and os.path.exists(path) and os.path.getsize(path) == size
+        if adopt:
             fd = os.open(path, os.O_RDWR)
         else:
             if os.path.exists(path):
@@ -64,18 +66,11 @@ class EpochTable:
         finally:
             os.close(fd)
         self._view = memoryview(self._map).cast("Q")
-        # Stamps of a previous instance mean nothing to this one: the reads file starts empty.
         self.reads_name = reads_name(name)
-        reads_path = os.path.join(shm_dir, self.reads_name)
-        if os.path.exists(reads_path):
-            os.unlink(reads_path)
-        fd = os.open(reads_path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            self._reads = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        self._reads_seen = bytes(size)
+        self._reads = _open_reads(os.path.join(shm_dir, self.reads_name), size, adopt=adopt)
+        # An adopted file's stamps were counted (or lost) by the previous instance; what SDK
+        # processes stamp from now on is what counts.
+        self._reads_seen = self._reads[:]
         live = [i for i in range(slots) if self._view[i]]
         # Generations only grow within a table; a new table starts at a random point.
         self._next_gen = max((self._view[i] for i in live), default=secrets.randbits(62)) + 1
@@ -145,6 +140,32 @@ class EpochTable:
                     os.unlink(os.path.join(self.shm_dir, name))
                 except FileNotFoundError:
                     pass
+
+
+def _open_reads(path: str, size: int, *, adopt: bool) -> mmap.mmap:
+    """The reads file: an adopted table keeps its own, since SDK processes that only hit
+    their caches never re-attach and keep stamping the file they mapped; any other table
+    starts a fresh one."""
+    if adopt:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_size == size:
+                    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
 
 
 def _invalidate(path: str) -> None:

@@ -27,6 +27,7 @@ It logs to the daemon's stderr it inherits: the daemon worker's log in Ray's log
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -89,7 +90,21 @@ class Guardian:
 
 def reap(shm_dir: str, prefix: str, socket_dir: str, daemon_pid: int) -> tuple[list[str], int]:
     """Remove ``prefix`` unless a successor claimed it; returns (names removed, bytes)."""
-    with claim_lock(socket_dir):
+    with contextlib.ExitStack() as lock:
+        try:
+            # Someone removed the socket dir: recreate it, so a daemon starting now (which
+            # creates it too) still claims under the same lock.
+            os.makedirs(socket_dir, mode=0o700, exist_ok=True)
+            lock.enter_context(claim_lock(socket_dir))
+        except OSError as exc:
+            # A daemon claims only under a private directory it can lock, so none can
+            # claim this prefix now; leaving the files would leave the shared memory.
+            logger.warning(
+                "%s: cannot lock socket_dir %s (%s); removing the prefix without the lock",
+                prefix,
+                socket_dir,
+                exc,
+            )
         owner = read_owner(shm_dir, prefix) or {}
         pid = owner.get("pid")
         if isinstance(pid, int) and pid != daemon_pid and pid_alive(pid):

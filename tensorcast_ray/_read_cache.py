@@ -155,6 +155,8 @@ class ReadCache:
         self._lock = threading.Lock()
         self._by_id: dict[str, CachedArtifact] = {}
         self._by_key: dict[str, str] = {}
+        # The reverse of _by_key, so dropping an artifact costs its own keys, not all keys.
+        self._keys_of: dict[str, set[str]] = {}
         self._epochs: EpochReader | None = None
         self._instance = ""
         self._sweeper: threading.Thread | None = None
@@ -164,10 +166,7 @@ class ReadCache:
         was stopped and started again) has a new table: forget everything cached."""
         with self._lock:
             if self._epochs is not None and instance != self._instance:
-                # Not closed here: another thread may be reading it; it unmaps when dropped.
-                self._by_id.clear()
-                self._by_key.clear()
-                self._epochs = None
+                self._forget_all()
             if name and self._epochs is None:
                 try:
                     self._epochs = EpochReader(shm_dir, name, slots)
@@ -204,10 +203,9 @@ class ReadCache:
 
     def admit(self, info: daemon_pb2.ArtifactInfo) -> CachedArtifact:
         with self._lock:
-            self._sweep()
             entry = self._by_id.get(info.artifact_id)
             if entry is not None:
-                self._by_key[info.key] = info.artifact_id
+                self._add_key(info.key, info.artifact_id)
                 return entry
         # Decoded and mapped outside the lock: a cold get of 20,000 tensors must not hold up
         # other threads' cache hits. (The transport loads on first use, not with the package.)
@@ -219,7 +217,7 @@ class ReadCache:
         entry = CachedArtifact(info, cols, transport, maps)
         with self._lock:
             entry = self._by_id.setdefault(info.artifact_id, entry)
-            self._by_key[info.key] = info.artifact_id
+            self._add_key(info.key, info.artifact_id)
             if self._sweeper is None:
                 self._sweeper = threading.Thread(
                     target=self._sweep_while_caching, name="tensorcast-read-cache", daemon=True
@@ -228,8 +226,9 @@ class ReadCache:
             return entry
 
     def _sweep_while_caching(self) -> None:
-        """[SDK, background] Sweep every SWEEP_S while anything is cached; a later admit
-        starts the thread again, so a process that stopped reading holds no thread."""
+        """[SDK, background] Sweep every SWEEP_S while anything is cached (admit does not
+        sweep: a get must not pay for the whole cache). The thread ends once nothing is
+        cached, and a later admit starts it again."""
         while True:
             time.sleep(SWEEP_S)  # a timer, not a wait for state
             with self._lock:
@@ -249,14 +248,26 @@ class ReadCache:
         entry = self._by_id.pop(artifact_id, None)
         if entry is None:
             return
-        self._by_key = {k: v for k, v in self._by_key.items() if v != artifact_id}
+        for key in self._keys_of.pop(artifact_id, ()):
+            del self._by_key[key]
         # Mappings are not closed here: tensors handed out may still use them; they are
         # unmapped when the last tensor (holding a buffer export) is garbage collected.
 
+    def _add_key(self, key: str, artifact_id: str) -> None:
+        previous = self._by_key.get(key)
+        if previous is not None and previous != artifact_id:
+            self._keys_of[previous].discard(key)
+        self._by_key[key] = artifact_id
+        self._keys_of.setdefault(artifact_id, set()).add(key)
+
+    def _forget_all(self) -> None:
+        # The reader is not closed: another thread may be inside valid() or check_read()
+        # with it; it unmaps when the last reference goes.
+        self._by_id.clear()
+        self._by_key.clear()
+        self._keys_of.clear()
+        self._epochs = None
+
     def clear(self) -> None:
         with self._lock:
-            self._by_id.clear()
-            self._by_key.clear()
-            if self._epochs is not None:
-                self._epochs.close()
-                self._epochs = None
+            self._forget_all()

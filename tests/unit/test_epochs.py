@@ -235,3 +235,55 @@ def test_read_cache_forgets_everything_when_the_daemon_instance_changes(tmp_path
     finally:
         cache.clear()
         t.close(unlink=True)
+
+
+def _info(tmp_path: Path, artifact_id: str, key: str, slot: int, gen: int):  # type: ignore[no-untyped-def]
+    from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+    return daemon_pb2.ArtifactInfo(
+        artifact_id=artifact_id, key=key, epoch_slot=slot, generation=gen, shm_dir=str(tmp_path)
+    )
+
+
+def test_read_cache_clear_leaves_a_reader_in_use_working(tmp_path: Path) -> None:
+    """Another thread may be inside valid() or check_read() with the reader clear() drops."""
+    from tensorcast_ray._read_cache import ReadCache
+
+    t = EpochTable(str(tmp_path), "epochs", SLOTS)
+    slot, gen = t.alloc()
+    cache = ReadCache()
+    try:
+        cache.attach_epochs(str(tmp_path), "epochs", SLOTS, "instance-a")
+        in_use = cache._epochs
+        assert in_use is not None
+        cache.clear()
+        assert in_use.valid(slot, gen), "the dropped reader still answers"
+        in_use.mark_read(slot)
+        assert not cache.valid(_info(tmp_path, "a1", "k:v1", slot, gen)), "nothing attached"
+    finally:
+        t.close(unlink=True)
+
+
+def test_read_cache_drops_one_artifact_and_keeps_the_others_keys(tmp_path: Path) -> None:
+    from tensorcast_ray._read_cache import ReadCache
+
+    t = EpochTable(str(tmp_path), "epochs", SLOTS)
+    (sa, ga), (sb, gb) = t.alloc(), t.alloc()
+    cache = ReadCache()
+    try:
+        cache.attach_epochs(str(tmp_path), "epochs", SLOTS, "instance-a")
+        cache.admit(_info(tmp_path, "a1", "a:v1", sa, ga))
+        cache.admit(_info(tmp_path, "b1", "b:v1", sb, gb))
+        cache.admit(_info(tmp_path, "b1", "b:latest-alias", sb, gb))
+        t.free(sa)
+        cache.admit(_info(tmp_path, "b1", "b:v1", sb, gb))
+        assert "a1" in cache._by_id, "admit does not sweep the whole cache; the sweeper does"
+        assert cache.lookup_key("a:v1") is None, "a lookup sees the freed slot"
+        assert cache.lookup_key("a:v1") is None
+        t.free(sb)
+        assert cache.lookup_key("b:v1") is None
+        assert cache.lookup_key("b:latest-alias") is None, "every key of the dropped id goes"
+        assert cache._by_key == {} and cache._keys_of == {}
+    finally:
+        cache.clear()
+        t.close(unlink=True)

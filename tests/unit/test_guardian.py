@@ -319,3 +319,30 @@ def put(store: LocalStore, key: str) -> None:
             with mmap.mmap(f.fileno(), seg.size) as m:
                 m[:] = b"\x07" * seg.size
     store.rpc_CommitWrite(daemon_pb2.CommitWriteRequest(write_id=started.write_id), "")
+
+
+def test_reap_recreates_a_removed_socket_dir_and_removes_the_prefix(
+    dirs: tuple[Path, Path],
+) -> None:
+    shm, sock = dirs
+    files = [p for p in make_prefix(shm, sock) if p.parent == shm]
+    for p in sock.iterdir():
+        p.unlink()
+    sock.rmdir()
+    removed, _ = reap(str(shm), PREFIX, str(sock), daemon_pid=10)
+    assert sorted(removed) == sorted(p.name for p in files)
+    assert sock.is_dir() and not sock.stat().st_mode & 0o077, "recreated private"
+
+
+def test_reap_without_a_lockable_socket_dir_still_removes_the_prefix(
+    dirs: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    shm, sock = dirs
+    files = [p for p in make_prefix(shm, sock) if p.parent == shm]
+    for p in sock.iterdir():
+        p.unlink()
+    sock.rmdir()
+    sock.write_bytes(b"")  # not a directory: no daemon can claim under it either
+    removed, _ = reap(str(shm), PREFIX, str(sock), daemon_pid=10)
+    assert sorted(removed) == sorted(p.name for p in files)
+    assert "without the lock" in caplog.text

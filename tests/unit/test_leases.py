@@ -81,7 +81,7 @@ def put(table: LeaseTable, key: str, nbytes: int = MiB, *, slot: int = 0, **kw: 
     out = begin(table, key, nbytes, **kw)
     assert out.error is None and out.pending is not None
     assert table.place_segments(out.pending.write_id, [(f"seg-{key}", nbytes)], [])
-    return table.commit_write(out.pending.write_id, slot, 1)
+    return table.commit_write(out.pending.write_id, slot, 1, 0)
 
 
 def test_a_put_is_reserved_then_published_on_commit(table: LeaseTable) -> None:
@@ -92,7 +92,7 @@ def test_a_put_is_reserved_then_published_on_commit(table: LeaseTable) -> None:
     with pytest.raises(AlreadyExistsError):
         table.catalog.reserve("a:v1", "other")
     assert table.place_segments("w-a:v1", [("seg", MiB)], [("seg", MiB)])
-    committed = table.commit_write("w-a:v1", 3, 7)
+    committed = table.commit_write("w-a:v1", 3, 7, 0)
     assert (committed.epoch_slot, committed.generation) == (3, 7)
     assert table.catalog.exists("a:v1") and table.pending == {}
     assert table.take_trims() == [("seg", MiB)] and table.take_trims() == []
@@ -101,7 +101,7 @@ def test_a_put_is_reserved_then_published_on_commit(table: LeaseTable) -> None:
 
 def test_commit_of_an_unknown_write_is_failed_precondition(table: LeaseTable) -> None:
     with pytest.raises(FailedPreconditionError, match="start the put again"):
-        table.commit_write("nope", 0, 1)
+        table.commit_write("nope", 0, 1, 0)
 
 
 def test_abort_gives_claimed_staged_segments_back_and_unlinks_the_rest(table: LeaseTable) -> None:
@@ -331,7 +331,7 @@ def test_an_uncommitted_write_is_aborted_at_its_deadline(table: LeaseTable) -> N
     assert table.pending == {} and table.index.stats().used == 0, "capacity returned"
     assert not table.catalog.exists("late:v1")
     with pytest.raises(FailedPreconditionError, match="write_timeout_s"):
-        table.commit_write("w-late:v1", 0, 1)
+        table.commit_write("w-late:v1", 0, 1, 0)
     assert put(table, "late:v1").key == "late:v1", "the version is free again"
 
 
@@ -400,3 +400,23 @@ def test_records_round_trip_and_sessions_do_not_survive() -> None:
     buf = Buffer("buf-1", ("s", MiB), "s1", 5, refs=2)
     back = Buffer.from_record(buf.to_record())
     assert back == Buffer("buf-1", ("s", MiB), "", 5, refs=0)
+
+
+def test_a_ttl_put_slower_than_its_ttl_lives_a_ttl_after_its_commit(table: LeaseTable) -> None:
+    ttl = resolve_policy(
+        StorePolicy(should=[TierSpec("stable_dram", retention_policy="ttl", retention_ttl_ms=100)])
+    )
+    out = begin(table, "slow:v1", policy=ttl, now_ms=0)
+    assert out.pending is not None
+    assert table.place_segments("w-slow:v1", [("seg", MiB)], [])
+    table.commit_write("w-slow:v1", 0, 1, 500)  # the copy took 5 TTLs
+    assert table.expire(550, set()).freed == [], "the TTL runs from the commit"
+    assert [f.key for f in table.expire(600, set()).freed] == ["slow:v1"]
+
+
+def test_the_slot_map_follows_commits_and_frees(table: LeaseTable) -> None:
+    a = put(table, "a:v1", slot=4)
+    put(table, "b:v1", slot=9)
+    assert table.by_slot == {4: a.artifact_id, 9: "id-b:v1"}
+    table.delete("a:v1")
+    assert table.by_slot == {9: "id-b:v1"}

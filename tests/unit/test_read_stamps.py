@@ -65,3 +65,54 @@ def _list():  # type: ignore[no-untyped-def]
     from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 
     return daemon_pb2.ListKeysRequest()
+
+
+def test_an_adopted_table_keeps_the_reads_file_readers_still_map(tmp_path: Path) -> None:
+    """A daemon restart: an SDK process serving only cache hits never re-attaches, so its
+    stamps must land in the file the new instance reads."""
+    first = EpochTable(str(tmp_path), "t-epochs", 64)
+    slot, _ = first.alloc()
+    reader = EpochReader(str(tmp_path), "t-epochs", 64)
+    try:
+        reader.mark_read(slot)
+        first.close(unlink=False)
+        second = EpochTable(str(tmp_path), "t-epochs", 64, adopt=True)
+        try:
+            assert second.read_slots() == [], "stamps from before the restart are not news"
+            reader.mark_read(slot)
+            assert second.read_slots() == [slot]
+        finally:
+            second.close(unlink=True)
+    finally:
+        reader.close()
+
+
+def test_a_reads_file_of_the_wrong_size_is_replaced_on_adopt(tmp_path: Path) -> None:
+    first = EpochTable(str(tmp_path), "t-epochs", 64)
+    first.close(unlink=False)
+    os.truncate(tmp_path / "t-epochs.reads", 8)
+    second = EpochTable(str(tmp_path), "t-epochs", 64, adopt=True)
+    reader = EpochReader(str(tmp_path), "t-epochs", 64)
+    try:
+        assert os.path.getsize(tmp_path / "t-epochs.reads") == 64 * 8
+        reader.mark_read(63)
+        assert second.read_slots() == [63]
+    finally:
+        reader.close()
+        second.close(unlink=True)
+
+
+def test_a_put_that_fits_leaves_the_reads_file_to_the_tick(small: LocalStore) -> None:
+    """Comparing the reads file costs every put; only an admission that may evict pays it."""
+    write(small, begin(small, "a:v1", MiB, []), 1)
+    slot = small.rpc_Lookup(_lookup("a:v1"), "").epoch_slot
+    reader = EpochReader(small.shm_dir, small.epoch_segment, small.epoch_slots)
+    try:
+        reader.mark_read(slot)
+        write(small, begin(small, "b:v1", MiB, []), 2)  # 2 of 3 MiB: nothing to evict
+        assert small._epochs.read_slots() == [slot], "the put did not consume the stamp"
+        reader.mark_read(slot)
+        small.tick()
+        assert small._epochs.read_slots() == [], "the tick counts it"
+    finally:
+        reader.close()
