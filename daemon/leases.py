@@ -146,6 +146,8 @@ class Buffer:
     pid: int
     refs: int = 0  # register artifacts over it
     owner_key: str = ""  # as Artifact.owner_key
+    # Its process dropped its last tensor over it (ReleaseBuffers): freed once refs is 0.
+    released: bool = False
 
     def to_record(self) -> dict[str, Any]:
         return _record(self)
@@ -531,6 +533,13 @@ class LeaseTable:
                         "owned by a process that exited); allocate with tc.empty() in this "
                         "process"
                     )
+                if buf.session_id != artifact.owner_session:
+                    # Another process's buffer: its end would free the bytes under this lease.
+                    raise FailedPreconditionError(
+                        f"tensor {t.name!r}: buffer {t.buffer_id} belongs to another session; "
+                        "a register may use only tc.empty buffers of its own process: put a "
+                        "copy (tc.put) instead"
+                    )
                 expected = itemsize(t.dtype) * _numel(t.shape)
                 if t.offset < 0 or t.nbytes != expected or t.offset + t.nbytes > buf.segment[1]:
                     raise InvalidArgumentError(
@@ -569,6 +578,29 @@ class LeaseTable:
         for buffer_id in used:
             self.buffers[buffer_id].refs += 1
         return out
+
+    def release_buffers(
+        self, buffer_ids: Sequence[str], session_id: str
+    ) -> tuple[Actions, list[Buffer]]:
+        """The session's process dropped its last tensor over these buffers: free each one
+        no live version is registered over; the others (returned, to journal as released)
+        are freed with the last version over them. Ids already freed are skipped; a buffer
+        of another session is refused, and then nothing is released."""
+        bufs = [self.buffers[b] for b in dict.fromkeys(buffer_ids) if b in self.buffers]
+        for buf in bufs:
+            if buf.session_id != session_id or not session_id:
+                raise FailedPreconditionError(
+                    f"buffer {buf.buffer_id} belongs to another session; only the process "
+                    "that allocated a tc.empty buffer may release it"
+                )
+        actions, held = Actions(), []
+        for buf in bufs:
+            buf.released = True
+            if buf.refs:
+                held.append(buf)
+            else:
+                self._free_buffer(buf.buffer_id, actions)
+        return actions, held
 
     def _registered_over(self, buffer_id: str) -> str:
         keys = sorted(a.key for a in self.artifacts.values() if buffer_id in a.buffers)
@@ -658,6 +690,8 @@ class LeaseTable:
                 buf = self.buffers.get(buffer_id)
                 if buf is not None:
                     buf.refs -= 1
+                    if buf.released and not buf.refs:  # its process no longer maps it
+                        self._free_buffer(buffer_id, actions)
         else:
             actions.unlink.extend(artifact.segments)
 
@@ -667,6 +701,9 @@ class LeaseTable:
             self.index.remove(buffer_id)
             actions.unlink.append(buf.segment)
             actions.dropped_buffers.append(buffer_id)
+            # No version may outlive the file that holds its bytes.
+            for artifact in [a for a in self.artifacts.values() if buffer_id in a.buffers]:
+                self._free_artifact(artifact.artifact_id, "its tc.empty buffer was freed", actions)
 
     # ---- restart recovery -----------------------------------------------------------------
     def adopt_buffer(self, buf: Buffer, now_ms: int) -> None:

@@ -419,6 +419,19 @@ class LocalStore:
             self._update_gauges(leases=True)
         return _result(artifact)
 
+    def rpc_ReleaseBuffers(
+        self, request: daemon_pb2.ReleaseBuffersRequest, session_id: str
+    ) -> daemon_pb2.ReleaseBuffersResponse:
+        sid = self._session(request.session_id, session_id)
+        with self._lock:
+            actions, held = self._leases.release_buffers(list(request.buffer_ids), sid)
+            self._apply(actions)
+            if self._journal is not None:
+                for buf in held:  # a restart must still free it with its last version
+                    self._journal.add_buffer(buf.to_record())
+            self._update_gauges(leases=True)
+        return daemon_pb2.ReleaseBuffersResponse()
+
     # ---- reads ------------------------------------------------------------------------
     def rpc_Lookup(
         self, request: daemon_pb2.LookupRequest, session_id: str

@@ -11,11 +11,12 @@ address is re-resolved through Ray).
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from tensorcast_ray import _bootstrap
 from tensorcast_ray._artifact import Artifact, _check_device
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._errors import (
+    ArtifactError,
     FailedPreconditionError,
     InvalidArgumentError,
     UnimplementedError,
@@ -32,13 +34,13 @@ from tensorcast_ray._policy import StorePolicy
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 from tensorcast_ray._read_cache import ReadCache
 from tensorcast_ray._retry import Retrier, RetryPolicy
-from tensorcast_ray._shm import map_segment
 from tensorcast_ray._write import PutResult, write
 
 if TYPE_CHECKING:
     import torch
 
 SOURCES = ("auto", "local_only", "remote", "disk")
+_RELEASE_TIMEOUT_S = 2.0  # a best-effort call made ahead of a verb: never held up long
 
 
 @dataclass(frozen=True)
@@ -73,21 +75,34 @@ class _BufferRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buffers: dict[str, _Buffer] = {}
+        # Buffers whose mapping is gone, for the daemon to free (take_released). Appended by
+        # the finalizer, which may run inside any code (a GC pass): a deque append and a
+        # dict pop take no lock, so it can never deadlock or call out.
+        self._released: collections.deque[str] = collections.deque()
 
     def add(self, buf: _Buffer, mapping: Any) -> None:
         """Track ``buf`` while ``mapping`` lives: once every tensor over it is gone the
-        address range may be reused by another mapping, which must not match this buffer."""
+        address range may be reused by another mapping, which must not match this buffer,
+        and the daemon may free the buffer (once no version is registered over it)."""
         with self._lock:
             self._buffers[buf.buffer_id] = buf
-        weakref.finalize(mapping, self.remove, buf.buffer_id)
+        weakref.finalize(mapping, self._unmapped, buf.buffer_id)
 
-    def remove(self, buffer_id: str) -> None:
-        with self._lock:
-            self._buffers.pop(buffer_id, None)
+    def _unmapped(self, buffer_id: str) -> None:
+        self._buffers.pop(buffer_id, None)
+        self._released.append(buffer_id)
+
+    def take_released(self) -> list[str]:
+        """The buffers unmapped since the last call, to send in one ReleaseBuffers."""
+        taken = []
+        while self._released:
+            taken.append(self._released.popleft())
+        return taken
 
     def clear(self) -> None:
         with self._lock:
             self._buffers.clear()
+            self._released.clear()  # the session that owned them ended: the daemon freed them
 
     def find(self, tensor: Any) -> tuple[str, int] | None:
         """``(buffer_id, offset)`` when ``tensor``'s bytes lie inside one tc.empty buffer."""
@@ -95,7 +110,7 @@ class _BufferRegistry:
             return None
         ptr, nbytes = tensor.data_ptr(), tensor.numel() * tensor.element_size()
         with self._lock:
-            for buf in self._buffers.values():
+            for buf in list(self._buffers.values()):  # the finalizer pops without the lock
                 if buf.start <= ptr and ptr + nbytes <= buf.start + buf.nbytes:
                     return buf.buffer_id, ptr - buf.start
         return None
@@ -154,8 +169,20 @@ class Store:
     def _verb(self, verb: str) -> Iterator[None]:
         from tensorcast_ray._tracing import span
 
+        self._release_buffers()
         with get_sdk_metrics().observe(verb), span(verb):
             yield
+
+    def _release_buffers(self) -> None:
+        """Tell the daemon which tc.empty buffers this process no longer maps, so a loop
+        that publishes each step from a fresh buffer does not keep every old one. Best
+        effort: if the call fails the buffers are freed when this process's session ends."""
+        released = self._buffers.take_released()
+        if not released:
+            return
+        request = daemon_pb2.ReleaseBuffersRequest(buffer_ids=released)
+        with suppress(ArtifactError):
+            self._call_in_session("ReleaseBuffers", request, _RELEASE_TIMEOUT_S)
 
     def _call(self, method: str, request: Any, timeout: float) -> Any:
         return _bootstrap.current().client.call(method, request, timeout=max(timeout, 0.001))
@@ -217,8 +244,8 @@ class Store:
 
     def empty(self, shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
         """A writable CPU tensor in daemon-owned shared memory: ``register`` shares it with
-        no copy. The memory lives until this process exits (or the artifact registered from
-        it is deleted and the tensor is dropped)."""
+        no copy. The memory lives until this process drops its last tensor over it and no
+        version registered from it is left (or until this process exits)."""
         import torch
 
         from tensorcast_ray._dtypes import dtype_name, itemsize
@@ -241,7 +268,11 @@ class Store:
             resp = self._retrier.call(
                 "register", lambda t: self._call_in_session("AllocateBuffer", request, t)
             )
-        mapping = map_segment(resp.shm_dir, resp.segment.name, resp.segment.size, writable=True)
+        from tensorcast_ray._transport.shm import ShmTransport
+
+        mapping = ShmTransport(resp.shm_dir).map_for_write(
+            (resp.segment.name, resp.segment.size), prefault=True
+        )
         tensor = wrap_tensor(mapping, TensorMeta("empty", name, shape, 0, 0, nbytes))
         _process_caches()[1].add(
             _Buffer(resp.buffer_id, tensor.data_ptr(), resp.segment.size), mapping

@@ -592,6 +592,36 @@ def test_register_after_buffer_address_reuse(driver: str) -> None:
     assert tc.get("reuse:v1")["w"].tolist() == [2.0] * 1024
 
 
+def test_a_fresh_buffer_per_step_does_not_leak(driver: str) -> None:
+    """The documented publish loop: a fresh tc.empty buffer per step, registered under a
+    new version, the old version deleted. The old code kept every buffer leased (and its
+    bytes booked) until the process exited."""
+    import gc
+
+    from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+    client = tc._bootstrap.current().client
+
+    def status() -> Any:
+        return client.call("Status", daemon_pb2.StatusRequest(), 10)
+
+    before = status()
+    for step in range(3):
+        buf = tc.empty((1 << 18,), dtype=torch.float32)  # 1 MiB
+        buf.fill_(float(step))
+        tc.register({"w": buf}, key=f"loop:v{step}")
+        del buf
+        gc.collect()
+        if step:
+            tc.delete(f"loop:v{step - 1}")
+    assert tc.get("loop:v2")["w"][0].item() == 2.0, "the live version keeps its buffer"
+    tc.delete("loop:v2")
+    tc.exists("loop:v2")  # the next verb sends what this process no longer maps
+    after = status()
+    assert after.leases == before.leases
+    assert after.tiers[0].used_bytes == before.tiers[0].used_bytes, "no bytes still booked"
+
+
 def test_killed_producer_loses_its_leases(nodes: list[Any], namespace: str) -> None:
     producer = Worker.remote()
     reader = nodes[2]

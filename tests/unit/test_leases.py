@@ -356,10 +356,10 @@ def test_a_register_outside_its_buffer_is_refused(table: LeaseTable) -> None:
     table.admit_buffer("buf-1", 4096, 0)
     table.add_buffer("buf-1", ("bufseg", 4096), "s1", [])
     outside = [BufferTensor("w", "uint8", (64,), "buf-1", 4090, 64)]
-    out = table.register_buffers(artifact("r:v1", 0, kind="register"), outside, PINNED)
+    out = table.register_buffers(mine("r:v1"), outside, PINNED)
     assert isinstance(out.error, InvalidArgumentError)
     unknown = [BufferTensor("w", "uint8", (64,), "buf-x", 0, 64)]
-    out = table.register_buffers(artifact("r:v2", 0, kind="register"), unknown, PINNED)
+    out = table.register_buffers(mine("r:v2"), unknown, PINNED)
     assert isinstance(out.error, NotFoundError)
     assert not table.catalog.exists("r:v1") and table.buffers["buf-1"].refs == 0
 
@@ -420,3 +420,65 @@ def test_the_slot_map_follows_commits_and_frees(table: LeaseTable) -> None:
     assert table.by_slot == {4: a.artifact_id, 9: "id-b:v1"}
     table.delete("a:v1")
     assert table.by_slot == {9: "id-b:v1"}
+
+
+def mine(key: str, session: str = "s1") -> Artifact:
+    return artifact(key, 0, kind="register", owner_session=session)
+
+
+def register(table: LeaseTable, key: str, buffer_id: str, session: str = "s1") -> BeginOutcome:
+    reg = mine(key, session)
+    out = table.register_buffers(reg, [BufferTensor("w", "uint8", (64,), buffer_id, 0, 64)], PINNED)
+    if out.error is None:
+        table.commit_registered(reg, 1, 1)
+    return out
+
+
+def test_a_released_buffer_is_freed_with_its_last_version(table: LeaseTable) -> None:
+    for step in range(3):  # the publish loop: a fresh buffer per step, the old version deleted
+        table.admit_buffer(f"buf-{step}", MiB, 0)
+        table.add_buffer(f"buf-{step}", (f"seg-{step}", MiB), "s1", [])
+        assert register(table, f"w:v{step}", f"buf-{step}").error is None
+        actions, held = table.release_buffers([f"buf-{step}"], "s1")  # the tensor was dropped
+        assert not actions and [b.buffer_id for b in held] == [f"buf-{step}"]
+        assert table.buffers[f"buf-{step}"].released, "its version still reads it"
+        actions = table.delete(f"w:v{step}")
+        assert actions.unlink == [(f"seg-{step}", MiB)]
+        assert actions.dropped_buffers == [f"buf-{step}"]
+    assert table.buffers == {} and table.artifacts == {} and table.index.stats().used == 0
+
+
+def test_an_unregistered_released_buffer_is_freed_at_once(table: LeaseTable) -> None:
+    table.admit_buffer("buf-1", MiB, 0)
+    table.add_buffer("buf-1", ("seg", MiB), "s1", [])
+    actions, held = table.release_buffers(["buf-1", "buf-gone"], "s1")
+    assert held == [] and actions.unlink == [("seg", MiB)] and actions.dropped_buffers == ["buf-1"]
+    assert table.buffers == {} and table.index.stats().used == 0
+
+
+def test_only_the_owning_session_releases_or_registers_a_buffer(table: LeaseTable) -> None:
+    table.open_session("s2", 200, HOST, pid_verified=True)
+    table.admit_buffer("buf-1", MiB, 0)
+    table.add_buffer("buf-1", ("seg", MiB), "s1", [])
+    with pytest.raises(FailedPreconditionError, match="buf-1"):
+        table.release_buffers(["buf-1"], "s2")
+    out = register(table, "theirs:v1", "buf-1", session="s2")
+    assert isinstance(out.error, FailedPreconditionError) and "buf-1" in str(out.error)
+    assert not table.catalog.exists("theirs:v1") and table.buffers["buf-1"].refs == 0
+    assert not table.buffers["buf-1"].released
+
+
+def test_a_freed_buffer_frees_the_versions_over_it(table: LeaseTable) -> None:
+    table.admit_buffer("buf-1", MiB, 0)
+    table.add_buffer("buf-1", ("seg", MiB), "s1", [])
+    assert register(table, "w:v1", "buf-1").error is None
+    table.artifacts["id-w:v1"].owner_session = ""  # as after a restart, not yet re-bound
+    actions = table.end_session("s1")
+    assert [f.key for f in actions.freed] == ["w:v1"], "no version over a deleted file"
+    assert actions.dropped_buffers == ["buf-1"] and table.artifacts == {}
+    assert not table.catalog.exists("w:v1")
+
+
+def test_a_released_buffer_stays_released_across_a_restart() -> None:
+    buf = Buffer("buf-1", ("s", MiB), "s1", 5, refs=1, released=True)
+    assert Buffer.from_record(buf.to_record()).released

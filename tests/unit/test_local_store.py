@@ -17,6 +17,7 @@ from tensorcast_ray.daemon.metrics import DaemonMetrics
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._errors import (
     AlreadyExistsError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     UnavailableError,
@@ -583,3 +584,65 @@ def test_a_restart_does_not_count_a_buffer_lease_twice(tmp_path: Path) -> None:
         assert second.stats()["tiers"][0]["used_bytes"] == 2 * MiB
     finally:
         second.close(unlink=True)
+
+
+def release(store: LocalStore, session: str, *buffer_ids: str) -> None:
+    store.rpc_ReleaseBuffers(
+        daemon_pb2.ReleaseBuffersRequest(session_id=session, buffer_ids=list(buffer_ids)), ""
+    )
+
+
+def test_the_publish_loop_frees_each_released_buffer_with_its_version(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """A fresh tc.empty buffer per step, registered, its tensor dropped, the version deleted:
+    nothing is left behind (the old code kept every buffer, and its bytes booked)."""
+    names = []
+    for step in range(3):
+        buffer = store.rpc_AllocateBuffer(
+            daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=MiB), ""
+        )
+        names.append(buffer.segment.name)
+        store.rpc_RegisterBuffers(register_request(f"w:v{step}", buffer.buffer_id, 64), "")
+        release(store, "s1", buffer.buffer_id)  # the SDK dropped its last tensor over it
+        assert (tmp_path / buffer.segment.name).exists(), "its version still reads it"
+        store.rpc_Delete(daemon_pb2.DeleteRequest(key=f"w:v{step}"), "")
+    assert store._leases.buffers == {} and store._leases.artifacts == {}
+    assert store.stats()["tiers"][0]["used_bytes"] == 0
+    assert not any((tmp_path / name).exists() for name in names)
+
+
+def test_a_buffer_released_under_a_live_version_is_freed_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    first = make_store(tmp_path)
+    first.bind_session_pid("s1", os.getpid(), first.hostname, pid_verified=True)
+    buffer = first.rpc_AllocateBuffer(
+        daemon_pb2.AllocateBufferRequest(session_id="s1", nbytes=MiB), ""
+    )
+    first.rpc_RegisterBuffers(register_request("w:v1", buffer.buffer_id, 64), "")
+    release(first, "s1", buffer.buffer_id)
+    first.close(unlink=False)  # a crash: the journal says the buffer was released
+    second = make_store(tmp_path)
+    try:
+        second.rpc_Delete(daemon_pb2.DeleteRequest(key="w:v1"), "")
+        assert second._leases.buffers == {}
+        assert not (tmp_path / buffer.segment.name).exists()
+    finally:
+        second.close(unlink=True)
+
+
+def test_another_sessions_buffer_cannot_be_registered_or_released(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    store.bind_session_pid("s2", os.getpid(), store.hostname, pid_verified=True)
+    buffer = store.rpc_AllocateBuffer(
+        daemon_pb2.AllocateBufferRequest(session_id="s2", nbytes=MiB), ""
+    )
+    with pytest.raises(FailedPreconditionError, match=buffer.buffer_id):
+        store.rpc_RegisterBuffers(register_request("theirs:v1", buffer.buffer_id, 64), "")
+    with pytest.raises(FailedPreconditionError, match=buffer.buffer_id):
+        release(store, "s1", buffer.buffer_id)
+    assert not store._leases.catalog.exists("theirs:v1")
+    store.end_session("s2")
+    assert store._leases.artifacts == {} and not (tmp_path / buffer.segment.name).exists()

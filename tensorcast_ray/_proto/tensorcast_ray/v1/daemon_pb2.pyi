@@ -247,6 +247,18 @@ class AllocateBufferResponse(_message.Message):
     shm_dir: str
     def __init__(self, buffer_id: _Optional[str] = ..., segment: _Optional[_Union[_common_pb2.SegmentRef, _Mapping]] = ..., shm_dir: _Optional[str] = ...) -> None: ...
 
+class ReleaseBuffersRequest(_message.Message):
+    __slots__ = ("session_id", "buffer_ids")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_IDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    buffer_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., buffer_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReleaseBuffersResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RegisterBuffersRequest(_message.Message):
     __slots__ = ("key", "session_id", "tensors", "buffer_ids", "buffer_index", "buffer_offsets", "policy_json", "ttl_ms", "request_id")
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -85,6 +85,11 @@ class StoreDaemonStub:
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.RegisterBuffersRequest.SerializeToString,
                 response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.WriteResult.FromString,
                 _registered_method=True)
+        self.ReleaseBuffers = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/ReleaseBuffers',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseBuffersRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseBuffersResponse.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/tensorcast_ray.v1.StoreDaemon/Lookup',
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.LookupRequest.SerializeToString,
@@ -174,6 +179,14 @@ class StoreDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseBuffers(self, request, context):
+        """The process dropped its last tensor over these tc.empty buffers: the daemon frees each
+        one now, or once the last version registered over it is freed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Lookup(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -250,6 +263,11 @@ def add_StoreDaemonServicer_to_server(servicer, server):
                     servicer.RegisterBuffers,
                     request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.RegisterBuffersRequest.FromString,
                     response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.WriteResult.SerializeToString,
+            ),
+            'ReleaseBuffers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseBuffers,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseBuffersRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseBuffersResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
@@ -542,6 +560,33 @@ class StoreDaemon:
             '/tensorcast_ray.v1.StoreDaemon/RegisterBuffers',
             tensorcast__ray_dot_v1_dot_daemon__pb2.RegisterBuffersRequest.SerializeToString,
             tensorcast__ray_dot_v1_dot_daemon__pb2.WriteResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseBuffers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/ReleaseBuffers',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseBuffersRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseBuffersResponse.FromString,
             options,
             channel_credentials,
             insecure,
