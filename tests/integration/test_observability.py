@@ -236,9 +236,17 @@ def test_fresh_process_exposes_every_sdk_metric_at_zero() -> None:
 
 
 # ---- Ray -----------------------------------------------------------------------------------------
-def test_sdk_cache_metrics_latency_and_spans_move(namespace: str) -> None:
+def test_sdk_cache_metrics_latency_and_spans_move(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
+    from tensorcast_ray._read_cache import ReadCache
+
+    # The reader's background sweep (every SWEEP_S) would race the invalidation counted below:
+    # hold it until the reads are done, then let it drop b:v1's dead entry.
+    sweep = ReadCache._sweep
+    monkeypatch.setattr(ReadCache, "_sweep", lambda self: None)
     ctx = tc.init(namespace=namespace, global_store_mode="none", metrics_port=0)
     assert ctx.metrics_address is not None
     before = scrape(ctx.metrics_address)
@@ -259,8 +267,15 @@ def test_sdk_cache_metrics_latency_and_spans_move(namespace: str) -> None:
         tc.get("a:v1")  # the cached entry is invalid now: dropped, then NOT_FOUND
     assert tc.delete("b:v1")
     tc.put({"w": torch.ones(1)}, key="c:v1")
-    tc.get("c:v1")  # miss; admitting it sweeps b:v1's dead entry out of the cache
+    tc.get("c:v1")  # miss
     tc.register({"w": torch.ones(2)}, key="r:v1")
+    monkeypatch.setattr(ReadCache, "_sweep", sweep)  # the background sweep drops b:v1's entry
+    evictions = "tc_store_artifact_cache_evictions_total"
+    wait_for(
+        lambda: val(scrape(ctx.metrics_address), evictions) > val(before, evictions),
+        10,
+        "the read cache's background sweep to drop b:v1's dead entry",
+    )
 
     after = scrape(ctx.metrics_address)
 
