@@ -129,7 +129,7 @@ def test_reap_leaves_a_prefix_a_successor_claimed(dirs: tuple[Path, Path]) -> No
 # ---- real guardian processes --------------------------------------------------------------
 STAND_IN = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys
     from tensorcast_ray._gc import write_owner
     from tensorcast_ray._guardian import spawn
     shm, sock, prefix, grace, subreaper = sys.argv[1:6]
@@ -138,7 +138,7 @@ STAND_IN = textwrap.dedent(
         ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     write_owner(shm, prefix, port=1)
     print(os.getpid(), spawn(shm, prefix, sock, float(grace)), flush=True)
-    time.sleep(600)
+    signal.pause()  # a daemon idles until the test kills it
     """
 )
 
