@@ -14,6 +14,7 @@ freed everything starts empty.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import ray
 from tensorcast_ray.daemon.local_store import LocalStore
 from tensorcast_ray.daemon.metrics import DaemonMetrics
+from tensorcast_ray.daemon.remote import ClusterTier
 from tensorcast_ray.daemon.server import DaemonServer, private_socket_dir
 from tensorcast_ray.daemon.service import DaemonIdentity, DaemonService
 
@@ -31,9 +33,11 @@ from tensorcast_ray._auth import (
     namespace_token,
     remove_token_file,
     token_file,
+    unauthenticated_error,
     write_token_file,
 )
 from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._errors import FailedPreconditionError
 from tensorcast_ray._gc import claim_lock, collect, read_owner, write_owner
 from tensorcast_ray._guardian import spawn as spawn_guardian
 from tensorcast_ray._local_channel import METHODS
@@ -88,6 +92,8 @@ class DaemonActor:
         if self.config.local_socket:
             socket_path = os.path.join(socket_dir, f"{self.prefix}sock")
         token = namespace_token(namespace)
+        self._token = token
+        self.cluster: ClusterTier | None = None
         self.server = DaemonServer(self.service, self.config, socket_path, token)
         self.server.start(preferred_port=port if isinstance(port, int) else None)
         write_owner(self.config.shm_dir, self.prefix, port=self.server.port, **owner)
@@ -120,6 +126,7 @@ class DaemonActor:
             )
 
     def _connect_global_store(self) -> None:
+        """Join the cluster tier: the Global Store's catalog, pulls from other nodes."""
         if self.global_store_mode == "none":
             return
         handle = get_actor(GLOBAL_STORE_NAME, self.namespace)
@@ -127,25 +134,119 @@ class DaemonActor:
             logger.warning("Global Store not found in namespace %s", self.namespace)
             return
         self._gs_handle = handle
+        self.cluster = ClusterTier(
+            self.store,
+            namespace=self.namespace,
+            node_id=self.node_id,
+            gs_handle=handle,
+            token=self._token,
+            config=self.config,
+            metrics=self.store.metrics,
+            record=self._record,
+        )
         try:
-            info = ray.get(
-                handle.register_daemon.remote(
-                    {
-                        "node_id": self.node_id,
-                        "address": self.service.address,
-                        "version": self.service.identity.version,
-                        "instance_id": self.service.identity.instance_id,
-                    }
-                ),
-                timeout=self.config.global_store_timeout_s,
-            )
-            self._gs_address = info["address"]
-            self._gs_version = info["version"]
+            self.cluster.start()
         except Exception:
-            logger.exception("could not register with the Global Store")
+            # Serving local reads needs no Global Store; the heartbeat syncs once it answers.
+            logger.exception("could not report to the Global Store; will retry")
+            self.cluster.start_heartbeat()
+        self.store.cluster = self.cluster
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "address": self.service.address,
+            "version": self.service.identity.version,
+            "instance_id": self.service.identity.instance_id,
+        }
 
     def _global_store_info(self) -> tuple[str, str]:
+        if self.cluster is not None and self.cluster.gs_address:
+            return self.cluster.gs_address, self.cluster.gs_version
         return self._gs_address, self._gs_version
+
+    def _check(self, token: str) -> ClusterTier:
+        """Daemon-to-daemon and Global Store-to-daemon calls carry the namespace token."""
+        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+            raise unauthenticated_error()
+        if self.cluster is None:
+            raise FailedPreconditionError(
+                f"the daemon of node {self.node_id[:12]} is not part of a cluster (it runs "
+                "without a Global Store)"
+            )
+        return self.cluster
+
+    # ---- called by other daemons and the Global Store (authenticated) -----------------------
+    @ray.method(concurrency_group="transfer")
+    def transfer_open(self, token: str, artifact_id: str, wait_s: float) -> dict[str, Any]:
+        return self._check(token).open_transfer(artifact_id, wait_s)
+
+    @ray.method(concurrency_group="transfer")
+    def transfer_shard(
+        self, token: str, transfer_id: str, shard: int, pieces: list[Any], timeout_s: float
+    ) -> list[Any]:
+        # In a list: the caller gets the ref (owned here), not the value.
+        return [self._check(token).source.serve(transfer_id, shard, pieces, timeout_s)]
+
+    @ray.method(concurrency_group="transfer")
+    def transfer_close(self, token: str, transfer_id: str) -> None:
+        self._check(token).source.close(transfer_id)
+
+    @ray.method(concurrency_group="transfer")
+    def describe_artifact(self, token: str, artifact_id: str) -> dict[str, Any] | None:
+        self._check(token)
+        return self.store.transfer_meta(artifact_id)
+
+    @ray.method(concurrency_group="transfer")
+    def pull_replica(
+        self,
+        token: str,
+        entry: dict[str, Any],
+        upstream: str,
+        transport: str,
+        source: str,
+        fallback: bool = False,
+        onward: bool = True,
+    ) -> dict[str, Any]:
+        return self._check(token).pull_replica(entry, upstream, transport, source, fallback, onward)
+
+    @ray.method(concurrency_group="transfer")
+    def collective_serve(self, token: str, request: dict[str, Any]) -> dict[str, Any]:
+        from tensorcast_ray._transport import collective
+
+        return collective.serve(self._check(token), request)
+
+    @ray.method(concurrency_group="control")
+    def copy_info(self, token: str, artifact_id: str) -> dict[str, Any] | None:
+        """This node's copy of ``artifact_id`` (for ``tensorcast-ray inspect``), or None."""
+        self._check(token)
+        art = self.store.local_artifact(artifact_id)
+        if art is None:
+            return None
+        return {
+            "node_id": self.node_id,
+            "tier": "stable_dram",
+            "replica_kind": art.replica_kind,
+            "served_by": art.served_by,
+            "requirement": art.requirement,
+            "retention": art.retention,
+            "nbytes": art.nbytes,
+        }
+
+    @ray.method(concurrency_group="control")
+    def keep(self, token: str, artifact_id: str) -> None:
+        self._check(token)
+        self.store.keep(artifact_id)
+
+    @ray.method(concurrency_group="control")
+    def drop_artifacts(self, token: str, artifact_ids: list[str]) -> int:
+        self._check(token)
+        return self.store.drop_artifacts(artifact_ids, reason="dropped by the cluster")
+
+    @ray.method(concurrency_group="control")
+    def resync(self, token: str, gs_instance: str) -> None:
+        """A (re)started Global Store asks for this node's full report."""
+        self._check(token).sync()
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
@@ -175,6 +276,8 @@ class DaemonActor:
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
         """A clean stop: close endpoints and free every segment of this node's daemon."""
+        if self.cluster is not None:
+            self.cluster.stop()
         self.server.stop()
         remove_token_file(self._token_file)
         self.store.close(unlink=True)  # segments, validity table, journal and owner file

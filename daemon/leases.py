@@ -53,6 +53,7 @@ from tensorcast_ray.daemon.local_index import AdmitDecision, AdmitRequest, Local
 from tensorcast_ray._catalog import Catalog
 from tensorcast_ray._dtypes import itemsize
 from tensorcast_ray._errors import (
+    AlreadyExistsError,
     ArtifactError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -107,6 +108,15 @@ class Artifact:
     retention: str = "pinned"
     retention_ttl_ms: int | None = None
     request_id: str = ""  # the client's id for the put that wrote it (retries after lost replies)
+    # The cluster tier: how this node came to hold it ("original": written here; "replica":
+    # made by replicate or a remote policy tier, kept like the original; "cache": pulled by a
+    # read, evictable), the node that wrote it, and its cluster commit number (what a
+    # restarted Global Store rebuilds ``latest`` from).
+    ntensors: int = 0
+    replica_kind: str = "original"
+    writer: str = ""
+    cluster_seq: int = 0
+    served_by: str = "local"  # how its bytes got here: "local", "object_store", "collective"
 
     def to_record(self) -> dict[str, Any]:
         return {**_record(self), "tensors": base64.b64encode(self.tensors).decode()}
@@ -187,9 +197,10 @@ class Actions:
     freed: list[Freed] = field(default_factory=list)
     unlink: list[SegmentRef] = field(default_factory=list)
     dropped_buffers: list[str] = field(default_factory=list)
+    aborted: list[tuple[str, str]] = field(default_factory=list)  # (key, artifact id) writes
 
     def __bool__(self) -> bool:
-        return bool(self.freed or self.unlink or self.dropped_buffers)
+        return bool(self.freed or self.unlink or self.dropped_buffers or self.aborted)
 
 
 @dataclass
@@ -221,7 +232,8 @@ def tier_outcomes(policy: ResolvedPolicy) -> list[str]:
             raise FailedPreconditionError(
                 f"persistence not configured: the policy requires {what}, which needs "
                 "persistence tasks this daemon does not run; use a policy without it "
-                "(e.g. profile 'cache' or 'pinned'), or tc.export() to write to shared disk"
+                "(e.g. profile 'cache' or 'pinned'), or tc.export() to write to shared disk "
+                "and tc.replicate(key) to keep a copy on other nodes"
             )
         if tier.requirement == "should":
             degraded.append(f"{what} skipped: persistence not configured")
@@ -363,12 +375,7 @@ class LeaseTable:
                 if out.done is not None:
                     return out
             artifact.degraded_reasons = tier_outcomes(policy)
-            self.catalog.reserve(artifact.key, artifact.artifact_id)
-            try:
-                self._admit(artifact, policy, now_ms, out)
-            except BaseException:
-                self.catalog.abort(artifact.key)
-                raise
+            self._reserve_and_admit(artifact, policy, now_ms, out, None)
         except ArtifactError as exc:
             out.error = exc
             return out
@@ -377,10 +384,52 @@ class LeaseTable:
         self.pending[write_id] = out.pending
         return out
 
-    def _admit(
-        self, artifact: Artifact, policy: ResolvedPolicy, now_ms: int, out: BeginOutcome
+    def begin_replica(
+        self, artifact: Artifact, request: AdmitRequest, *, write_id: str, now_ms: int
+    ) -> BeginOutcome:
+        """Start landing a copy of another node's artifact (same id and key) on the terms of
+        ``request``: a read's cache copy is evictable, a replicate's is kept like the
+        original. It is published by ``commit_write`` once every byte is in, like a put."""
+        out = BeginOutcome(Actions())
+        try:
+            if artifact.artifact_id in self.artifacts:
+                raise AlreadyExistsError(f"{artifact.key} is already on this node")
+            self._reserve_and_admit(artifact, None, now_ms, out, request)
+        except ArtifactError as exc:
+            out.error = exc
+            return out
+        out.pending = PendingWrite(write_id, artifact, "", now_ms + self.write_timeout_ms)
+        self.pending[write_id] = out.pending
+        return out
+
+    def _reserve_and_admit(
+        self,
+        artifact: Artifact,
+        policy: ResolvedPolicy | None,
+        now_ms: int,
+        out: BeginOutcome,
+        request: AdmitRequest | None,
     ) -> None:
-        request = AdmitRequest.from_policy(artifact.artifact_id, artifact.nbytes, policy)
+        """Reserve the key on this node and admit the bytes; a refusal gives the key back."""
+        self.catalog.reserve(artifact.key, artifact.artifact_id)
+        try:
+            self._admit(artifact, policy, now_ms, out, request=request)
+        except BaseException:
+            self.catalog.abort(artifact.key)
+            raise
+
+    def _admit(
+        self,
+        artifact: Artifact,
+        policy: ResolvedPolicy | None,
+        now_ms: int,
+        out: BeginOutcome,
+        *,
+        request: AdmitRequest | None = None,
+    ) -> None:
+        if request is None:
+            assert policy is not None
+            request = AdmitRequest.from_policy(artifact.artifact_id, artifact.nbytes, policy)
         if artifact.kind == "register":
             request = _pinned(artifact.artifact_id, artifact.nbytes)
         if request is None:
@@ -466,6 +515,7 @@ class LeaseTable:
         if pending is None:
             return
         self.catalog.abort(pending.artifact.key)
+        actions.aborted.append((pending.artifact.key, pending.artifact.artifact_id))
         self.index.release(pending.artifact.artifact_id)
         self.index.remove(pending.artifact.artifact_id)
         claimed = {name for name, _ in pending.claimed}
@@ -675,6 +725,10 @@ class LeaseTable:
         ]:
             self._free_buffer(buffer_id, actions)  # re-adopted, and its process is gone
         return actions
+
+    def free_artifact(self, artifact_id: str, reason: str, actions: Actions) -> None:
+        """Drop one artifact (the cluster deleted it); nothing if it is not here."""
+        self._free_artifact(artifact_id, reason, actions)
 
     def _free_artifact(self, artifact_id: str, reason: str, actions: Actions) -> None:
         artifact = self.artifacts.pop(artifact_id, None)

@@ -39,7 +39,8 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray.daemon import recovery
 from tensorcast_ray.daemon.journal import Journal
@@ -51,12 +52,19 @@ from tensorcast_ray.daemon.leases import (
     LeaseTable,
     SegmentRef,
 )
+from tensorcast_ray.daemon.local_index import AdmitRequest
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._config import DaemonConfig
 from tensorcast_ray._epochs import EpochTable
-from tensorcast_ray._errors import InvalidArgumentError, UnavailableError
+from tensorcast_ray._errors import (
+    ArtifactError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
 from tensorcast_ray._layout import Columns, place
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
@@ -64,7 +72,23 @@ from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
 from tensorcast_ray._shm import remove_segments, round_up
 from tensorcast_ray._transport.shm import ShmTransport
 
+if TYPE_CHECKING:
+    from tensorcast_ray.daemon.remote import ClusterTier
+
 logger = logging.getLogger(__name__)
+
+#: read sources (GetArtifactOptions.source) as the daemon hears them
+SOURCE_NAMES = {0: "auto", 1: "local_only", 2: "remote", 3: "disk"}
+
+
+@dataclass
+class Landing:
+    """A copy of another node's artifact being landed here (see ClusterTier.pull_from)."""
+
+    write_id: str
+    artifact_id: str
+    segments: list[SegmentRef]
+    maps: list[Any] = field(default_factory=list)
 
 
 class LocalStore:
@@ -120,6 +144,8 @@ class LocalStore:
             reserve_bytes=int(config.shm_pool_bytes),
         )
         self._update_gauges(leases=True)
+        # Set by the daemon actor once it joined a Global Store; None on a lone node.
+        self.cluster: ClusterTier | None = None
 
     # ---- helpers --------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -149,6 +175,10 @@ class LocalStore:
                 self._journal.drop_buffer(buffer_id)
         if actions.freed:  # a delete, expiry or eviction: rarer than puts
             self._update_gauges(leases=True)
+        cluster = self.cluster
+        if cluster is not None and (actions.freed or actions.aborted):
+            cluster.dropped(actions.freed)  # asynchronous sends, never a wait under the lock
+            cluster.abort(actions.aborted)
 
     def _record_admission(self, kind: str, outcome: BeginOutcome, seconds: float) -> None:
         if outcome.decision is None:
@@ -193,6 +223,7 @@ class LocalStore:
             owner_host=self.hostname if kind == "register" else "",
             expires_at_ms=now + request.ttl_ms if request.ttl_ms else 0,
             request_id=request.request_id,
+            ntensors=len(cols),
         )
         write_id = uuid.uuid4().hex
         classes = [self._shm.staging_size(size) for size in segment_sizes]
@@ -218,6 +249,13 @@ class LocalStore:
                 )
             assert outcome.pending is not None
             claimed = list(outcome.pending.claimed)
+        if self.cluster is not None:
+            try:  # cluster-wide: ALREADY_EXISTS before a byte moves when another node has it
+                self.cluster.reserve(artifact.key, artifact.artifact_id, artifact.request_id)
+            except BaseException:
+                with self._lock:
+                    self._apply(self._leases.abort_write(write_id))
+                raise
         staged: dict[int, list[SegmentRef]] = {}
         for seg in claimed:
             staged.setdefault(seg[1], []).append(seg)
@@ -316,10 +354,25 @@ class LocalStore:
     def rpc_CommitWrite(
         self, request: daemon_pb2.CommitWriteRequest, session_id: str
     ) -> daemon_pb2.WriteResult:
+        cluster = self.cluster
+        seq = 0
+        if cluster is not None:
+            # The cluster's commit first: once this returns every node resolves the key.
+            with self._lock:
+                pending = self._leases.pending_write(request.write_id).artifact
+            seq = cluster.commit(pending)
         with self._lock:
-            self._leases.pending_write(request.write_id)  # unknown: refused before a slot
-            slot, generation = self._epochs.alloc()
+            try:
+                self._leases.pending_write(request.write_id)  # unknown: refused before a slot
+                slot, generation = self._epochs.alloc()
+            except ArtifactError:
+                if cluster is not None:  # aborted meanwhile: the cluster must forget it too
+                    cluster.forget(pending.artifact_id)
+                raise
             artifact = self._leases.commit_write(request.write_id, slot, generation, self._now_ms())
+            artifact.cluster_seq = seq
+            if cluster is not None:
+                artifact.writer = cluster.node_id
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
             self._update_gauges(leases=artifact.kind == "register")
@@ -389,10 +442,43 @@ class LocalStore:
                 cols.names, cols.dtypes, cols.shapes, index, offsets, cols.nbytes, strict=True
             )
         ]
+        artifact_id = uuid.uuid4().hex
+        cluster = self.cluster
+        if cluster is not None:
+            cluster.reserve(request.key, artifact_id, request.request_id)
+        try:
+            artifact = self._register(request, artifact_id, sid, policy, tensors, len(cols))
+        except BaseException:
+            if cluster is not None:
+                cluster.abort([(request.key, artifact_id)])
+            raise
+        if cluster is not None and artifact.artifact_id == artifact_id:
+            try:
+                artifact.cluster_seq = cluster.commit(artifact)
+            except BaseException:
+                self.drop_artifacts([artifact_id], reason="deleted")
+                cluster.abort([(request.key, artifact_id)])
+                raise
+            artifact.writer = cluster.node_id
+            with self._lock:
+                if self._journal is not None and artifact.artifact_id in self._leases.artifacts:
+                    self._journal.add_artifact(artifact.to_record())
+        return _result(artifact)
+
+    def _register(
+        self,
+        request: daemon_pb2.RegisterBuffersRequest,
+        artifact_id: str,
+        sid: str,
+        policy: ResolvedPolicy,
+        tensors: list[BufferTensor],
+        ntensors: int,
+    ) -> Artifact:
         with self._lock:
             now = self._now_ms()
             artifact = Artifact(
-                artifact_id=uuid.uuid4().hex,
+                artifact_id=artifact_id,
+                ntensors=ntensors,
                 key=request.key,
                 kind="register",
                 nbytes=0,
@@ -411,13 +497,13 @@ class LocalStore:
             if outcome.error is not None:
                 raise outcome.error
             if outcome.done is not None:
-                return _result(outcome.done)
+                return outcome.done
             slot, generation = self._epochs.alloc()
             self._leases.commit_registered(artifact, slot, generation)
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
             self._update_gauges(leases=True)
-        return _result(artifact)
+        return artifact
 
     def rpc_ReleaseBuffers(
         self, request: daemon_pb2.ReleaseBuffersRequest, session_id: str
@@ -436,8 +522,62 @@ class LocalStore:
     def rpc_Lookup(
         self, request: daemon_pb2.LookupRequest, session_id: str
     ) -> daemon_pb2.ArtifactInfo:
+        source = SOURCE_NAMES.get(request.source, "auto")
+        cluster = self.cluster
+        if source == "disk":
+            raise FailedPreconditionError(
+                "GetArtifactOptions(source='disk') needs persistence to shared disk, which "
+                "this daemon does not run yet; use source='auto'"
+            )
+        if cluster is None:
+            if source == "remote":
+                raise FailedPreconditionError(
+                    "GetArtifactOptions(source='remote'): this daemon is not part of a cluster "
+                    "(it runs without a Global Store); use source='auto' or 'local_only'"
+                )
+            return self._info(self._local_lookup(request.key, request.artifact_id), "local")
+        key, artifact_id = request.key, request.artifact_id
+        latest = bool(key) and key.rpartition(":")[2] == "latest"
+        if source != "remote" and not latest:
+            try:  # a copy here answers without asking anyone
+                return self._info(self._local_lookup(key, artifact_id), "local")
+            except NotFoundError:
+                pass
+        try:
+            entry = cluster.resolve(key, artifact_id)
+        except UnavailableError:
+            if not latest or source == "remote":
+                raise
+            # The Global Store is away (restarting): this node's newest version answers.
+            logger.warning("Global Store unreachable; resolving %s on this node", key)
+            return self._info(self._local_lookup(key, ""), "local")
+        holders = [r["node_id"] for r in entry["replicas"]]
+        local = self.local_artifact(str(entry["artifact_id"]))
+        if source == "remote" and not cluster.sources(entry):
+            raise NotFoundError(
+                f"{entry['key']} has no copy on another node (only this node holds it); "
+                "read it with source='auto'"
+            )
+        if local is not None:
+            with self._lock:
+                self._leases.index.touch(local.artifact_id, self._now_ms())
+            return self._info(local, "local")
+        if source == "local_only":
+            raise NotFoundError(
+                f"{entry['key']} is not on this node (source='local_only'); it is held by "
+                f"node(s) {', '.join(holders)}: read it with source='auto' to pull a copy"
+            )
+        if request.metadata_only:
+            meta = cluster.describe(entry)
+            return self._remote_info(meta)
+        artifact = cluster.fetch(entry)
+        return self._info(artifact, artifact.served_by if artifact.served_by else "local")
+
+    def _local_lookup(self, key: str, artifact_id: str) -> Artifact:
         with self._lock:
-            artifact = self._leases.lookup(request.key, request.artifact_id, self._now_ms())
+            return self._leases.lookup(key, artifact_id, self._now_ms())
+
+    def _info(self, artifact: Artifact, served_by: str) -> daemon_pb2.ArtifactInfo:
         info = daemon_pb2.ArtifactInfo(
             key=artifact.key,
             artifact_id=artifact.artifact_id,
@@ -448,28 +588,305 @@ class LocalStore:
             generation=artifact.generation,
             kind=artifact.kind,
             created_unix_ms=artifact.created_ms,
+            served_by=served_by,
         )
         info.tensors.MergeFromString(artifact.tensors)  # the stored table, as it is
+        return info
+
+    def _remote_info(self, meta: dict[str, Any]) -> daemon_pb2.ArtifactInfo:
+        info = daemon_pb2.ArtifactInfo(
+            key=meta["key"],
+            artifact_id=meta["artifact_id"],
+            nbytes=meta["nbytes"],
+            kind=meta["kind"],
+            created_unix_ms=meta["created_ms"],
+            remote=True,
+            epoch_slot=-1,
+            # The serving node's segments: their sizes place the tensors; nothing maps them.
+            segments=[common_pb2.SegmentRef(name=n, size=sz) for n, sz in meta["segments"]],
+        )
+        info.tensors.MergeFromString(meta["tensors"])
         return info
 
     def rpc_Exists(
         self, request: daemon_pb2.ExistsRequest, session_id: str
     ) -> daemon_pb2.ExistsResponse:
         with self._lock:
-            return daemon_pb2.ExistsResponse(exists=self._leases.catalog.exists(request.key))
+            here = self._leases.catalog.exists(request.key)
+        if here and not request.key.endswith(":latest"):
+            return daemon_pb2.ExistsResponse(exists=True)
+        if self.cluster is None:
+            return daemon_pb2.ExistsResponse(exists=here)
+        return daemon_pb2.ExistsResponse(exists=self.cluster.exists(request.key))
 
     def rpc_Delete(
         self, request: daemon_pb2.DeleteRequest, session_id: str
     ) -> daemon_pb2.DeleteResponse:
+        cluster = self.cluster
+        if cluster is not None:
+            parse_key(request.key)
+            try:
+                cluster.delete(request.key)  # every other node drops its copy first
+            except NotFoundError:
+                with self._lock:
+                    if not self._leases.catalog.exists(request.key):
+                        raise
         with self._lock:
-            self._apply(self._leases.delete(request.key))
+            try:
+                self._apply(self._leases.delete(request.key))
+            except NotFoundError:
+                if cluster is None:
+                    raise  # in a cluster, this node may have held no copy
             return daemon_pb2.DeleteResponse(deleted=True, versions=1)
 
     def rpc_ListKeys(
         self, request: daemon_pb2.ListKeysRequest, session_id: str
     ) -> daemon_pb2.ListKeysResponse:
+        if self.cluster is not None:
+            keys = [e["key"] for e in self.cluster.list_artifacts(request.prefix)]
+            return daemon_pb2.ListKeysResponse(keys=keys)
         with self._lock:
             return daemon_pb2.ListKeysResponse(keys=self._leases.catalog.list_keys(request.prefix))
+
+    def rpc_Inspect(
+        self, request: daemon_pb2.InspectRequest, session_id: str
+    ) -> daemon_pb2.InspectResponse:
+        """Where an artifact lives: every node holding it, and this node's copy."""
+        if self.cluster is not None:
+            entry = self.cluster.resolve(request.key, request.artifact_id)
+        else:
+            art = self._local_lookup(request.key, request.artifact_id)
+            entry = {
+                "key": art.key,
+                "artifact_id": art.artifact_id,
+                "nbytes": art.nbytes,
+                "tensors": art.ntensors,
+                "node_id": art.writer,
+                "kind": art.kind,
+                "created_unix_ms": art.created_ms,
+                "replicas": [],
+            }
+        local = self.local_artifact(str(entry["artifact_id"]))
+        return daemon_pb2.InspectResponse(
+            key=entry["key"],
+            artifact_id=entry["artifact_id"],
+            nbytes=entry["nbytes"],
+            tensors=entry["tensors"],
+            writer=entry["node_id"],
+            kind=entry["kind"],
+            created_unix_ms=entry["created_unix_ms"],
+            replicas=[
+                daemon_pb2.ReplicaInfo(node_id=r["node_id"], kind=r["kind"], tier=r["tier"])
+                for r in entry["replicas"]
+            ],
+            local=local is not None,
+            local_kind=local.replica_kind if local is not None else "",
+            served_by=local.served_by if local is not None else "",
+        )
+
+    def rpc_ReadRanges(
+        self, request: daemon_pb2.ReadRangesRequest, session_id: str
+    ) -> daemon_pb2.ReadRangesResponse:
+        """Some bytes of an artifact with no copy here, into a buffer leased to the session."""
+        cluster = self.cluster
+        if cluster is None:
+            raise FailedPreconditionError("ReadRanges reads another node's copy: no cluster here")
+        if not (len(request.segment) == len(request.offset) == len(request.length)):
+            raise InvalidArgumentError("ReadRanges: segment, offset and length must pair up")
+        ranges = list(zip(request.segment, request.offset, request.length, strict=True))
+        if any(seg < 0 or off < 0 or length <= 0 for seg, off, length in ranges):
+            raise InvalidArgumentError("ReadRanges: ranges must have positive lengths")
+        total = sum(length for _, _, length in ranges)
+        entry = cluster.resolve("", request.artifact_id)
+        buffer = self.rpc_AllocateBuffer(
+            daemon_pb2.AllocateBufferRequest(nbytes=total, session_id=request.session_id),
+            session_id,
+        )
+        seg = (buffer.segment.name, buffer.segment.size)
+        try:
+            dest = self._shm.map_for_write(seg)
+            try:
+                cluster.read_ranges(entry, ranges, dest)
+            finally:
+                dest.close()
+        except BaseException:
+            with self._lock:
+                actions, _ = self._leases.release_buffers(
+                    [buffer.buffer_id], self._session(request.session_id, session_id)
+                )
+                self._apply(actions)
+            raise
+        return daemon_pb2.ReadRangesResponse(
+            buffer_id=buffer.buffer_id, segment=buffer.segment, shm_dir=self.shm_dir, nbytes=total
+        )
+
+    def rpc_Replicate(
+        self, request: daemon_pb2.ReplicateRequest, session_id: str
+    ) -> daemon_pb2.ReplicateResponse:
+        cluster = self.cluster
+        if cluster is None:
+            raise FailedPreconditionError(
+                "replicate needs a cluster: this daemon runs without a Global Store"
+            )
+        parse_key(request.key)
+        nodes: Sequence[str] | str = "all" if request.all_nodes else list(request.nodes)
+        results = cluster.replicate(request.key, nodes, request.transport or "auto")
+        return daemon_pb2.ReplicateResponse(
+            key=request.key,
+            results=[daemon_pb2.ReplicaResult(**r) for r in results.values()],
+        )
+
+    # ---- the cluster tier's hooks (daemon/remote.py) ------------------------------------
+    def local_artifact(self, artifact_id: str) -> Artifact | None:
+        with self._lock:
+            return self._leases.artifacts.get(artifact_id)
+
+    def transfer_meta(self, artifact_id: str) -> dict[str, Any] | None:
+        """What another node needs to land a copy of ``artifact_id``; None if not here."""
+        with self._lock:
+            art = self._leases.artifacts.get(artifact_id)
+            if art is None:
+                return None
+            if art.buffers:
+                raise FailedPreconditionError(
+                    f"{art.key} is a register of tc.empty buffers; copying it to another "
+                    "node is not supported yet (put a copy instead)"
+                )
+            return {
+                "key": art.key,
+                "artifact_id": art.artifact_id,
+                "nbytes": art.nbytes,
+                "kind": art.kind,
+                "tensors": art.tensors,
+                "ntensors": art.ntensors,
+                "segments": list(art.segments),
+                "created_ms": art.created_ms,
+                "requirement": art.requirement,
+                "retention": art.retention,
+                "retention_ttl_ms": art.retention_ttl_ms,
+                "writer": art.writer,
+                "cluster_seq": art.cluster_seq,
+            }
+
+    def begin_landing(self, meta: dict[str, Any], *, kind: str, served_by: str) -> Landing:
+        """Reserve and allocate a copy of another node's artifact, mapped for writing."""
+        nbytes = int(meta["nbytes"])
+        if kind == "cache":
+            request = AdmitRequest(
+                meta["artifact_id"], nbytes, "should", "best_effort", None, "evict"
+            )
+        else:  # a replica is kept like the original
+            retention = meta["retention"] if meta["retention"] != "best_effort" else "pinned"
+            request = AdmitRequest(
+                meta["artifact_id"],
+                nbytes,
+                "must",
+                retention,
+                meta["retention_ttl_ms"] if retention == "ttl" else None,
+                "evict",
+            )
+        artifact = Artifact(
+            artifact_id=meta["artifact_id"],
+            key=meta["key"],
+            kind="put",
+            nbytes=nbytes,
+            segments=[],
+            tensors=meta["tensors"],
+            created_ms=int(meta["created_ms"]),
+            ntensors=int(meta.get("ntensors", 0)),
+            replica_kind=kind,
+            writer=str(meta.get("writer", "")),
+            cluster_seq=int(meta.get("cluster_seq", 0)),
+            served_by=served_by,
+        )
+        write_id = uuid.uuid4().hex
+        with self._lock:
+            self._count_reads_if_evicting(nbytes, self._now_ms())
+            outcome = self._leases.begin_replica(
+                artifact, request, write_id=write_id, now_ms=self._now_ms()
+            )
+            self._apply(outcome.actions)
+            if outcome.error is not None:
+                raise outcome.error
+        landing = Landing(write_id, artifact.artifact_id, [])
+        trims: list[SegmentRef] = []
+        try:
+            for _, size in meta["segments"]:
+                seg = _fit(self._take(size), size, trims) if size else ("", 0)
+                landing.segments.append(seg)
+            with self._lock:
+                if not self._leases.place_segments(write_id, landing.segments, trims):
+                    raise UnavailableError(f"the landing of {artifact.key} was aborted")
+            for seg in landing.segments:
+                landing.maps.append(self._shm.map_for_write(seg) if seg[1] else b"")
+        except BaseException:
+            self.abort_landing(landing)
+            raise
+        return landing
+
+    def publish_landing(self, landing: Landing) -> Artifact:
+        _close_maps(landing.maps)
+        with self._lock:
+            slot, generation = self._epochs.alloc()
+            artifact = self._leases.commit_write(landing.write_id, slot, generation, self._now_ms())
+            if self._journal is not None:
+                self._journal.add_artifact(artifact.to_record())
+            self._update_gauges()
+        return artifact
+
+    def abort_landing(self, landing: Landing) -> None:
+        _close_maps(landing.maps)
+        with self._lock:
+            actions = self._leases.abort_write(landing.write_id)
+            actions.aborted.clear()  # a copy's reservation is this node's alone
+            self._apply(actions)
+
+    def keep(self, artifact_id: str) -> None:
+        """A cache copy asked for by replicate: kept like the original from now on."""
+        with self._lock:
+            art = self._leases.artifacts.get(artifact_id)
+            if art is None or art.replica_kind != "cache":
+                return
+            art.replica_kind = "replica"
+            art.requirement = "must"
+            art.retention = "pinned" if art.retention == "best_effort" else art.retention
+            self._leases.index.admit(
+                AdmitRequest(
+                    artifact_id, art.nbytes, "must", art.retention, art.retention_ttl_ms, "evict"
+                ),
+                self._now_ms(),
+            )
+            if self._journal is not None:
+                self._journal.add_artifact(art.to_record())
+        if self.cluster is not None:
+            self.cluster.report_kept(artifact_id)
+
+    def drop_artifacts(self, artifact_ids: Sequence[str], *, reason: str) -> int:
+        """Free this node's copies of ``artifact_ids`` (the cluster deleted them)."""
+        actions = Actions()
+        with self._lock:
+            for artifact_id in artifact_ids:
+                self._leases.free_artifact(artifact_id, reason, actions)
+            self._apply(actions)
+        return len(actions.freed)
+
+    def report(self) -> list[dict[str, Any]]:
+        """Everything this node holds, for the Global Store's full sync."""
+        with self._lock:
+            return [
+                {
+                    "artifact_id": a.artifact_id,
+                    "key": a.key,
+                    "nbytes": a.nbytes,
+                    "tensors": a.ntensors,
+                    "kind": a.kind,
+                    "created_ms": a.created_ms,
+                    "seq": a.cluster_seq,
+                    "writer": a.writer,
+                    "replica_kind": a.replica_kind,
+                }
+                for a in self._leases.artifacts.values()
+            ]
 
     # ---- lifecycle ----------------------------------------------------------------------
     def _unlink(self, segments: list[SegmentRef]) -> None:
@@ -584,6 +1001,15 @@ class LocalStore:
                     [a.to_record() for a in leases.artifacts.values()],
                     [b.to_record() for b in leases.buffers.values()],
                 )
+
+
+def _close_maps(maps: list[Any]) -> None:
+    for m in maps:
+        try:
+            m.close()
+        except (AttributeError, BufferError):
+            pass
+    maps.clear()
 
 
 def _require_tensors(key: str, count: int) -> None:

@@ -59,6 +59,9 @@ MATERIALIZE_SOURCES: tuple[str, ...] = (
     "disk",
 )
 
+#: the cross-node transports (tc_transfer_bytes_total's ``transport`` label)
+TRANSFER_TRANSPORTS = ("object_store", "collective")
+
 _ERROR_CODES: tuple[str, ...] = tuple(
     c.name for c in grpc.StatusCode if c is not grpc.StatusCode.OK
 )
@@ -137,6 +140,26 @@ class DaemonMetrics(MetricsRegistry):
             "Time the daemon spent serving a gRPC call.",
             ["method"],
         )
+        self.transfer_bytes = c(
+            "tc_transfer_bytes",
+            "Bytes moved between nodes by this daemon, by direction (in: landed here, out: "
+            "served from here) and transport.",
+            ["direction", "transport"],
+        )
+        self.transfers = c(
+            "tc_transfers",
+            "Cross-node pulls this daemon made (whole replicas and partial reads), by "
+            "transport and result.",
+            ["transport", "result"],
+        )
+        self.transfer_seconds = h(
+            "tc_transfer_seconds", "Time one cross-node pull took, by transport.", ["transport"]
+        )
+        self.transfer_fallbacks = c(
+            "tc_transfer_fallbacks",
+            "Transfers that asked for the collective path and used the object store, by reason.",
+            ["reason"],
+        )
         self.info = g(
             "tc_daemon_info", "Always 1; labels say which daemon this is.", ["version", "node_id"]
         )
@@ -159,6 +182,12 @@ class DaemonMetrics(MetricsRegistry):
             result=("success",),
             reason=("none",),
             source=MATERIALIZE_SOURCES,
+        )
+        self._preinit(self.transfer_bytes, direction=("in", "out"), transport=TRANSFER_TRANSPORTS)
+        self._preinit(self.transfers, transport=TRANSFER_TRANSPORTS, result=("ok", "failed"))
+        self._preinit(self.transfer_seconds, transport=TRANSFER_TRANSPORTS)
+        self._preinit(
+            self.transfer_fallbacks, reason=("collective_unavailable", "collective_failed")
         )
         self._preinit(self.tier_bytes_used, tier=tiers)
         self._preinit(self.tier_bytes_capacity, tier=tiers)

@@ -1,29 +1,41 @@
 """``GlobalStoreActor``: the cluster's metadata service as a Ray actor.  [Global Store]
 
 One named (``global_store``), detached, restartable actor per namespace. It holds metadata
-only — which daemons exist and, as the cross-node issues land, keys → versions → replicas —
-and never bytes. It serves gRPC (Health, Status) for processes outside Ray and the CLI, a
-Prometheus ``/metrics`` endpoint, and Ray actor methods for daemons.
+only — which daemons exist and keys → versions → artifacts → replicas (the pure
+:class:`~tensorcast_ray.global_store.catalog.ClusterCatalog`) — and never bytes. It serves
+gRPC (Health, Status) for processes outside Ray and the CLI, a Prometheus ``/metrics``
+endpoint, and Ray actor methods for daemons and the CLI; every catalog method takes the
+namespace token (:mod:`tensorcast_ray._auth`) and refuses a call without it.
+
+Liveness: daemons report every ``heartbeat_s``; a watcher asks Ray which nodes are alive
+every second and drops the replicas of a node Ray declared dead. A restarted Global Store
+starts empty and rebuilds its catalog from the daemons: it asks every daemon of its
+namespace for a full report at start, and a daemon whose heartbeat reaches a Global Store
+instance it has not reported to sends one too. Until the first round of reports is in, a
+key it does not know is UNAVAILABLE (retryable), never a false NOT_FOUND.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hmac
 import logging
 import os
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from google.protobuf.message import Message
+from tensorcast_ray.global_store.catalog import ClusterCatalog
 from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 
-from tensorcast_ray._actors import message_to_dict
-from tensorcast_ray._auth import namespace_token
-from tensorcast_ray._catalog import Catalog
+from tensorcast_ray._actors import daemon_name, get_actor, message_to_dict
+from tensorcast_ray._auth import namespace_token, unauthenticated_error
 from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
-from tensorcast_ray._errors import InvalidArgumentError
+from tensorcast_ray._errors import InvalidArgumentError, UnavailableError
 from tensorcast_ray._grpc_server import (
     AioServerThread,
     bind_error,
@@ -42,6 +54,25 @@ _METHODS: dict[str, tuple[int, type[Message], type[Message]]] = {
 }
 
 
+#: catalog calls (Ray actor methods) timed and counted like the gRPC ones
+_CATALOG_METHODS = (
+    "reserve",
+    "commit",
+    "abort",
+    "resolve",
+    "exists",
+    "delete",
+    "list_artifacts",
+    "add_replica",
+    "drop_replica",
+    "heartbeat",
+    "sync_node",
+)
+_NODE_POLL_S = 1.0
+_REBUILD_TIMEOUT_S = 30.0
+_FANOUT_TIMEOUT_S = 10.0
+
+
 class GlobalStoreActor:
     def __init__(
         self, config: dict[str, Any], namespace: str, version_override: str | None = None
@@ -49,16 +80,28 @@ class GlobalStoreActor:
         self.config = GlobalStoreConfig.model_validate(config)
         self.namespace = namespace
         self.version = version_override or __version__
-        self.catalog = Catalog()
+        self.instance_id = uuid.uuid4().hex[:12]
+        self.catalog = ClusterCatalog()
+        self._token = namespace_token(namespace)
         self._daemons: dict[str, global_store_pb2.DaemonRecord] = {}
+        self._handles: dict[str, Any] = {}
+        # Drops a node did not confirm (unreachable at a delete): sent again with each of
+        # its heartbeats until it has them, and refused in its full report meanwhile.
+        self._pending_drops: dict[str, set[str]] = {}
         self._lock = threading.Lock()
         self._started = time.monotonic()
-        self.metrics = GlobalStoreMetrics(version=self.version, rpc_methods=list(_METHODS))
+        # Until the daemons alive at start have reported, an unknown key may only be unknown
+        # because its report is still on the way.
+        self._rebuilt = threading.Event()
+        self._stop = threading.Event()
+        self.metrics = GlobalStoreMetrics(
+            version=self.version, rpc_methods=[*_METHODS, *_CATALOG_METHODS]
+        )
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tc-gs-rpc")
         self._aio = AioServerThread("tc-gs-grpc")
         handler = unary_handlers(SERVICE_NAME, _METHODS, self._dispatch, self._executor)
         self.port = self._aio.start(
-            [handler], self.config.listen_host, self.config.listen_port, namespace_token(namespace)
+            [handler], self.config.listen_host, self.config.listen_port, self._token
         )
         host, port = self.config.metrics_host, self.config.metrics_port
         try:
@@ -73,9 +116,13 @@ class GlobalStoreActor:
         except OSError as exc:
             self._aio.stop()
             raise bind_error("Global Store metrics endpoint", host, port or 0, exc) from exc
-        self.address = f"{self.config.listen_host}:{self.port}"
-        self.metrics_address = f"{self.config.metrics_host}:{self.metrics_port}"
+        advertised = _advertised_host(self.config.listen_host)
+        self.address = f"{advertised}:{self.port}"
+        self.metrics_address = f"{_advertised_host(self.config.metrics_host)}:{self.metrics_port}"
+        threading.Thread(target=self._rebuild, name="tc-gs-rebuild", daemon=True).start()
+        threading.Thread(target=self._watch_nodes, name="tc-gs-nodes", daemon=True).start()
 
+    # ---- gRPC -----------------------------------------------------------------------------
     def _dispatch(self, method: str, request: Any) -> Any:
         with self.metrics.observe_rpc(method):
             if method == "Health":
@@ -90,34 +137,280 @@ class GlobalStoreActor:
     def _status_pb(self) -> global_store_pb2.GlobalStatusResponse:
         with self._lock:
             daemons = list(self._daemons.values())
+            keys, artifacts = self.catalog.names(), len(self.catalog)
         return global_store_pb2.GlobalStatusResponse(
             version=self.version,
             address=self.address,
             metrics_address=self.metrics_address,
             uptime_s=time.monotonic() - self._started,
-            keys=self.catalog.names(),
-            artifacts=len(self.catalog),
+            keys=keys,
+            artifacts=artifacts,
             daemons=daemons,
             namespace=self.namespace,
             pid=os.getpid(),
         )
 
-    @ray.method(concurrency_group="control")
-    def register_daemon(self, record: dict[str, Any]) -> dict[str, Any]:
-        node_id = record.get("node_id")
-        if not isinstance(node_id, str) or not node_id:
-            raise InvalidArgumentError("register_daemon needs a node_id")
-        with self._lock:
-            self._daemons[node_id] = global_store_pb2.DaemonRecord(
-                node_id=node_id,
-                address=str(record.get("address", "")),
-                version=str(record.get("version", "")),
-                instance_id=str(record.get("instance_id", "")),
-                last_seen_unix_s=time.time(),
-            )
-            self.metrics.daemons_known.set(len(self._daemons))
-        return {"address": self.address, "version": self.version}
+    # ---- the catalog shell ------------------------------------------------------------------
+    def _call(self, method: str, token: str, fn: Callable[[], Any]) -> Any:
+        """One catalog call: authenticated, under the lock, timed; the gauges follow."""
+        with self.metrics.observe_rpc(method):
+            if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+                raise unauthenticated_error()
+            with self._lock:
+                out = fn()
+                self.metrics.catalog_keys.set(self.catalog.names())
+                self.metrics.catalog_artifacts.set(len(self.catalog))
+            return out
 
+    def _require_rebuilt(self, what: str) -> None:
+        """Answers that depend on every daemon's report wait for the rebuild: a write could
+        otherwise reuse a version not reported yet, ``latest`` or a listing miss one."""
+        if not self._rebuilt.is_set():
+            raise UnavailableError(
+                f"the Global Store restarted and is rebuilding its catalog from the daemons; "
+                f"{what} waits until they have reported — retry in a few seconds"
+            )
+
+    def _unknown_while_rebuilding(self, key: str) -> None:
+        if not self._rebuilt.is_set():
+            raise UnavailableError(
+                f"the Global Store restarted and is rebuilding its catalog from the daemons; "
+                f"{key} may be among what they have not reported yet — retry in a few seconds"
+            )
+
+    @ray.method(concurrency_group="control")
+    def reserve(self, token: str, write: dict[str, Any]) -> dict[str, Any] | None:
+        """Reserve ``write["key"]`` for a write on ``write["node_id"]``; a retry of a write
+        that committed already gets that commit back."""
+
+        def run() -> dict[str, Any] | None:
+            self._require_rebuilt(f"writing {write.get('key')}")
+            now = _now_ms()
+            done = self.catalog.reserve(
+                str(write["key"]),
+                str(write["artifact_id"]),
+                str(write["node_id"]),
+                request_id=str(write.get("request_id", "")),
+                deadline_ms=now + int(write.get("timeout_ms", 600_000)),
+                now_ms=now,
+            )
+            return None if done is None else done.to_dict()
+
+        return self._call("reserve", token, run)
+
+    @ray.method(concurrency_group="control")
+    def commit(self, token: str, write: dict[str, Any]) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            entry = self.catalog.commit(
+                str(write["key"]),
+                str(write["artifact_id"]),
+                str(write["node_id"]),
+                nbytes=int(write.get("nbytes", 0)),
+                tensors=int(write.get("tensors", 0)),
+                kind=str(write.get("kind", "put")),
+                created_ms=int(write.get("created_ms", 0)),
+            )
+            return entry.to_dict()
+
+        return self._call("commit", token, run)
+
+    @ray.method(concurrency_group="control")
+    def abort(self, token: str, key: str, artifact_id: str) -> None:
+        self._call("abort", token, lambda: self.catalog.abort(key, artifact_id))
+
+    @ray.method(concurrency_group="control")
+    def resolve(self, token: str, key: str = "", artifact_id: str = "") -> dict[str, Any]:
+        """The committed entry of ``key`` (``latest`` resolved by commit order) or of
+        ``artifact_id``, with the nodes holding it and which of them are alive."""
+
+        def run() -> dict[str, Any]:
+            from tensorcast_ray._errors import NotFoundError
+
+            if key.endswith(":latest"):
+                self._require_rebuilt(f"resolving {key}")
+            try:
+                entry = (
+                    self.catalog.by_artifact(artifact_id)
+                    if artifact_id
+                    else self.catalog.resolve(key)
+                )
+            except NotFoundError:
+                self._unknown_while_rebuilding(key or artifact_id)
+                raise
+            return entry.to_dict()
+
+        return self._call("resolve", token, run)
+
+    @ray.method(concurrency_group="control")
+    def exists(self, token: str, key: str) -> bool:
+        def run() -> bool:
+            found = self.catalog.exists(key)
+            if not found:
+                self._unknown_while_rebuilding(key)
+            return found
+
+        return self._call("exists", token, run)
+
+    @ray.method(concurrency_group="control")
+    def list_artifacts(self, token: str, prefix: str = "") -> list[dict[str, Any]]:
+        def run() -> list[dict[str, Any]]:
+            self._require_rebuilt("listing keys")
+            return [e.to_dict() for e in self.catalog.entries(prefix)]
+
+        return self._call("list_artifacts", token, run)
+
+    @ray.method(concurrency_group="control")
+    def delete(self, token: str, key: str, node_id: str) -> dict[str, Any]:
+        """Delete ``key`` cluster-wide: every other node holding it drops its copy before this
+        returns (the caller, ``node_id``, drops its own)."""
+        entry = self._call("delete", token, lambda: self.catalog.delete(key))
+        others = [n for n in entry.replicas if n != node_id]
+        failed = self._fan_out_drop(others, [entry.artifact_id], wait=True)
+        return {**entry.to_dict(), "unreachable": failed}
+
+    @ray.method(concurrency_group="control")
+    def add_replica(self, token: str, artifact_id: str, node_id: str, kind: str) -> dict[str, Any]:
+        return self._call(
+            "add_replica",
+            token,
+            lambda: self.catalog.add_replica(artifact_id, node_id, kind).to_dict(),
+        )
+
+    @ray.method(concurrency_group="control")
+    def drop_replica(self, token: str, artifact_id: str, node_id: str, final: bool) -> None:
+        """``node_id`` dropped ``artifact_id``; ``final``: its life ended (the version goes
+        everywhere), else it was a copy evicted or expired there."""
+        others = self._call(
+            "drop_replica",
+            token,
+            lambda: self.catalog.drop_replica(artifact_id, node_id, final=final),
+        )
+        if others:
+            self._fan_out_drop(others, [artifact_id], wait=False)
+
+    @ray.method(concurrency_group="control")
+    def heartbeat(self, token: str, record: dict[str, Any]) -> dict[str, Any]:
+        """A daemon's liveness report; ``resync`` asks it for a full report (this instance
+        has not had one from that daemon instance yet)."""
+
+        def run() -> dict[str, Any]:
+            node_id = _node_of(record)
+            known = self._daemons.get(node_id)
+            self._daemons[node_id] = _daemon_record(record, node_id)
+            self.metrics.daemons_known.set(len(self._daemons))
+            synced = (
+                known is not None
+                and known.instance_id == str(record.get("instance_id", ""))
+                and record.get("synced_with") == self.instance_id
+            )
+            drop = sorted(self._pending_drops.pop(node_id, ()))
+            return {"instance_id": self.instance_id, "resync": not synced, "drop": drop}
+
+        return self._call("heartbeat", token, run)
+
+    @ray.method(concurrency_group="control")
+    def sync_node(
+        self, token: str, record: dict[str, Any], artifacts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A daemon's full report: what it holds becomes its replica set."""
+
+        def run() -> list[str]:
+            node_id = _node_of(record)
+            self._daemons[node_id] = _daemon_record(record, node_id)
+            self.metrics.daemons_known.set(len(self._daemons))
+            deleted = self._pending_drops.pop(node_id, set())
+            kept = [a for a in artifacts if a.get("artifact_id") not in deleted]
+            return self.catalog.sync_node(node_id, kept) + sorted(deleted)
+
+        refused = self._call("sync_node", token, run)
+        return {"instance_id": self.instance_id, "refused": refused}
+
+    # ---- background ---------------------------------------------------------------------------
+    def _daemon(self, node_id: str) -> Any | None:
+        handle = self._handles.get(node_id)
+        if handle is None:
+            handle = get_actor(daemon_name(node_id), self.namespace)
+            if handle is not None:
+                self._handles[node_id] = handle
+        return handle
+
+    def _fan_out_drop(self, nodes: list[str], artifact_ids: list[str], *, wait: bool) -> list[str]:
+        """Tell ``nodes`` to drop ``artifact_ids``; with ``wait``, returns the nodes that did
+        not confirm in time."""
+        refs, failed = [], []
+        for node in nodes:
+            handle = self._daemon(node)
+            if handle is None:
+                failed.append(node)
+                continue
+            refs.append((node, handle.drop_artifacts.remote(self._token, artifact_ids)))
+        if wait:
+            for node, ref in refs:
+                try:
+                    ray.get(ref, timeout=_FANOUT_TIMEOUT_S)
+                except Exception as exc:
+                    logger.warning("node %s did not drop %s: %s", node, artifact_ids, exc)
+                    self._handles.pop(node, None)
+                    failed.append(node)
+        with self._lock:
+            for node in failed:  # told again with its next heartbeat (or full report)
+                self._pending_drops.setdefault(node, set()).update(artifact_ids)
+        return failed
+
+    def _rebuild(self) -> None:
+        """At start: ask every daemon of this namespace for a full report (a restarted
+        Global Store learns the catalog back without waiting for heartbeats)."""
+        try:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            names = [
+                a["name"]
+                for a in ray.util.list_named_actors(all_namespaces=True)
+                if a.get("namespace") == self.namespace
+                and a["name"].startswith("daemon:")
+                and a["name"].partition(":")[2] in alive  # a dead node's daemon never answers
+            ]
+            refs = []
+            for name in names:
+                handle = get_actor(name, self.namespace)
+                if handle is not None:
+                    refs.append(handle.resync.remote(self._token, self.instance_id))
+            deadline = time.monotonic() + _REBUILD_TIMEOUT_S
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=max(0.1, deadline - time.monotonic()))
+                except Exception as exc:  # a daemon that died meanwhile, or one still starting
+                    logger.warning("a daemon did not report at Global Store start: %s", exc)
+        except Exception:
+            logger.exception("rebuilding the catalog from the daemons failed")
+        finally:
+            self._rebuilt.set()
+
+    def _watch_nodes(self) -> None:
+        """Drop the replicas of nodes Ray declared dead (checked every second)."""
+        while not self._stop.wait(_NODE_POLL_S):
+            try:
+                alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            except Exception:
+                continue  # the GCS is restarting: try again
+            with self._lock:
+                gone = (self.catalog.nodes() | set(self._daemons)) - alive
+                for node in gone:
+                    lost = self.catalog.drop_node(node)
+                    self._daemons.pop(node, None)
+                    self._pending_drops.pop(node, None)
+                    self._handles.pop(node, None)
+                    logger.warning(
+                        "node %s left the cluster; %d version(s) lived only there%s",
+                        node,
+                        len(lost),
+                        f": {', '.join(lost[:5])}" if lost else "",
+                    )
+                if gone:
+                    self.metrics.daemons_known.set(len(self._daemons))
+                    self.metrics.catalog_keys.set(self.catalog.names())
+                    self.metrics.catalog_artifacts.set(len(self.catalog))
+
+    # ---- lifecycle and discovery -----------------------------------------------------------
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         return {
@@ -126,6 +419,9 @@ class GlobalStoreActor:
             "version": self.version,
             "namespace": self.namespace,
             "pid": os.getpid(),
+            "instance_id": self.instance_id,
+            "rebuilt": self._rebuilt.is_set(),
+            "node_id": ray.get_runtime_context().get_node_id(),
         }
 
     @ray.method(concurrency_group="control")
@@ -134,6 +430,35 @@ class GlobalStoreActor:
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
+        self._stop.set()
         self._aio.stop()
         self.metrics.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _node_of(record: dict[str, Any]) -> str:
+    node_id = record.get("node_id")
+    if not isinstance(node_id, str) or not node_id:
+        raise InvalidArgumentError("a daemon record needs a node_id")
+    return node_id
+
+
+def _daemon_record(record: dict[str, Any], node_id: str) -> global_store_pb2.DaemonRecord:
+    return global_store_pb2.DaemonRecord(
+        node_id=node_id,
+        address=str(record.get("address", "")),
+        version=str(record.get("version", "")),
+        instance_id=str(record.get("instance_id", "")),
+        last_seen_unix_s=time.time(),
+    )
+
+
+def _advertised_host(host: str) -> str:
+    """The host others should dial: a wildcard bind is advertised as this node's address."""
+    if host in ("0.0.0.0", "::", ""):
+        return str(ray.util.get_node_ip_address())
+    return host

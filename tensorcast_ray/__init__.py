@@ -19,9 +19,10 @@ from tensorcast_ray._api import (
     list_keys,
     put,
     register,
+    replicate,
     store,
 )
-from tensorcast_ray._artifact import Artifact, ArtifactView
+from tensorcast_ray._artifact import Artifact, ArtifactInfo, ArtifactView
 from tensorcast_ray._bootstrap import InitContext, Versions, init, is_initialized, shutdown
 from tensorcast_ray._checkpoint_io import export, import_checkpoint
 from tensorcast_ray._config import DaemonConfig, GlobalStoreConfig, PortConfig
@@ -42,7 +43,7 @@ from tensorcast_ray._errors import (
 )
 from tensorcast_ray._policy import StorePolicy, TierSpec
 from tensorcast_ray._retry import RetryPolicy
-from tensorcast_ray._store import GetArtifactOptions, Store, StoreOptions
+from tensorcast_ray._store import GetArtifactOptions, ReplicaResult, Store, StoreOptions
 from tensorcast_ray._version import __version__
 from tensorcast_ray._write import PutResult
 
@@ -59,6 +60,7 @@ __all__ = [
     "AlreadyExistsError",
     "Artifact",
     "ArtifactError",
+    "ArtifactInfo",
     "ArtifactView",
     "DaemonConfig",
     "DataLossError",
@@ -73,6 +75,7 @@ __all__ = [
     "PermissionDeniedError",
     "PortConfig",
     "PutResult",
+    "ReplicaResult",
     "ResourceExhaustedError",
     "RetryPolicy",
     "Store",
@@ -98,6 +101,7 @@ __all__ = [
     "metrics_text",
     "put",
     "register",
+    "replicate",
     "shutdown",
     "store",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tensorcast_ray._error_mapping import map_exception
-from tensorcast_ray._errors import ArtifactError, FailedPreconditionError, UnavailableError
+from tensorcast_ray._errors import FailedPreconditionError, UnavailableError
 
 DEFAULT_NAMESPACE = "tensorcast_ray"
 GLOBAL_STORE_NAME = "global_store"
@@ -60,15 +60,24 @@ def get_actor(name: str, namespace: str) -> Any | None:
         return None
 
 
-def call(handle: Any, method: str, *args: Any, timeout: float = ACTOR_READY_TIMEOUT_S) -> Any:
-    """``ray.get`` of one actor call with a deadline; Ray errors mapped to ours."""
+def call(
+    handle: Any,
+    method: str,
+    *args: Any,
+    timeout: float = ACTOR_READY_TIMEOUT_S,
+    through_restarts: bool = False,
+) -> Any:
+    """``ray.get`` of one actor call with a deadline; Ray errors mapped to ours.
+    ``through_restarts``: an actor Ray is restarting gets the call once it is back (within
+    the deadline) instead of failing at once."""
     import ray
 
+    fn = getattr(handle, method)
+    if through_restarts:
+        fn = fn.options(max_task_retries=-1)
     try:
-        return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
-    except ArtifactError:
-        raise
-    except Exception as exc:
+        return ray.get(fn.remote(*args), timeout=timeout)
+    except Exception as exc:  # Ray's wrapper of our error too: map_exception unwraps it
         raise map_exception(exc, context=f"actor call {method}") from exc
 
 
@@ -102,7 +111,7 @@ def create_daemon(
         options["lifetime"] = "detached"
     try:
         return (
-            ray.remote(concurrency_groups={"control": 4})(DaemonActor)  # type: ignore[call-overload]
+            ray.remote(concurrency_groups={"control": 4, "transfer": 16})(DaemonActor)  # type: ignore[call-overload]
             .options(**options)
             .remote(
                 config,
@@ -142,6 +151,14 @@ def create_global_store(
         "max_task_retries": 0,
         "num_cpus": 0,
     }
+    head = _head_node_id()
+    if head is not None:
+        # On the head node: it goes only with the cluster (whose GCS lives there too), never
+        # with a worker node that leaves (it would restart elsewhere and rebuild its catalog
+        # meanwhile). Hard: a soft preference lets Ray spill it to the caller's node.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
     if detached:
         options["lifetime"] = "detached"
     try:
@@ -157,6 +174,18 @@ def create_global_store(
             f"a Global Store already runs in namespace {namespace!r}; use "
             "global_store_mode='connect', or stop it with `tensorcast-ray global stop`"
         ) from exc
+
+
+def _head_node_id() -> str | None:
+    import ray
+
+    try:
+        for node in ray.nodes():
+            if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+                return str(node["NodeID"])
+    except Exception:  # Ray Client or a GCS hiccup: let Ray place it
+        return None
+    return None
 
 
 def _name_taken(exc: ValueError) -> bool:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray._artifact import Artifact
 from tensorcast_ray._policy import StorePolicy
-from tensorcast_ray._store import Store, StoreOptions, default_store
+from tensorcast_ray._store import ReplicaResult, Store, StoreOptions, default_store
 from tensorcast_ray._write import PutResult
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ __all__ = [
     "list_keys",
     "put",
     "register",
+    "replicate",
     "store",
 ]
 
@@ -93,3 +94,17 @@ def empty(shape: Sequence[int], dtype: Any = None) -> torch.Tensor:
 
 def empty_like(tensor: torch.Tensor) -> torch.Tensor:
     return default_store().empty_like(tensor)
+
+
+def replicate(
+    key: str, nodes: str | Sequence[str] = "all", transport: str = "auto"
+) -> dict[str, ReplicaResult]:
+    """Put a kept copy of ``key`` on each target node (``"all"``: every alive node).
+
+    The bytes travel along a chain (source → t1 → t2 …, shard by shard), so the source
+    sends them about once whatever the number of targets. ``transport``: ``"object_store"``
+    (Ray's object store), ``"collective"`` (a gloo group between the daemons, formed on
+    first use and reused) or ``"auto"`` (collective when it can run, else the object store,
+    saying why in each result's ``reason``). Returns ``{node_id: ReplicaResult}``; a node
+    that already holds it is ``ready`` with nothing moved. See docs/cluster.md."""
+    return default_store().replicate(key, nodes, transport)

@@ -17,17 +17,61 @@ One get, step by step:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray._errors import InvalidArgumentError, NotFoundError, UnimplementedError
-from tensorcast_ray._layout import TensorMeta, normalize_slices, slice_region
+from tensorcast_ray._layout import Columns, TensorMeta, normalize_slices, slice_region
 from tensorcast_ray._metrics import get_sdk_metrics
 from tensorcast_ray._read_cache import CachedArtifact, in_read_only_mapping
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Artifact", "ArtifactView"]
+__all__ = ["Artifact", "ArtifactInfo", "ArtifactView", "RemoteEntry"]
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """Where one artifact version lives in the cluster (``Artifact.info()``).
+
+    ``replicas``: the node ids holding a copy (``replica_kinds`` says how: ``original``,
+    ``replica`` kept by replicate, ``cache`` pulled by a read). ``served_by``: how this
+    process's last read of it was served: ``"local"`` (this node's copy), ``"object_store"``
+    or ``"collective"`` (pulled from another node by that read), or None before any read.
+    """
+
+    key: str
+    artifact_id: str
+    nbytes: int
+    tensors: int
+    kind: str
+    writer: str
+    replicas: list[str]
+    replica_kinds: dict[str, str] = field(default_factory=dict)
+    local: bool = False
+    local_kind: str | None = None
+    served_by: str | None = None
+    created_unix_ms: int = 0
+
+
+class RemoteEntry:
+    """[SDK] The layout of an artifact with no copy on this node (a lazy ``tc.artifact``):
+    whole reads pull a replica first; views and ``get_into`` read only their bytes."""
+
+    remote = True
+
+    def __init__(self, info: Any) -> None:
+        self.info = info
+        self.cols = Columns.from_table(info.tensors, [s.size for s in info.segments])
+        self.index = {name: i for i, name in enumerate(self.cols.names)}
+        self._metas: dict[str, TensorMeta] | None = None
+
+    @property
+    def metas(self) -> dict[str, TensorMeta]:
+        if self._metas is None:
+            self._metas = {name: self.cols.meta(i) for i, name in enumerate(self.cols.names)}
+        return self._metas
 
 
 def _check_device(device: Any) -> Any:
@@ -50,9 +94,22 @@ class Artifact:
     """One version of an artifact on this node. Made by ``tc.artifact(key)``; ``latest`` is
     resolved once, at creation, so every call on one ``Artifact`` sees the same version."""
 
-    def __init__(self, entry: CachedArtifact, store: Any) -> None:
+    def __init__(
+        self, entry: CachedArtifact | RemoteEntry, store: Any, served_by: str = "local"
+    ) -> None:
         self._entry = entry
         self._store = store
+        # How this artifact's next read is served: the Lookup that made it may have pulled
+        # it from another node; after one read it is this node's copy ("local").
+        self._served_by = served_by
+
+    def _read(self, how: str | None = None) -> None:
+        """A read happened (tensors handed out or copied): remember how it was served."""
+        from tensorcast_ray._store import served
+
+        served(self.artifact_id, how or self._served_by)
+        if how is None:
+            self._served_by = "local"
 
     @property
     def key(self) -> str:
@@ -97,12 +154,34 @@ class Artifact:
         metas = self._entry.metas
         return [metas[n] for n in self._select_names(names)]
 
+    def info(self) -> ArtifactInfo:
+        """Where this version lives in the cluster now, and how this process last read it."""
+        return self._store._info(self.artifact_id)
+
+    @property
+    def _remote(self) -> bool:
+        return getattr(self._entry, "remote", False)
+
+    def _localize(self) -> None:
+        """A whole read of an artifact with no copy here: pull a replica (once per node)."""
+        if self._remote:
+            self._entry, self._served_by = self._store._pull_replica(self._entry)
+
     def _check_alive(self) -> None:
+        if self._remote:
+            return
         if not self._store._read_cache.check_read(self._entry.info):
             raise NotFoundError(f"{self.key} was deleted (or evicted) after it was opened")
 
+    @property
+    def _cached(self) -> CachedArtifact:
+        """This node's mapped copy (after ``_localize`` for a remote artifact)."""
+        entry = self._entry
+        assert isinstance(entry, CachedArtifact), "a remote artifact must be localized first"
+        return entry
+
     def _wrap(self, meta: TensorMeta) -> torch.Tensor:
-        return self._entry.wrap(meta)
+        return self._cached.wrap(meta)
 
     def tensor_dict(
         self, device: Any = "cpu", names: Sequence[str] | None = None, copy: bool = False
@@ -111,10 +190,12 @@ class Artifact:
         the same tensor objects for every call in this process (each call a new dict)."""
         dev = _check_device(device)
         chosen = None if names is None else self._select_names(names)
+        self._localize()
         self._check_alive()
-        wrapped = self._entry.tensors()
+        wrapped = self._cached.tensors()
         out = dict(wrapped) if chosen is None else {n: wrapped[n] for n in chosen}
         get_sdk_metrics().record_data_path("shm")
+        self._read()
         return _materialize(out, dev, copy)
 
     def tensor_dict_into(
@@ -127,10 +208,17 @@ class Artifact:
         cols, index = self._entry.cols, self._entry.index
         expected = {n: (cols.dtypes[index[n]], cols.shapes[index[n]]) for n in chosen}
         _validate_targets(self.key, targets, expected)
+        if self._remote:  # only the chosen tensors' bytes cross the network
+            metas = self._entry.metas
+            read = self._store._read_ranges(self._entry, [metas[n] for n in chosen])
+            _copy_into_targets(targets, [(n, read[n]) for n in chosen])
+            self._read("object_store")
+            return
         self._check_alive()
-        wrapped = self._entry.tensors()
+        wrapped = self._cached.tensors()
         _copy_into_targets(targets, [(n, wrapped[n]) for n in chosen])
         get_sdk_metrics().record_data_path("shm")
+        self._read()
 
     def view(self, slices: Mapping[str, Any]) -> ArtifactView:
         """A per-rank selection: ``{"w": (slice(0, 1024), slice(None))}`` or ``[(dim, slice)]``."""
@@ -160,14 +248,42 @@ class ArtifactView:
             return self._artifact._wrap(sub), True
         return self._artifact._wrap(meta)[sl].contiguous(), False
 
+    def _remote_tensors(self, metas: list[TensorMeta]) -> dict[str, torch.Tensor]:
+        """[remote artifact] Read only the selected bytes: a contiguous selection is read
+        exactly; any other is read as its whole tensor and indexed here."""
+        parts: list[TensorMeta] = []
+        how: dict[str, Any] = {}
+        for m in metas:
+            sl = self._slices.get(m.name)
+            region = slice_region(m, sl) if sl is not None else None
+            if region is not None and region.contiguous:
+                parts.append(
+                    TensorMeta(
+                        m.name, m.dtype, region.shape, m.segment, region.offset, region.nbytes
+                    )
+                )
+                how[m.name] = None
+            else:
+                parts.append(m)
+                how[m.name] = sl
+        read = self._artifact._store._read_ranges(self._artifact._entry, parts)
+        self._artifact._read("object_store")
+        return {
+            name: (read[name] if sl is None else read[name][sl].contiguous())
+            for name, sl in how.items()
+        }
+
     def tensor_dict(
         self, device: Any = "cpu", names: Sequence[str] | None = None, copy: bool = False
     ) -> dict[str, torch.Tensor]:
         dev = _check_device(device)
         metas = self._artifact._select(names)
+        if self._artifact._remote:
+            return _materialize(self._remote_tensors(metas), dev, copy)
         self._artifact._check_alive()
         out = {m.name: self._tensor(m)[0] for m in metas}
         get_sdk_metrics().record_data_path("shm")
+        self._artifact._read()
         return _materialize(out, dev, copy)
 
     def tensor_dict_into(
@@ -180,8 +296,13 @@ class ArtifactView:
             shape = slice_region(m, sl).shape if sl is not None else m.shape
             expected[m.name] = (m.dtype, shape)
         _validate_targets(self._artifact.key, targets, expected)
+        if self._artifact._remote:
+            read = self._remote_tensors(metas)
+            _copy_into_targets(targets, [(m.name, read[m.name]) for m in metas])
+            return
         self._artifact._check_alive()
         _copy_into_targets(targets, [(m.name, self._tensor(m)[0]) for m in metas])
+        self._artifact._read()
 
 
 def _materialize(out: dict[str, Any], dev: Any, copy: bool) -> dict[str, Any]:

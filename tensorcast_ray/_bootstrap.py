@@ -312,7 +312,7 @@ def _init_with_ray(
                 show_logs=show_logs,
             )
             owned = handle if mode == "create" else None
-        info = _actors.call(handle, "info")
+        info = _actors.call(handle, "info", through_restarts=True)
         if mode == "auto":
             explicit = daemon_config_path is not None or (
                 ports.daemon_listen_port is not None or ports.daemon_metrics_port is not None
@@ -417,12 +417,14 @@ def _global_store(
         detached=mode == "auto",
         get_if_exists=gs_mode is None and mode == "auto",
     )
-    _actors.call(handle, "info")
+    _actors.call(handle, "info", through_restarts=True)
     return handle, handle if mode == "create" else None
 
 
 def _check_gs_version(handle: Any) -> None:
-    info = _actors.call(handle, "info")
+    # A Global Store Ray is restarting answers ActorUnavailableError at once: let Ray hold
+    # the call until the restart finishes (bounded by the call's deadline).
+    info = _actors.call(handle, "info", through_restarts=True)
     if not versions_compatible(__version__, info["version"]):
         raise FailedPreconditionError(
             f"incompatible tensorcast_ray versions: SDK {__version__}, daemon ?, Global Store "

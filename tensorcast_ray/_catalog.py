@@ -18,7 +18,7 @@ from tensorcast_ray._errors import (
     NotFoundError,
 )
 
-__all__ = ["LATEST", "MAX_KEY_LENGTH", "Catalog", "parse_key"]
+__all__ = ["LATEST", "MAX_KEY_LENGTH", "Catalog", "parse_explicit", "parse_key"]
 
 LATEST = "latest"
 MAX_KEY_LENGTH = 1024
@@ -45,6 +45,17 @@ def parse_key(key: object, *, for_write: bool = False) -> tuple[str, str]:
     if for_write and (name != name.strip() or version != version.strip()):
         raise InvalidArgumentError(
             f"key {key!r} has spaces around its name or version; write it without them"
+        )
+    return name, version
+
+
+def parse_explicit(key: str, verb: str) -> tuple[str, str]:
+    """``parse_key`` for a verb that must name one version (not ``latest``)."""
+    name, version = parse_key(key)
+    if version == LATEST:
+        raise InvalidArgumentError(
+            f"{verb} takes an explicit version, not {key!r}: resolve it first "
+            "(e.g. tc.artifact(key).key) so you act on what you mean"
         )
     return name, version
 
@@ -116,12 +127,7 @@ class Catalog:
 
     def remove_key(self, key: str) -> str:
         """Delete one committed version; returns its artifact id."""
-        name, version = parse_key(key)
-        if version == LATEST:
-            raise InvalidArgumentError(
-                f"delete takes an explicit version, not {key!r}: resolve it first "
-                "(e.g. tc.artifact(key).key) so you delete what you mean"
-            )
+        name, version = parse_explicit(key, "delete")
         _, artifact_id = self.resolve(key)
         self._drop(name, version)
         return artifact_id

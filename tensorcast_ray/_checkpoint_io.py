@@ -92,7 +92,8 @@ def _sources(art: Artifact) -> tuple[list[TensorSource], list[memoryview]]:
     """Zero-copy read-only views of the artifact's tensors, in stored order."""
     from tensorcast_ray._disk import TensorSource
 
-    entry = art._entry
+    art._localize()  # an export of a remote artifact pulls a replica first
+    entry = art._cached
     bases: dict[int, memoryview] = {}
     views: list[memoryview] = []
     sources = []

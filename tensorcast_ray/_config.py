@@ -70,6 +70,11 @@ class DaemonConfig(_Strict):
     guardian_grace_s: Annotated[float, Field(ge=0)] = 20.0
     global_store_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     write_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    # The cluster tier (docs/cluster.md): pulls between nodes and liveness reports.
+    transfer_shard_bytes: Annotated[ByteSize, Field(ge=1 << 20)] = ByteSize(64 << 20)
+    transfer_parallel: Annotated[int, Field(ge=1, le=64)] = 4
+    transfer_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     # PEM files: with both, the gRPC server speaks TLS (for a bind beyond loopback).
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

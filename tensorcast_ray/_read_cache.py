@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from tensorcast_ray._transport.base import Transport
 
-__all__ = ["SWEEP_S", "CachedArtifact", "ReadCache", "in_read_only_mapping"]
+__all__ = ["SWEEP_S", "CachedArtifact", "ReadCache", "in_read_only_mapping", "mark_read_only"]
 
 #: how often a process that caches artifacts drops the ones the validity table says are gone.
 SWEEP_S = 1.0
@@ -83,6 +83,18 @@ class _ReadOnlyRanges:
 
 
 _read_only = _ReadOnlyRanges()
+
+
+def mark_read_only(mapping: mmap.mmap) -> int:
+    """[SDK] Record a read-only mapping made outside the cache (a partial read's buffer), so
+    ``get_into`` refuses its tensors as targets; returns its address."""
+    from tensorcast_ray._layout import TensorMeta, wrap_tensor
+
+    size = len(mapping)
+    base = wrap_tensor(mapping, TensorMeta("<segment>", "uint8", (size,), 0, 0, size))
+    start = int(base.data_ptr())
+    _read_only.add(start, size, mapping)
+    return start
 
 
 def in_read_only_mapping(tensor: torch.Tensor) -> bool:

@@ -69,6 +69,7 @@ VERBS: tuple[str, ...] = (
     "list_keys",
     "export",
     "import",
+    "replicate",
 )
 
 #: Codes the loop retries (when the error also says ``retryable=True``).
@@ -140,6 +141,8 @@ DEFAULT_RETRY_POLICIES: Mapping[str, RetryPolicy] = MappingProxyType(
         "delete": RetryPolicy(20.0, 2),
         "export": RetryPolicy(300.0, 2, 1.0),
         "import": RetryPolicy(300.0, 2, 1.0),
+        # Moves whole artifacts between nodes, like export / import.
+        "replicate": RetryPolicy(600.0, 2, 1.0),
     }
 )
 

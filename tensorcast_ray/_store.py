@@ -43,9 +43,27 @@ SOURCES = ("auto", "local_only", "remote", "disk")
 _RELEASE_TIMEOUT_S = 2.0  # a best-effort call made ahead of a verb: never held up long
 
 
+_SOURCE_CODES = {
+    "auto": daemon_pb2.READ_SOURCE_AUTO,
+    "local_only": daemon_pb2.READ_SOURCE_LOCAL_ONLY,
+    "remote": daemon_pb2.READ_SOURCE_REMOTE,
+    "disk": daemon_pb2.READ_SOURCE_DISK,
+}
+_SERVED_MAX = 4096  # artifacts whose last read's path this process remembers (ArtifactInfo)
+
+
 @dataclass(frozen=True)
 class GetArtifactOptions:
-    """Where reads may come from. ``remote`` and ``disk`` need tiers not built yet."""
+    """Where reads may come from (see docs/cluster.md).
+
+    ``"auto"``: this node's copy, else pulled from the nearest node holding one (landing a
+    replica here that every later reader on this node maps with no copy). ``"local_only"``:
+    this node's copy or NOT_FOUND naming the nodes that hold it; nothing moves. ``"remote"``:
+    the cluster's answer (the Global Store is always asked, even for a version this process
+    has open), which needs a copy on another node (an artifact only this node holds is
+    NOT_FOUND); it is served from this node's copy when there is one (the same immutable
+    bytes), else pulled. ``"disk"`` needs persistence (not built yet:
+    FAILED_PRECONDITION)."""
 
     source: str = "auto"
 
@@ -60,6 +78,16 @@ class GetArtifactOptions:
 class StoreOptions:
     get: GetArtifactOptions = field(default_factory=GetArtifactOptions)
     retry_overrides: Mapping[str, RetryPolicy] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaResult:
+    """One target node's outcome of :func:`tensorcast_ray.replicate`."""
+
+    node_id: str
+    status: str  # "ready" | "failed"
+    transport: str  # "object_store" | "collective" | "" (nothing moved: already there)
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +146,17 @@ class _BufferRegistry:
 
 _read_cache = ReadCache()
 _buffers = _BufferRegistry()
+_served_by: collections.OrderedDict[str, str] = collections.OrderedDict()
+
+
+def served(artifact_id: str, how: str) -> None:
+    """Remember how this process's last read of ``artifact_id`` was served (ArtifactInfo)."""
+    _served_by[artifact_id] = how
+    _served_by.move_to_end(artifact_id)
+    while len(_served_by) > _SERVED_MAX:
+        _served_by.popitem(last=False)
+
+
 _cache_pid = os.getpid()
 
 
@@ -195,10 +234,10 @@ class Store:
 
     def _check_source(self) -> None:
         source = self.opts.get.source
-        if source in ("remote", "disk"):
+        if source == "disk":
             raise FailedPreconditionError(
-                f"GetArtifactOptions(source={source!r}) needs the {source} tier, which is not "
-                "built yet; use source='auto' or 'local_only'"
+                "GetArtifactOptions(source='disk') needs persistence to shared disk, which is "
+                "not built yet; use source='auto', 'local_only' or 'remote'"
             )
 
     def _require_same_host(self) -> None:
@@ -208,7 +247,8 @@ class Store:
         if hello is not None and hello.hostname != socket.gethostname():
             raise UnimplementedError(
                 f"this process runs on {socket.gethostname()} but its daemon on {hello.hostname}; "
-                "moving bytes over gRPC is not built yet — connect to the daemon of this host"
+                "a process maps its daemon's shared memory, so it must share the daemon's host — "
+                "connect to the daemon of this host (daemons move bytes between nodes)"
             )
 
     # ---- writes -------------------------------------------------------------------------
@@ -299,20 +339,138 @@ class Store:
         if key is not None:
             _, version = parse_key(key)
         self._check_source()
+        source = self.opts.get.source
         cache = self._read_cache
-        if key is not None and version != "latest":
+        if key is not None and version != "latest" and source != "remote":
             entry = cache.lookup_key(key)
             if entry is not None:
-                return Artifact(entry, self)
+                return Artifact(entry, self, served_by="local")
         self._require_same_host()
-        request = daemon_pb2.LookupRequest(key=key or "", artifact_id=artifact_id or "")
+        request = daemon_pb2.LookupRequest(
+            key=key or "",
+            artifact_id=artifact_id or "",
+            source=_SOURCE_CODES[source],
+            # tc.artifact and get_into may need only some bytes of a remote artifact: ask
+            # for its layout; a whole read pulls a replica then (Artifact._localize).
+            metadata_only=verb in ("artifact", "get_into"),
+        )
         info = self._retrier.call(verb, lambda t: self._call("Lookup", request, t))
+        if info.remote:
+            from tensorcast_ray._artifact import RemoteEntry
+
+            return Artifact(RemoteEntry(info), self)
+        return Artifact(self._admit(info), self, served_by=info.served_by or "local")
+
+    def _admit(self, info: daemon_pb2.ArtifactInfo) -> Any:
         hello = _bootstrap.current().client.hello
+        cache = self._read_cache
         if hello is not None:
             cache.attach_epochs(
                 hello.shm_dir, hello.epoch_segment, hello.epoch_slots, hello.instance_id
             )
-        return Artifact(cache.admit(info), self)
+        return cache.admit(info)
+
+    def _pull_replica(self, entry: Any) -> tuple[Any, str]:
+        """[remote artifact] Land a replica on this node (one pull per node) and map it;
+        returns the mapped entry and how the pull was served."""
+        request = daemon_pb2.LookupRequest(
+            artifact_id=entry.info.artifact_id, source=_SOURCE_CODES[self.opts.get.source]
+        )
+        info = self._retrier.call("get", lambda t: self._call("Lookup", request, t))
+        if info.remote:  # pragma: no cover - the daemon answers metadata only when asked
+            raise FailedPreconditionError(f"{info.key}: the daemon answered no copy")
+        return self._admit(info), info.served_by or "local"
+
+    def _read_ranges(self, entry: Any, metas: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """[remote artifact] Only the bytes of ``metas`` (whole tensors or contiguous
+        parts), into a buffer the daemon leases to this process: no replica is made."""
+        import torch
+
+        from tensorcast_ray._dtypes import torch_dtype
+        from tensorcast_ray._layout import TensorMeta, wrap_tensor
+        from tensorcast_ray._read_cache import mark_read_only
+        from tensorcast_ray._transport.shm import ShmTransport
+
+        request = daemon_pb2.ReadRangesRequest(artifact_id=entry.info.artifact_id)
+        placed: list[tuple[Any, int]] = []
+        at = 0
+        for meta in metas:
+            if meta.nbytes:
+                request.segment.append(meta.segment)
+                request.offset.append(meta.offset)
+                request.length.append(meta.nbytes)
+            placed.append((meta, at))
+            at += meta.nbytes
+        out: dict[str, torch.Tensor] = {}
+        if at:
+            resp = self._retrier.call(
+                "get", lambda t: self._call_in_session("ReadRanges", request, t)
+            )
+            mapping = ShmTransport(resp.shm_dir).map_for_read(
+                (resp.segment.name, resp.segment.size)
+            )
+            start = mark_read_only(mapping)
+            # Leased to this process like a tc.empty buffer: freed once the mapping goes.
+            self._buffers.add(_Buffer(resp.buffer_id, start, resp.segment.size), mapping)
+            for meta, offset in placed:
+                if meta.nbytes:
+                    out[meta.name] = wrap_tensor(
+                        mapping,
+                        TensorMeta(meta.name, meta.dtype, meta.shape, 0, offset, meta.nbytes),
+                    )
+        for meta, _ in placed:
+            if not meta.nbytes:
+                out[meta.name] = torch.empty(meta.shape, dtype=torch_dtype(meta.dtype))
+        get_sdk_metrics().record_data_path("object_store")
+        return out
+
+    def _info(self, artifact_id: str) -> Any:
+        from tensorcast_ray._artifact import ArtifactInfo
+
+        request = daemon_pb2.InspectRequest(artifact_id=artifact_id)
+        resp = self._retrier.call("artifact", lambda t: self._call("Inspect", request, t))
+        return ArtifactInfo(
+            key=resp.key,
+            artifact_id=resp.artifact_id,
+            nbytes=int(resp.nbytes),
+            tensors=int(resp.tensors),
+            kind=resp.kind,
+            writer=resp.writer,
+            replicas=[r.node_id for r in resp.replicas],
+            replica_kinds={r.node_id: r.kind for r in resp.replicas},
+            local=resp.local,
+            local_kind=resp.local_kind or None,
+            served_by=_served_by.get(resp.artifact_id),
+            created_unix_ms=int(resp.created_unix_ms),
+        )
+
+    def replicate(
+        self, key: str, nodes: str | Sequence[str] = "all", transport: str = "auto"
+    ) -> dict[str, ReplicaResult]:
+        """Put a kept copy of ``key`` on each target node (see :func:`tensorcast_ray.replicate`)."""
+        with self._verb("replicate"):
+            parse_key(key)
+            if transport not in ("auto", "object_store", "collective"):
+                raise InvalidArgumentError(
+                    f"transport={transport!r}; expected 'auto', 'object_store' or 'collective'"
+                )
+            request = daemon_pb2.ReplicateRequest(key=key, transport=transport)
+            if isinstance(nodes, str):
+                if nodes != "all":
+                    raise InvalidArgumentError(f"nodes={nodes!r}; pass 'all' or a list of node ids")
+                request.all_nodes = True
+            else:
+                node_list = list(nodes)
+                if not node_list or not all(isinstance(n, str) and n for n in node_list):
+                    raise InvalidArgumentError(
+                        "nodes must be 'all' or a non-empty list of node ids"
+                    )
+                request.nodes.extend(node_list)
+            resp = self._retrier.call("replicate", lambda t: self._call("Replicate", request, t))
+            return {
+                r.node_id: ReplicaResult(r.node_id, r.status, r.transport, r.reason)
+                for r in resp.results
+            }
 
     def get(
         self, key: str, device: Any = "cpu", names: Sequence[str] | None = None, copy: bool = False

@@ -2,6 +2,7 @@
 
     tensorcast-ray [--address ADDR] [--namespace NS] daemon start|status|stop ...
     tensorcast-ray ... global start|status|stop ...
+    tensorcast-ray ... ls [PREFIX] | inspect KEY   (the cluster catalog of the Global Store)
 
 ``--address`` / ``--namespace`` may also follow the group or the command
 (``tensorcast-ray daemon status --namespace X``); the one given last wins.
@@ -386,6 +387,265 @@ def global_stop(obj: Ctx) -> None:
             fail(f"no Global Store to stop in namespace {obj.namespace!r}")
         _actors.kill(handle)
         click.echo("stopped the Global Store")
+
+
+# ---- the cluster catalog: ls / inspect -------------------------------------------------------
+REPLICA_ORDER = ("original", "replica", "cache")
+INSPECT_TENSORS_SHOWN = 20
+CALL_TIMEOUT_S = 30.0
+
+
+def _ask(ref: Any, what: str, timeout: float = CALL_TIMEOUT_S) -> Any:
+    """``ray.get`` of one actor call; a failure (our error, unwrapped from Ray's, or Ray's
+    own) becomes an ArtifactError whose message says what was asked."""
+    import ray
+
+    from tensorcast_ray._error_mapping import map_exception
+
+    try:
+        return ray.get(ref, timeout=timeout)
+    except Exception as exc:
+        raise map_exception(exc, context=what) from exc
+
+
+def _catalog(obj: Ctx) -> tuple[Any, str]:
+    """The namespace's Global Store and the namespace token its methods take (in ``obj.ray()``)."""
+    from tensorcast_ray._auth import namespace_token
+
+    handle = _actors.get_actor(_actors.GLOBAL_STORE_NAME, obj.namespace)
+    if handle is None:
+        fail(
+            f"no Global Store in namespace {obj.namespace!r}, so there is no cluster catalog to "
+            "read; start one with `tensorcast-ray global start` (then the daemons, "
+            "`tensorcast-ray daemon start --all-nodes`)"
+        )
+    return handle, from_env().token or namespace_token(obj.namespace)
+
+
+def _sorted_replicas(replicas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def rank(r: dict[str, Any]) -> tuple[int, str]:
+        kind = str(r.get("kind", ""))
+        return (REPLICA_ORDER.index(kind) if kind in REPLICA_ORDER else 99, str(r["node_id"]))
+
+    return sorted(replicas, key=rank)
+
+
+def _columns(rows: list[list[str]], header: list[str], indent: str = "") -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += [indent + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return [line.rstrip() for line in lines]
+
+
+@cli.command("ls")
+@click.argument("prefix", default="")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per key.")
+@connection_options
+@click.pass_obj
+@guarded
+def ls_command(obj: Ctx, prefix: str, as_json: bool) -> None:
+    """List the cluster's keys: size, tensors, the nodes holding each.
+
+    Reads the Global Store's catalog; PREFIX keeps the keys that start with it.
+    """
+    with obj.ray():
+        handle, token = _catalog(obj)
+        entries: list[dict[str, Any]] = _ask(
+            handle.list_artifacts.remote(token, prefix), "list the Global Store's catalog"
+        )
+    for entry in entries:
+        entry["replicas"] = _sorted_replicas(list(entry.get("replicas", [])))
+    if as_json:
+        click.echo(json.dumps(entries, indent=2, sort_keys=True))
+        return
+    if not entries:
+        where = f" starting with {prefix!r}" if prefix else ""
+        click.echo(f"no keys{where} in namespace {obj.namespace!r}", err=True)
+        return
+    rows = [
+        [
+            str(e["key"]),
+            _fmt_bytes(int(e.get("nbytes", 0))),
+            str(e.get("tensors", "")),
+            ",".join(f"{str(r['node_id'])[:12]}({r.get('kind', '?')})" for r in e["replicas"]),
+        ]
+        for e in entries
+    ]
+    click.echo("\n".join(_columns(rows, ["KEY", "SIZE", "TENSORS", "NODES"])))
+
+
+def _describe(
+    namespace: str, token: str, entry: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str]:
+    """The artifact's tensors, from the first node holding it that describes them (the
+    writer's copy first), and why none could if none did."""
+    from tensorcast_ray._layout import Columns
+    from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2
+
+    reasons = []
+    for replica in entry["replicas"]:
+        node = str(replica["node_id"])
+        handle = _actors.get_actor(_actors.daemon_name(node), namespace)
+        if handle is None:
+            reasons.append(f"{node[:12]}: no daemon")
+            continue
+        try:
+            meta = _ask(
+                handle.describe_artifact.remote(token, entry["artifact_id"]),
+                f"describe {entry['key']} on node {node[:12]}",
+            )
+            if meta is None:
+                reasons.append(f"{node[:12]}: holds no copy")
+                continue
+            # A stored table is placed: decoding it checks the placement against its
+            # segments (``(name, size)`` pairs).
+            sizes = [int(size) for _, size in meta.get("segments", [])]
+            cols = Columns.from_table(common_pb2.TensorTable.FromString(meta["tensors"]), sizes)
+        except ArtifactError as exc:
+            reasons.append(f"{node[:12]}: {exc.message}")
+            continue
+        tensors = [
+            {"name": n, "dtype": d, "shape": list(s), "nbytes": nb}
+            for n, d, s, nb in zip(cols.names, cols.dtypes, cols.shapes, cols.nbytes, strict=True)
+        ]
+        return tensors, ""
+    return [], "; ".join(reasons) or "no node holds it"
+
+
+def _copies(namespace: str, token: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each holding node's copy: the catalog's node/kind/tier, and the node's own account
+    of it (``served_by``: ``local`` written there, else the transport that brought it)."""
+    asked = {}
+    for replica in entry["replicas"]:
+        node = str(replica["node_id"])
+        handle = _actors.get_actor(_actors.daemon_name(node), namespace)
+        if handle is not None:
+            asked[node] = handle.copy_info.remote(token, entry["artifact_id"])
+    out = []
+    for replica in entry["replicas"]:
+        node = str(replica["node_id"])
+        row: dict[str, Any] = {
+            "node_id": node,
+            "kind": replica.get("kind"),
+            "tier": replica.get("tier"),
+            "served_by": None,
+            "requirement": None,
+            "retention": None,
+        }
+        if node not in asked:
+            row["error"] = "no tensorcast daemon on that node"
+        else:
+            try:
+                info = _ask(asked[node], f"copy_info on node {node[:12]}")
+            except ArtifactError as exc:
+                row["error"] = exc.message
+            else:
+                if info is None:
+                    row["error"] = "the node's daemon holds no copy (dropped since)"
+                else:
+                    for field in ("served_by", "requirement", "retention"):
+                        row[field] = info.get(field)
+        out.append(row)
+    return out
+
+
+@cli.command("inspect")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@connection_options
+@click.pass_obj
+@guarded
+def inspect_command(obj: Ctx, key: str, as_json: bool) -> None:
+    """Show one artifact: tensors, replicas, how each copy got there.
+
+    KEY is name:version (name:latest resolves to the newest). Prints its id, size, writer and
+    commit seq, its tensors (the first 20; --json lists all) and, per node holding it, the
+    copy's kind, tier and how it was served (local: written there; object_store /
+    collective: the transport that brought it).
+    """
+    with obj.ray():
+        handle, token = _catalog(obj)
+        entry: dict[str, Any] = _ask(
+            handle.resolve.remote(token, key), f"resolve {key} in the Global Store"
+        )
+        entry["replicas"] = _sorted_replicas(list(entry.get("replicas", [])))
+        tensors, why = _describe(obj.namespace, token, entry)
+        copies = _copies(obj.namespace, token, entry)
+    report: dict[str, Any] = {
+        "key": entry["key"],
+        "artifact_id": entry["artifact_id"],
+        "nbytes": int(entry.get("nbytes", 0)),
+        "kind": entry.get("kind"),
+        "writer": entry.get("node_id"),
+        "seq": entry.get("seq"),
+        "created_unix_ms": entry.get("created_unix_ms"),
+        "ntensors": int(entry.get("tensors", len(tensors))),
+        "tensors": tensors,
+        "replicas": copies,
+    }
+    if why:
+        report["tensors_error"] = why
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    click.echo(_inspect_text(report))
+
+
+def _inspect_text(report: dict[str, Any]) -> str:
+    import datetime
+
+    created = report.get("created_unix_ms") or 0
+    when = (
+        datetime.datetime.fromtimestamp(created / 1000, tz=datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        if created
+        else "?"
+    )
+    lines = [
+        f"{'key':12} {report['key']}",
+        f"{'artifact_id':12} {report['artifact_id']}",
+        f"{'size':12} {_fmt_bytes(report['nbytes'])} ({report['nbytes']} bytes)",
+        f"{'kind':12} {report['kind']}",
+        f"{'writer':12} {report['writer']}",
+        f"{'seq':12} {report['seq']}",
+        f"{'created':12} {when}",
+    ]
+    tensors = report["tensors"]
+    if report.get("tensors_error"):
+        lines.append(
+            f"{'tensors':12} {report['ntensors']} (names unavailable: {report['tensors_error']})"
+        )
+    else:
+        lines.append(f"{'tensors':12} {len(tensors)}")
+        shown = tensors[:INSPECT_TENSORS_SHOWN]
+        if shown:
+            rows = [
+                [
+                    t["name"],
+                    t["dtype"],
+                    "[" + ", ".join(map(str, t["shape"])) + "]",
+                    _fmt_bytes(t["nbytes"]),
+                ]
+                for t in shown
+            ]
+            lines += _columns(rows, ["NAME", "DTYPE", "SHAPE", "SIZE"], indent="  ")
+        if len(tensors) > len(shown):
+            lines.append(f"  ... and {len(tensors) - len(shown)} more (--json lists all)")
+    copies = report["replicas"]
+    lines.append(f"{'replicas':12} {len(copies)}")
+    if copies:
+        rows = [
+            [
+                str(c["node_id"])[:12],
+                str(c["kind"]),
+                str(c["tier"]),
+                str(c["served_by"]) if c["served_by"] else f"? ({c.get('error', '')})",
+            ]
+            for c in copies
+        ]
+        lines += _columns(rows, ["NODE", "KIND", "TIER", "SERVED_BY"], indent="  ")
+    return "\n".join(lines)
 
 
 # ---- export / import -------------------------------------------------------------------------

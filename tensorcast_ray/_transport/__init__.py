@@ -5,10 +5,13 @@ needs, so importing ``tensorcast_ray`` never needs CUDA, cupy or NCCL, and a mis
 says what to install (fsspec's registry does the same for file systems).  An entry is added
 when its transport is built and passes :mod:`tensorcast_ray.testing`'s conformance suite.
 
-Today the only transport is ``shm``, which needs nothing optional, so the read cache, the
-write pipeline and the daemon import :class:`~._transport.shm.ShmTransport` directly; the
-registry is how code picks a transport by name (the conformance tests, and the ordered
-fallback once a second transport exists).
+Today the only SDK ↔ daemon transport is ``shm``, which needs nothing optional, so the read
+cache, the write pipeline and the daemon import :class:`~._transport.shm.ShmTransport`
+directly; the registry is how code picks a transport by name (the conformance tests, and the
+ordered fallback once a second one exists). The daemon ↔ daemon paths between nodes,
+:mod:`~._transport.object_store` and :mod:`~._transport.collective`, are not in it: they move
+an artifact's segments between two daemons, not tensors to an SDK, and the cluster tier
+(``daemon/remote.py``) picks between them.
 """
 
 from __future__ import annotations

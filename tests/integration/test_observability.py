@@ -434,7 +434,10 @@ def test_store_options_source_and_retry_overrides(namespace: str) -> None:
             with pytest.raises(tc.FailedPreconditionError) as err:
                 call(remote)
             assert err.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
-            assert source in str(err.value) and "not built yet" in str(err.value)
+            # remote needs a cluster (this daemon runs without a Global Store); disk needs
+            # persistence, not built yet
+            why = "not part of a cluster" if source == "remote" else "not built yet"
+            assert source in str(err.value) and why in str(err.value)
         # Writes do not read, so they are not refused.
         remote.put({"w": torch.ones(1)}, key=f"w-{source}:v1")
     after = scrape(ctx.metrics_address)
@@ -598,8 +601,12 @@ def test_daemon_and_global_store_metrics(namespace: str) -> None:
     missing = [n for n in GS_REQUIRED if n not in names(gs_before)]
     assert not missing, f"missing Global Store metrics: {missing}"
     assert val(gs_before, "tc_global_store_daemons_known") == 1
-    assert val(gs_before, "tc_global_store_catalog_keys") == 0
-    assert val(gs_before, "tc_global_store_catalog_artifacts") == 0
+    # The cluster catalog holds what the daemon committed and did not delete: lease:v1.
+    assert val(gs_before, "tc_global_store_catalog_keys") == 1
+    assert val(gs_before, "tc_global_store_catalog_artifacts") == 1
+    for method in ("reserve", "commit"):
+        assert val(gs_before, "tc_global_store_rpc_latency_seconds_count", method=method) == 2
+    assert val(gs_before, "tc_global_store_rpc_latency_seconds_count", method="delete") == 1
     for method in ("Health", "Status"):
         assert (
             val(gs_before, "tc_global_store_rpc_errors_total", method=method, code="INTERNAL") == 0

@@ -5,55 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import leftovers, named_actors, stop_namespace
+from tests.helpers import named_actors
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(300)]
-
-FAST_HEALTH = {
-    "health_check_period_ms": 500,
-    "health_check_failure_threshold": 3,
-    "health_check_timeout_ms": 500,
-}
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[object]:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    temp_dir = tempfile.mkdtemp(prefix="rtcm-", dir="/tmp")
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "resources": {"tc_node_0": 1},
-            "_system_config": FAST_HEALTH,
-            "include_dashboard": False,
-            "temp_dir": temp_dir,
-        },
-    )
-    for i in (1, 2):
-        c.add_node(num_cpus=2, resources={f"tc_node_{i}": 1})
-    c.wait_for_nodes()
-    ray.init(address=c.address, log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
-
-
-@pytest.fixture
-def ns(cluster: object) -> Iterator[str]:
-    name = f"m-{uuid.uuid4().hex[:10]}"
-    yield name
-    stop_namespace(name)
-    left = leftovers(name)
-    assert not left, f"leaked: {left}"
 
 
 def test_one_daemon_per_node_on_its_node(cluster: object, ns: str) -> None:

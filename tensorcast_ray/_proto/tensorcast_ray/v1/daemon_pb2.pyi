@@ -13,9 +13,20 @@ class WriteKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WRITE_KIND_UNSPECIFIED: _ClassVar[WriteKind]
     WRITE_KIND_PUT: _ClassVar[WriteKind]
     WRITE_KIND_REGISTER: _ClassVar[WriteKind]
+
+class ReadSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    READ_SOURCE_AUTO: _ClassVar[ReadSource]
+    READ_SOURCE_LOCAL_ONLY: _ClassVar[ReadSource]
+    READ_SOURCE_REMOTE: _ClassVar[ReadSource]
+    READ_SOURCE_DISK: _ClassVar[ReadSource]
 WRITE_KIND_UNSPECIFIED: WriteKind
 WRITE_KIND_PUT: WriteKind
 WRITE_KIND_REGISTER: WriteKind
+READ_SOURCE_AUTO: ReadSource
+READ_SOURCE_LOCAL_ONLY: ReadSource
+READ_SOURCE_REMOTE: ReadSource
+READ_SOURCE_DISK: ReadSource
 
 class HelloRequest(_message.Message):
     __slots__ = ("sdk_version", "protocol", "pid", "hostname")
@@ -282,15 +293,19 @@ class RegisterBuffersRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., session_id: _Optional[str] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., buffer_ids: _Optional[_Iterable[str]] = ..., buffer_index: _Optional[_Iterable[int]] = ..., buffer_offsets: _Optional[_Iterable[int]] = ..., policy_json: _Optional[str] = ..., ttl_ms: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("key", "artifact_id")
+    __slots__ = ("key", "artifact_id", "source", "metadata_only")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_ONLY_FIELD_NUMBER: _ClassVar[int]
     key: str
     artifact_id: str
-    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ...) -> None: ...
+    source: ReadSource
+    metadata_only: bool
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., source: _Optional[_Union[ReadSource, str]] = ..., metadata_only: _Optional[bool] = ...) -> None: ...
 
 class ArtifactInfo(_message.Message):
-    __slots__ = ("key", "artifact_id", "nbytes", "segments", "tensors", "shm_dir", "epoch_slot", "generation", "kind", "created_unix_ms")
+    __slots__ = ("key", "artifact_id", "nbytes", "segments", "tensors", "shm_dir", "epoch_slot", "generation", "kind", "created_unix_ms", "served_by", "remote")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
@@ -301,6 +316,8 @@ class ArtifactInfo(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
     key: str
     artifact_id: str
     nbytes: int
@@ -311,7 +328,111 @@ class ArtifactInfo(_message.Message):
     generation: int
     kind: str
     created_unix_ms: int
-    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    served_by: str
+    remote: bool
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., served_by: _Optional[str] = ..., remote: _Optional[bool] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("key", "artifact_id")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    artifact_id: str
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ...) -> None: ...
+
+class ReplicaInfo(_message.Message):
+    __slots__ = ("node_id", "kind", "tier")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    kind: str
+    tier: str
+    def __init__(self, node_id: _Optional[str] = ..., kind: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class InspectResponse(_message.Message):
+    __slots__ = ("key", "artifact_id", "nbytes", "tensors", "writer", "replicas", "local", "local_kind", "served_by", "created_unix_ms", "kind")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    WRITER_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_KIND_FIELD_NUMBER: _ClassVar[int]
+    SERVED_BY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    artifact_id: str
+    nbytes: int
+    tensors: int
+    writer: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaInfo]
+    local: bool
+    local_kind: str
+    served_by: str
+    created_unix_ms: int
+    kind: str
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., tensors: _Optional[int] = ..., writer: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., local: _Optional[bool] = ..., local_kind: _Optional[str] = ..., served_by: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ReadRangesRequest(_message.Message):
+    __slots__ = ("artifact_id", "session_id", "segment", "offset", "length")
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    artifact_id: str
+    session_id: str
+    segment: _containers.RepeatedScalarFieldContainer[int]
+    offset: _containers.RepeatedScalarFieldContainer[int]
+    length: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, artifact_id: _Optional[str] = ..., session_id: _Optional[str] = ..., segment: _Optional[_Iterable[int]] = ..., offset: _Optional[_Iterable[int]] = ..., length: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReadRangesResponse(_message.Message):
+    __slots__ = ("buffer_id", "segment", "shm_dir", "nbytes")
+    BUFFER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    buffer_id: str
+    segment: _common_pb2.SegmentRef
+    shm_dir: str
+    nbytes: int
+    def __init__(self, buffer_id: _Optional[str] = ..., segment: _Optional[_Union[_common_pb2.SegmentRef, _Mapping]] = ..., shm_dir: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class ReplicateRequest(_message.Message):
+    __slots__ = ("key", "nodes", "all_nodes", "transport")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    ALL_NODES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    all_nodes: bool
+    transport: str
+    def __init__(self, key: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., all_nodes: _Optional[bool] = ..., transport: _Optional[str] = ...) -> None: ...
+
+class ReplicaResult(_message.Message):
+    __slots__ = ("node_id", "status", "transport", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    status: str
+    transport: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., status: _Optional[str] = ..., transport: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReplicateResponse(_message.Message):
+    __slots__ = ("key", "results")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    results: _containers.RepeatedCompositeFieldContainer[ReplicaResult]
+    def __init__(self, key: _Optional[str] = ..., results: _Optional[_Iterable[_Union[ReplicaResult, _Mapping]]] = ...) -> None: ...
 
 class ExistsRequest(_message.Message):
     __slots__ = ("key",)

@@ -110,6 +110,21 @@ class StoreDaemonStub:
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.Inspect = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/Inspect',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.InspectRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.InspectResponse.FromString,
+                _registered_method=True)
+        self.ReadRanges = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/ReadRanges',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReadRangesRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReadRangesResponse.FromString,
+                _registered_method=True)
+        self.Replicate = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/Replicate',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateResponse.FromString,
+                _registered_method=True)
 
 
 class StoreDaemonServicer:
@@ -211,6 +226,25 @@ class StoreDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inspect(self, request, context):
+        """The cluster tier: where an artifact lives, partial reads of a remote one, replication.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadRanges(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Replicate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +322,21 @@ def add_StoreDaemonServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ListKeysRequest.FromString,
                     response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'Inspect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inspect,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.InspectRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.InspectResponse.SerializeToString,
+            ),
+            'ReadRanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadRanges,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReadRangesRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReadRangesResponse.SerializeToString,
+            ),
+            'Replicate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Replicate,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -695,6 +744,87 @@ class StoreDaemon:
             '/tensorcast_ray.v1.StoreDaemon/ListKeys',
             tensorcast__ray_dot_v1_dot_daemon__pb2.ListKeysRequest.SerializeToString,
             tensorcast__ray_dot_v1_dot_daemon__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inspect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/Inspect',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.InspectRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.InspectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadRanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/ReadRanges',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReadRangesRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReadRangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replicate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/Replicate',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateResponse.FromString,
             options,
             channel_credentials,
             insecure,
