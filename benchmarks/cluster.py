@@ -98,11 +98,11 @@ def as_numpy(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
 class Bench:
     """One benchmark process on one simulated node, connected to that node's daemon."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, config_path: str | None = None) -> None:
         import tensorcast_ray as tc
 
         self.tc = tc
-        self.ctx = tc.init(namespace=namespace)
+        self.ctx = tc.init(namespace=namespace, daemon_config_path=config_path)
         key = f"warmup-{uuid.uuid4().hex[:8]}:v1"  # imports and first-use setup
         tc.put({"x": torch.zeros(1)}, key=key)
         tc.get(key)
@@ -260,13 +260,14 @@ def stored_bytes(namespace: str, node_ids: list[str]) -> int:
 
 # ---- the measurements ---------------------------------------------------------------------
 class Run:
-    def __init__(self, namespace: str, repeat: int) -> None:
+    def __init__(self, namespace: str, repeat: int, config_path: str | None = None) -> None:
         self.ns = namespace
         self.repeat = repeat
-        self.src = on(0).remote(namespace)  # starts the Global Store and node 0's daemon
+        # starts the Global Store and node 0's daemon
+        self.src = on(0).remote(namespace, config_path)
         ray.get(self.src.node_id.remote(), timeout=240)
-        self.readers = [on(i).remote(namespace) for i in range(1, NODES)]
-        self.second = on(1).remote(namespace)  # a second reader on node 1
+        self.readers = [on(i).remote(namespace, config_path) for i in range(1, NODES)]
+        self.second = on(1).remote(namespace, config_path)  # a second reader on node 1
         self.ids = ray.get(
             [self.src.node_id.remote()]
             + [r.node_id.remote() for r in [*self.readers, self.second]],
@@ -454,7 +455,10 @@ def report(results: dict[str, Any]) -> None:
         f"state_dicts of {TENSORS} tensors (bf16 matrices, fp32 norms); best of "
         f"{results['repeat']}"
     )
-    print("\nremote get: put on node 0, read on node 1 (s; MB/s; x: ray time / tc time)")
+    print(
+        "\nremote get: put on node 0, read on node 1 (s; MB/s; x: ray time / tc time); "
+        f"the daemons' read_transport: {results.get('read_transport', 'object_store')}"
+    )
     print(
         f"{'size':>8} | {'tc pull':>8} {'MB/s':>6} {'ray np':>8} {'MB/s':>6} {'ray pt':>8} "
         f"{'MB/s':>6} {'vs np':>6} {'vs pt':>6} | {'2nd reader: tc':>14} {'ray np':>8} "
@@ -531,6 +535,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs of each figure (best kept)")
     parser.add_argument("--quick", action="store_true", help="64 and 256 MiB, 1 run each")
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
+    parser.add_argument(
+        "--read-transport",
+        choices=("object_store", "collective"),
+        default="object_store",
+        help="the daemons' read_transport: how a read pulls another node's copy",
+    )
     args = parser.parse_args()
     sizes = QUICK_SIZES_MIB if args.quick else tuple(int(s) for s in args.sizes_mib.split(","))
     repeat = 1 if args.quick else args.repeat
@@ -541,15 +551,21 @@ def main() -> None:
         "nodes": NODES,
         "cpus": os.cpu_count(),
         "repeat": repeat,
+        "read_transport": args.read_transport,
         "sizes": [],
     }
+    config_path = None
+    if args.read_transport != "object_store":
+        config_path = os.path.join(temp_dir, "daemon.yaml")
+        with open(config_path, "w") as f:
+            f.write(f"read_transport: {args.read_transport}\n")
     cluster = None
     run: Run | None = None
     started = time.perf_counter()
     try:
         # Room for one dict and the shards in flight: 1.5x the largest size, at least 512 MiB.
         cluster = start_cluster(temp_dir, max(512, int(1.5 * max(sizes))) * MiB)
-        run = Run(namespace, repeat)
+        run = Run(namespace, repeat, config_path)
         results["load_before"] = os.getloadavg()
         results["warmup"] = run.warmup()
         print(f"cluster of {NODES} simulated nodes up, namespace {namespace}", flush=True)

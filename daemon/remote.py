@@ -75,6 +75,8 @@ FINAL_REASONS = frozenset(
 )
 _SILENT_REASONS = frozenset({"deleted", "dropped by the cluster"})
 TRANSPORTS = ("auto", "object_store", "collective")
+#: failures another source would answer the same way: not worth trying the next holder
+_REQUEST_FAULTS = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"})
 _CHAIN_WAIT_S = 30.0  # how long a chain's target waits for the node before it to start landing
 
 
@@ -132,9 +134,7 @@ class ClusterTier:
                 getattr(self.gs, method).remote(self.token, *args),
                 timeout=timeout or self.config.global_store_timeout_s,
             )
-        except ArtifactError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # Ray's wrapper of our error too: map_exception unwraps it
             raise map_exception(exc, context=f"Global Store {method}") from exc
 
     def _gs_send(self, method: str, *args: Any) -> None:
@@ -365,14 +365,14 @@ class ClusterTier:
         errors = []
         for node in nodes:
             try:
+                if self.config.read_transport == "collective":
+                    collective_copy = self._pull_collective(node, entry, kind)
+                    if collective_copy is not None:
+                        return collective_copy
                 return self.pull_from(node, entry, kind)
             except ArtifactError as exc:
                 # The request's own fault, or this node's: another source would say the same.
-                if exc.status_code.name in (
-                    "INVALID_ARGUMENT",
-                    "RESOURCE_EXHAUSTED",
-                    "FAILED_PRECONDITION",
-                ):
+                if exc.status_code.name in _REQUEST_FAULTS:
                     raise
                 logger.warning("pull of %s from %s failed: %s", entry["key"], node[:12], exc)
                 errors.append(f"{node[:12]}: {exc.message}")
@@ -381,6 +381,33 @@ class ClusterTier:
             f"could not pull {entry['key']} from any node holding it ({'; '.join(errors)}); "
             "retry, or check that those nodes are alive"
         )
+
+    def _pull_collective(self, node: str, entry: dict[str, Any], kind: str) -> Artifact | None:
+        """A read over the pair group with ``node`` (``read_transport: collective``); None
+        when the collective cannot run or fails, so the object store takes over (counted
+        in tc_transfer_fallbacks_total and logged)."""
+        from tensorcast_ray._transport import collective
+
+        reason = collective.unavailable_reason()
+        if reason:
+            self.metrics.transfer_fallbacks.labels(reason="collective_unavailable").inc()
+            logger.warning("read of %s: collective unavailable (%s)", entry["key"], reason)
+            return None
+        try:
+            return collective.pull_chain(
+                self, entry, node, onward=False, kind=kind, upstream_wait_s=0.0
+            )
+        except ArtifactError as exc:
+            if exc.status_code.name in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+                raise
+            self.metrics.transfer_fallbacks.labels(reason="collective_failed").inc()
+            logger.warning(
+                "collective read of %s from %s failed (%s); object store",
+                entry["key"],
+                node[:12],
+                exc.message,
+            )
+            return None
 
     def pull_from(
         self,
@@ -403,8 +430,6 @@ class ClusterTier:
                 handle.transfer_open.remote(self.token, str(entry["artifact_id"]), upstream_wait_s),
                 timeout=timeout,
             )
-        except ArtifactError:
-            raise
         except Exception as exc:
             raise map_exception(exc, context=f"open a transfer on node {node[:12]}") from exc
         shards = plan_shards(full_pieces(meta["segments"]), int(self.config.transfer_shard_bytes))
@@ -549,7 +574,10 @@ class ClusterTier:
                 return at
             except Exception as exc:
                 self.metrics.transfers.labels(transport="object_store", result="failed").inc()
-                errors.append(f"{node[:12]}: {map_exception(exc).message}")
+                err = map_exception(exc)
+                if err.status_code.name in _REQUEST_FAULTS:
+                    raise err from exc  # every node would refuse it the same way
+                errors.append(f"{node[:12]}: {err.message}")
             finally:
                 handle.transfer_close.remote(self.token, meta["transfer_id"])
         raise UnavailableError(

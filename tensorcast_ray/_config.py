@@ -74,6 +74,9 @@ class DaemonConfig(_Strict):
     transfer_shard_bytes: Annotated[ByteSize, Field(ge=1 << 20)] = ByteSize(64 << 20)
     transfer_parallel: Annotated[int, Field(ge=1, le=64)] = 4
     transfer_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # How a read pulls another node's copy: Ray's object store (the default), or the gloo
+    # pair groups replicate uses (no object-store copies; falls back to the object store).
+    read_transport: Literal["object_store", "collective"] = "object_store"
     heartbeat_s: Annotated[float, Field(gt=0)] = 2.0
     # PEM files: with both, the gRPC server speaks TLS (for a bind beyond loopback).
     tls_cert_file: str | None = None

@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from tensorcast_ray._errors import FailedPreconditionError, UnavailableError
+from tensorcast_ray._error_mapping import map_exception
+from tensorcast_ray._errors import UnavailableError
 from tensorcast_ray._transport.object_store import full_pieces, plan_shards
 
 if TYPE_CHECKING:
+    from tensorcast_ray.daemon.leases import Artifact
     from tensorcast_ray.daemon.remote import ClusterTier
 
 __all__ = ["pull_chain", "serve", "unavailable_reason"]
@@ -215,18 +217,27 @@ def _watch_sender(ref: Any, group: _Group, stop: threading.Event) -> threading.T
 
 
 def pull_chain(
-    tier: ClusterTier, entry: dict[str, Any], upstream: str, *, onward: bool = True
-) -> None:
-    """[receiver] Land a kept copy of ``entry`` from ``upstream`` over the pair group,
-    serving it ``onward`` to the next node of the chain as it lands."""
+    tier: ClusterTier,
+    entry: dict[str, Any],
+    upstream: str,
+    *,
+    onward: bool = True,
+    kind: str = "replica",
+    upstream_wait_s: float = 30.0,
+) -> Artifact:
+    """[receiver] Land a copy of ``entry`` (``kind``: a kept ``replica`` for replicate, a
+    ``cache`` copy for a read) from ``upstream`` over the pair group, serving it ``onward``
+    to the next node of a chain as it lands."""
     import ray
 
     start = time.perf_counter()
     handle = tier.daemon(upstream)
     timeout = tier.config.transfer_timeout_s
     artifact_id = str(entry["artifact_id"])
-    meta = ray.get(handle.transfer_open.remote(tier.token, artifact_id, 30.0), timeout=timeout)
-    landing = tier.store.begin_landing(meta, kind="replica", served_by="collective")
+    meta = ray.get(
+        handle.transfer_open.remote(tier.token, artifact_id, upstream_wait_s), timeout=timeout
+    )
+    landing = tier.store.begin_landing(meta, kind=kind, served_by="collective")
     shards = plan_shards(full_pieces(meta["segments"]), int(tier.config.transfer_shard_bytes))
     onward_id = tier.open_onward(artifact_id, meta, landing, len(shards)) if onward else ""
     inbound = tier.metrics.transfer_bytes.labels(direction="in", transport="collective")
@@ -256,18 +267,21 @@ def pull_chain(
                 watcher.join()
                 del views
             ray.get(ref, timeout=timeout)
-        tier.store.publish_landing(landing)
+        artifact = tier.store.publish_landing(landing)
     except BaseException as exc:
         _groups.drop(_groups.recv, upstream)
         tier.store.abort_landing(landing)
         if onward_id:
             tier.source.landed(onward_id, -1, error=str(exc) or type(exc).__name__)
         tier.metrics.transfers.labels(transport="collective", result="failed").inc()
-        if isinstance(exc, Exception) and not isinstance(exc, FailedPreconditionError):
-            raise UnavailableError(
-                f"collective pull of {entry['key']} from node {upstream[:12]} failed: {exc}"
-            ) from exc
-        raise
+        if not isinstance(exc, Exception):
+            raise
+        err = map_exception(exc)  # unwraps the sender's error from Ray's wrapper
+        if err.status_code.name in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+            raise err from exc
+        raise UnavailableError(
+            f"collective pull of {entry['key']} from node {upstream[:12]} failed: {err.message}"
+        ) from exc
     finally:
         if onward_id:
             tier.close_onward(artifact_id)
@@ -275,4 +289,5 @@ def pull_chain(
     tier.metrics.transfer_seconds.labels(transport="collective").observe(
         time.perf_counter() - start
     )
-    tier.record_replica(artifact_id, "replica")
+    tier.record_replica(artifact_id, kind)
+    return artifact

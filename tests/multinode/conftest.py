@@ -22,6 +22,8 @@ FAST_HEALTH = {
 NODES = 3
 #: every multinode daemon runs this config (1 MiB transfer shards)
 DAEMON_CONFIG = str(Path(__file__).resolve().parents[1] / "config" / "cluster_daemon.yaml")
+#: the same, with reads pulled over the gloo pair groups (read_transport: collective)
+COLLECTIVE_CONFIG = DAEMON_CONFIG.replace("cluster_daemon", "cluster_daemon_collective")
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +76,12 @@ def node_ids(cluster: Any) -> list[str]:
 
 
 def on_node(
-    node: int | str, ns: str, fn: Callable[..., Any], *args: Any, timeout: float = 240
+    node: int | str,
+    ns: str,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float = 240,
+    config: str = DAEMON_CONFIG,
 ) -> Any:
     """Run ``fn(tc, *args)`` in a Ray task on simulated node ``node`` (its index, or a
     custom resource name) after ``tc.init(namespace=ns)`` with the multinode daemon config
@@ -88,7 +95,7 @@ def on_node(
     def task(namespace: str) -> Any:
         import tensorcast_ray as tc
 
-        tc.init(namespace=namespace, daemon_config_path=DAEMON_CONFIG)
+        tc.init(namespace=namespace, daemon_config_path=config)
         try:
             return fn(tc, *args)
         finally:

@@ -12,7 +12,7 @@ import pytest
 import ray.cloudpickle
 
 from tests.helpers import wait_for
-from tests.multinode.conftest import DAEMON_CONFIG, node_ids, on_node
+from tests.multinode.conftest import COLLECTIVE_CONFIG, DAEMON_CONFIG, node_ids, on_node
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(600)]
 
@@ -258,6 +258,52 @@ def test_views_and_get_into_move_only_their_bytes(cluster: Any, ns: str) -> None
 
     assert on_node(1, ns, read_small) == [5.0, 5.0]
     assert _bytes_in(ns, nodes[1]) - before == 16 * 1024 * 4 + 256 * 4
+
+
+def test_reads_over_the_collective(cluster: Any, ns: str) -> None:
+    nodes = node_ids(cluster)
+    written = on_node(0, ns, _put, "rc:1", 4, config=COLLECTIVE_CONFIG)
+
+    def read(tc: Any) -> tuple[dict[str, float], str | None]:
+        art = tc.artifact("rc:1")
+        sums = {k: float(v.double().sum()) for k, v in art.tensor_dict().items()}
+        return sums, art.info().served_by
+
+    sums, served = on_node(1, ns, read, config=COLLECTIVE_CONFIG)
+    assert sums == written["sums"] and served == "collective"
+    assert written["nbytes"] <= _bytes_in(ns, nodes[1], "collective") < written["nbytes"] + MiB
+    assert _bytes_in(ns, nodes[1], "object_store") == 0
+    assert _bytes_out(ns, nodes[0], "collective") == _bytes_in(ns, nodes[1], "collective")
+    # A second reader on the node maps the copy: nothing moves.
+    assert on_node(1, ns, read, config=COLLECTIVE_CONFIG) == (written["sums"], "local")
+    assert _bytes_in(ns, nodes[1], "collective") < written["nbytes"] + MiB
+
+
+def test_read_ranges_refuses_bytes_outside_the_artifact(cluster: Any, ns: str) -> None:
+    import ray
+
+    nodes = node_ids(cluster)
+    on_node(0, ns, _put, "rr:1", 1)
+
+    def hostile(tc: Any) -> list[str]:
+        from tensorcast_ray import _bootstrap
+        from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
+
+        artifact_id = tc.artifact("rr:1").artifact_id
+        client = _bootstrap.current().client
+
+        def ask(segment: int, offset: int, length: int) -> str:
+            request = daemon_pb2.ReadRangesRequest(
+                artifact_id=artifact_id, segment=[segment], offset=[offset], length=[length]
+            )
+            return _error(lambda: client.call("ReadRanges", request, timeout=60))
+
+        return [ask(5, 0, 16), ask(0, 1 << 40, 16), ask(0, 0, -1), ask(0, 0, 0)]
+
+    errors = on_node(1, ns, hostile)
+    assert all(e.startswith("InvalidArgumentError") for e in errors), errors
+    status = ray.get(_daemon(ns, nodes[1]).status.remote(), timeout=30)
+    assert int(status["leases"]) == 0, "a refused read leaves no buffer leased"
 
 
 def test_read_sources(cluster: Any, ns: str) -> None:
