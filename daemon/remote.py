@@ -432,6 +432,7 @@ class ClusterTier:
             )
         except Exception as exc:
             raise map_exception(exc, context=f"open a transfer on node {node[:12]}") from exc
+        opened = time.perf_counter()
         shards = plan_shards(full_pieces(meta["segments"]), int(self.config.transfer_shard_bytes))
         # The first shards are asked for now: the source copies them into its object store
         # while this node allocates the landing segments.
@@ -444,11 +445,13 @@ class ClusterTier:
         landing = None
         try:
             landing = self.store.begin_landing(meta, kind=kind, served_by="object_store")
+            allocated = time.perf_counter()
             if onward:
                 onward_id = self.open_onward(artifact_id, meta, landing, len(shards))
             self._receive_all(
                 handle, meta["transfer_id"], shards, landing.maps, timeout, onward_id, early
             )
+            received = time.perf_counter()
             artifact = self.store.publish_landing(landing)
         except BaseException as exc:
             early.clear()
@@ -471,13 +474,19 @@ class ClusterTier:
             time.perf_counter() - start
         )
         self.record_replica(artifact.artifact_id, kind)
+        done = time.perf_counter()
         logger.info(
-            "pulled %s (%d bytes, %d shards) from %s in %.3f s",
+            "pulled %s (%d bytes, %d shards) from %s in %.3f s (open %.3f, allocate %.3f, "
+            "receive %.3f, publish %.3f)",
             artifact.key,
             artifact.nbytes,
             len(shards),
             node[:12],
-            time.perf_counter() - start,
+            done - start,
+            opened - start,
+            allocated - opened,
+            received - allocated,
+            done - received,
         )
         return artifact
 
