@@ -365,11 +365,11 @@ class ClusterTier:
         errors = []
         for node in nodes:
             try:
+                copy = None
                 if self.config.read_transport == "collective":
-                    collective_copy = self._pull_collective(node, entry, kind)
-                    if collective_copy is not None:
-                        return collective_copy
-                return self.pull_from(node, entry, kind)
+                    copy = self._pull_collective(node, entry, kind)
+                if copy is None:
+                    copy = self.pull_from(node, entry, kind)
             except ArtifactError as exc:
                 # The request's own fault, or this node's: another source would say the same.
                 if exc.status_code.name in _REQUEST_FAULTS:
@@ -377,6 +377,9 @@ class ClusterTier:
                 logger.warning("pull of %s from %s failed: %s", entry["key"], node[:12], exc)
                 errors.append(f"{node[:12]}: {exc.message}")
                 self._forget(node)
+                continue
+            self.record_replica(copy.artifact_id, kind)
+            return copy
         raise UnavailableError(
             f"could not pull {entry['key']} from any node holding it ({'; '.join(errors)}); "
             "retry, or check that those nodes are alive"
@@ -473,7 +476,6 @@ class ClusterTier:
         self.metrics.transfer_seconds.labels(transport="object_store").observe(
             time.perf_counter() - start
         )
-        self.record_replica(artifact.artifact_id, kind)
         done = time.perf_counter()
         logger.info(
             "pulled %s (%d bytes, %d shards) from %s in %.3f s (open %.3f, allocate %.3f, "
@@ -508,9 +510,17 @@ class ClusterTier:
             self._cond.notify_all()
 
     def record_replica(self, artifact_id: str, kind: str) -> None:
+        """Tell the Global Store this node now holds a copy. A version deleted while its copy
+        was landing is dropped here at once (the delete could not reach a copy it did not
+        know of) and the read fails NOT_FOUND, as it would have a moment later."""
         try:
             self._gs_call("add_replica", artifact_id, self.node_id, kind)
-        except ArtifactError as exc:  # the next full sync reports it
+        except NotFoundError as exc:
+            self.store.drop_artifacts([artifact_id], reason="dropped by the cluster")
+            raise NotFoundError(
+                f"artifact {artifact_id} was deleted while this node pulled it ({exc.message})"
+            ) from exc
+        except ArtifactError as exc:  # unreachable: the next full sync reports the copy
             logger.warning("could not record the replica of %s: %s", artifact_id, exc)
 
     def _receive_all(
@@ -721,7 +731,6 @@ class ClusterTier:
 
             try:
                 collective.pull_chain(self, entry, upstream, onward=onward)
-                return {"transport": "collective"}
             except ArtifactError as exc:
                 if not fallback:
                     raise
@@ -732,10 +741,13 @@ class ClusterTier:
                     exc.message,
                 )
                 self.pull_from(source, entry, "replica", onward=onward)
+                self.record_replica(str(entry["artifact_id"]), "replica")
                 return {
                     "transport": "object_store",
                     "reason": f"collective failed ({exc.message}); used the object store",
                 }
+            self.record_replica(str(entry["artifact_id"]), "replica")
+            return {"transport": "collective"}
         try:
             wait = 0.0 if upstream == source else _CHAIN_WAIT_S
             self.pull_from(upstream, entry, "replica", onward=onward, upstream_wait_s=wait)
@@ -750,6 +762,7 @@ class ClusterTier:
                 source[:12],
             )
             self.pull_from(source, entry, "replica", onward=onward)
+        self.record_replica(str(entry["artifact_id"]), "replica")
         return {"transport": "object_store"}
 
 

@@ -289,5 +289,4 @@ def pull_chain(
     tier.metrics.transfer_seconds.labels(transport="collective").observe(
         time.perf_counter() - start
     )
-    tier.record_replica(artifact_id, kind)
-    return artifact
+    return artifact  # the caller records the replica with the Global Store
