@@ -144,13 +144,15 @@ class DaemonActor:
             metrics=self.store.metrics,
             record=self._record,
         )
+        # First: from here a write on this node is a cluster write (refused while the Global
+        # Store cannot be reached), never a local-only one the catalog would not know.
+        self.store.cluster = self.cluster
         try:
             self.cluster.start()
         except Exception:
             # Serving local reads needs no Global Store; the heartbeat syncs once it answers.
             logger.exception("could not report to the Global Store; will retry")
             self.cluster.start_heartbeat()
-        self.store.cluster = self.cluster
 
     def _record(self) -> dict[str, Any]:
         return {
@@ -234,9 +236,9 @@ class DaemonActor:
         }
 
     @ray.method(concurrency_group="control")
-    def keep(self, token: str, artifact_id: str) -> None:
+    def keep(self, token: str, artifact_id: str) -> bool:
         self._check(token)
-        self.store.keep(artifact_id)
+        return self.store.keep(artifact_id)
 
     @ray.method(concurrency_group="control")
     def drop_artifacts(self, token: str, artifact_ids: list[str]) -> int:
@@ -277,6 +279,7 @@ class DaemonActor:
     def stop(self) -> None:
         """A clean stop: close endpoints and free every segment of this node's daemon."""
         if self.cluster is not None:
+            self.cluster.leave()
             self.cluster.stop()
         self.server.stop()
         remove_token_file(self._token_file)

@@ -355,21 +355,28 @@ class LocalStore:
         self, request: daemon_pb2.CommitWriteRequest, session_id: str
     ) -> daemon_pb2.WriteResult:
         cluster = self.cluster
-        seq = 0
-        if cluster is not None:
-            # The cluster's commit first: once this returns every node resolves the key.
+        if cluster is None:
+            return self._commit_local(request.write_id, 0, None, "")
+        # The cluster's commit first: once this returns every node resolves the key. Both
+        # under the node's report order, so a full report never sees one without the other.
+        with cluster.sync_lock:
             with self._lock:
                 pending = self._leases.pending_write(request.write_id).artifact
             seq = cluster.commit(pending)
+            return self._commit_local(request.write_id, seq, cluster, pending.artifact_id)
+
+    def _commit_local(
+        self, write_id: str, seq: int, cluster: ClusterTier | None, artifact_id: str
+    ) -> daemon_pb2.WriteResult:
         with self._lock:
             try:
-                self._leases.pending_write(request.write_id)  # unknown: refused before a slot
+                self._leases.pending_write(write_id)  # unknown: refused before a slot
                 slot, generation = self._epochs.alloc()
             except ArtifactError:
                 if cluster is not None:  # aborted meanwhile: the cluster must forget it too
-                    cluster.forget(pending.artifact_id)
+                    cluster.forget(artifact_id)
                 raise
-            artifact = self._leases.commit_write(request.write_id, slot, generation, self._now_ms())
+            artifact = self._leases.commit_write(write_id, slot, generation, self._now_ms())
             artifact.cluster_seq = seq
             if cluster is not None:
                 artifact.writer = cluster.node_id
@@ -444,25 +451,28 @@ class LocalStore:
         ]
         artifact_id = uuid.uuid4().hex
         cluster = self.cluster
-        if cluster is not None:
-            cluster.reserve(request.key, artifact_id, request.request_id)
-        try:
-            artifact = self._register(request, artifact_id, sid, policy, tensors, len(cols))
-        except BaseException:
-            if cluster is not None:
-                cluster.abort([(request.key, artifact_id)])
-            raise
-        if cluster is not None and artifact.artifact_id == artifact_id:
+        if cluster is None:
+            return _result(self._register(request, artifact_id, sid, policy, tensors, len(cols)))
+        cluster.reserve(request.key, artifact_id, request.request_id)
+        with cluster.sync_lock:  # the local publish and the cluster's commit, in one report
             try:
-                artifact.cluster_seq = cluster.commit(artifact)
+                artifact = self._register(request, artifact_id, sid, policy, tensors, len(cols))
             except BaseException:
-                self.drop_artifacts([artifact_id], reason="deleted")
                 cluster.abort([(request.key, artifact_id)])
                 raise
-            artifact.writer = cluster.node_id
-            with self._lock:
-                if self._journal is not None and artifact.artifact_id in self._leases.artifacts:
-                    self._journal.add_artifact(artifact.to_record())
+            if artifact.artifact_id == artifact_id:  # not a retry answered from before
+                try:
+                    artifact.cluster_seq = cluster.commit(artifact)
+                except BaseException:
+                    self.drop_artifacts([artifact_id], reason="deleted")
+                    cluster.abort([(request.key, artifact_id)])
+                    raise
+                artifact.writer = cluster.node_id
+                with self._lock:
+                    if self._journal is not None and artifact_id in self._leases.artifacts:
+                        self._journal.add_artifact(artifact.to_record())
+            else:  # the first attempt's artifact answers: this attempt's reservation goes
+                cluster.abort([(request.key, artifact_id)])
         return _result(artifact)
 
     def _register(
@@ -623,21 +633,24 @@ class LocalStore:
         self, request: daemon_pb2.DeleteRequest, session_id: str
     ) -> daemon_pb2.DeleteResponse:
         cluster = self.cluster
-        if cluster is not None:
-            parse_key(request.key)
+        if cluster is None:
+            with self._lock:
+                self._apply(self._leases.delete(request.key))
+            return daemon_pb2.DeleteResponse(deleted=True, versions=1)
+        parse_key(request.key)
+        with cluster.sync_lock:  # no full report between the cluster's delete and ours
             try:
                 cluster.delete(request.key)  # every other node drops its copy first
             except NotFoundError:
                 with self._lock:
                     if not self._leases.catalog.exists(request.key):
                         raise
-        with self._lock:
-            try:
-                self._apply(self._leases.delete(request.key))
-            except NotFoundError:
-                if cluster is None:
-                    raise  # in a cluster, this node may have held no copy
-            return daemon_pb2.DeleteResponse(deleted=True, versions=1)
+            with self._lock:
+                try:
+                    self._apply(self._leases.delete(request.key))
+                except NotFoundError:
+                    pass  # this node held no copy
+        return daemon_pb2.DeleteResponse(deleted=True, versions=1)
 
     def rpc_ListKeys(
         self, request: daemon_pb2.ListKeysRequest, session_id: str
@@ -841,12 +854,15 @@ class LocalStore:
             actions.aborted.clear()  # a copy's reservation is this node's alone
             self._apply(actions)
 
-    def keep(self, artifact_id: str) -> None:
-        """A cache copy asked for by replicate: kept like the original from now on."""
+    def keep(self, artifact_id: str) -> bool:
+        """A cache copy asked for by replicate: kept like the original from now on. False
+        when this node no longer holds it."""
         with self._lock:
             art = self._leases.artifacts.get(artifact_id)
-            if art is None or art.replica_kind != "cache":
-                return
+            if art is None:
+                return False
+            if art.replica_kind != "cache":
+                return True
             art.replica_kind = "replica"
             art.requirement = "must"
             art.retention = "pinned" if art.retention == "best_effort" else art.retention
@@ -860,6 +876,7 @@ class LocalStore:
                 self._journal.add_artifact(art.to_record())
         if self.cluster is not None:
             self.cluster.report_kept(artifact_id)
+        return True
 
     def drop_artifacts(self, artifact_ids: Sequence[str], *, reason: str) -> int:
         """Free this node's copies of ``artifact_ids`` (the cluster deleted them)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import queue
 import sys
 import threading
 import time
@@ -124,6 +125,17 @@ class ClusterTier:
         self._heartbeat = threading.Thread(
             target=self._heartbeat_loop, name="tc-daemon-heartbeat", daemon=True
         )
+        # The order of this node's reports. A full report replaces this node's replica set
+        # at the Global Store, so it must not interleave with a commit or delete (taken
+        # across the Global Store call and the local one) or overtake a drop sent before
+        # it: the drops go through one sender thread, in order, under this lock.
+        # Lock order: sync_lock, then LocalStore's lock (never the other way).
+        self.sync_lock = threading.RLock()
+        self._outbox: queue.SimpleQueue[tuple[str, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(
+            target=self._send_loop, name="tc-daemon-gs-send", daemon=True
+        )
+        self._acked: list[str] = []  # drops the Global Store asked for, done since the last beat
 
     # ---- the Global Store --------------------------------------------------------------
     def _gs_call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
@@ -138,17 +150,44 @@ class ClusterTier:
             raise map_exception(exc, context=f"Global Store {method}") from exc
 
     def _gs_send(self, method: str, *args: Any) -> None:
-        """Fire and forget (reports whose loss the next full sync repairs)."""
+        """Queue a report for the sender thread (never waits: callers may hold the store's
+        lock). Reports whose loss the next full sync repairs."""
+        self._outbox.put((method, args))
+
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            with self.sync_lock:
+                self._send(*item)
+
+    def _send(self, method: str, args: tuple[Any, ...]) -> None:
         try:
-            getattr(self.gs, method).remote(self.token, *args)
-        except Exception as exc:
-            logger.warning("could not send %s to the Global Store: %s", method, exc)
+            self._gs_call(method, *args)
+        except ArtifactError as exc:
+            logger.warning("could not send %s to the Global Store: %s", method, exc.message)
+
+    def _flush(self) -> None:
+        """Send what is queued now, in order (the caller holds ``sync_lock``)."""
+        while True:
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._outbox.put(None)  # stopping: leave the sentinel for the sender
+                return
+            self._send(*item)
 
     def start(self) -> None:
+        self._sender.start()
         self.sync()
         self._heartbeat.start()
 
     def start_heartbeat(self) -> None:
+        if not self._sender.is_alive():
+            self._sender.start()
         if not self._heartbeat.is_alive():
             self._heartbeat.start()
 
@@ -158,7 +197,9 @@ class ClusterTier:
 
         info = ray.get(self.gs.info.remote(), timeout=self.config.global_store_timeout_s)
         self.gs_address, self.gs_version = info["address"], info["version"]
-        answer = self._gs_call("sync_node", self._record(), self.store.report())
+        with self.sync_lock:
+            self._flush()  # drops queued before the snapshot reach it first
+            answer = self._gs_call("sync_node", self._record(), self.store.report())
         for artifact_id in answer["refused"]:
             logger.warning(
                 "the Global Store refused artifact %s (another artifact holds its key); "
@@ -171,10 +212,16 @@ class ClusterTier:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_s):
             try:
-                record = {**self._record(), "synced_with": self.gs_instance}
-                answer = self._gs_call("heartbeat", record)
+                acked, self._acked = self._acked, []
+                record = {**self._record(), "synced_with": self.gs_instance, "acked": acked}
+                try:
+                    answer = self._gs_call("heartbeat", record)
+                except ArtifactError:
+                    self._acked = acked + self._acked  # said again with the next beat
+                    raise
                 if answer.get("drop"):  # deletes this node missed (it was unreachable)
                     self.store.drop_artifacts(answer["drop"], reason="dropped by the cluster")
+                    self._acked.extend(answer["drop"])  # the Global Store forgets them then
                 if answer["resync"]:
                     logger.info("Global Store %s asks for a full report", answer["instance_id"])
                     self.sync()
@@ -185,8 +232,19 @@ class ClusterTier:
             except Exception:
                 logger.exception("closing idle transfers failed")
 
+    def leave(self) -> None:
+        """A clean stop: the Global Store forgets this node's copies now (the ones only it
+        held are lost, as if the node had gone)."""
+        try:
+            with self.sync_lock:
+                self._flush()
+                self._gs_call("leave", self.node_id, timeout=5.0)
+        except ArtifactError as exc:
+            logger.warning("could not tell the Global Store this daemon stops: %s", exc.message)
+
     def stop(self) -> None:
         self._stop.set()
+        self._outbox.put(None)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.source.close_all()
         if "tensorcast_ray._transport.collective" in sys.modules:
@@ -436,7 +494,7 @@ class ClusterTier:
         except Exception as exc:
             raise map_exception(exc, context=f"open a transfer on node {node[:12]}") from exc
         opened = time.perf_counter()
-        shards = plan_shards(full_pieces(meta["segments"]), int(self.config.transfer_shard_bytes))
+        shards = plan_shards(full_pieces(meta["segments"]), self.shard_bytes(meta))
         # The first shards are asked for now: the source copies them into its object store
         # while this node allocates the landing segments.
         early = {
@@ -461,7 +519,7 @@ class ClusterTier:
             if landing is not None:
                 self.store.abort_landing(landing)
             if onward_id:
-                self.source.landed(onward_id, -1, error=str(exc) or type(exc).__name__)
+                self.source.landed(onward_id, -1, error=_why(exc))
             self.metrics.transfers.labels(transport="object_store", result="failed").inc()
             if isinstance(exc, ArtifactError):
                 raise
@@ -500,14 +558,24 @@ class ClusterTier:
                 **meta,
                 "segments": landing.segments,
                 "transfer_id": onward_id,
+                # The next node must plan the same shards: shard k is what landed as k here.
+                "shard_bytes": self.shard_bytes(meta),
             }
             self._cond.notify_all()
         return onward_id
 
+    def shard_bytes(self, meta: dict[str, Any]) -> int:
+        """The shard size of a transfer: a chain's landing copy dictates its own."""
+        return int(meta.get("shard_bytes") or self.config.transfer_shard_bytes)
+
     def close_onward(self, artifact_id: str) -> None:
+        """The copy landed (or failed): a chain's next node that took the onward transfer
+        closes it when it is done; one nobody took is closed now (it maps the whole copy)."""
         with self._cond:
-            self._landing.pop(artifact_id, None)
+            landing = self._landing.pop(artifact_id, None)
             self._cond.notify_all()
+        if landing is not None and not landing.get("taken"):
+            self.source.close(landing["transfer_id"])
 
     def record_replica(self, artifact_id: str, kind: str) -> None:
         """Tell the Global Store this node now holds a copy. A version deleted while its copy
@@ -578,14 +646,15 @@ class ClusterTier:
         timeout = self.config.transfer_timeout_s
         errors = []
         for node in nodes:
-            handle = self.daemon(node)
             try:
+                handle = self.daemon(node)
                 meta = ray.get(
                     handle.transfer_open.remote(self.token, str(entry["artifact_id"]), 0.0),
                     timeout=timeout,
                 )
             except Exception as exc:
                 errors.append(f"{node[:12]}: {map_exception(exc).message}")
+                self._forget(node)
                 continue
             try:
                 self._receive_all(handle, meta["transfer_id"], shards, [dest], timeout)
@@ -616,6 +685,7 @@ class ClusterTier:
                 return True
             landing = self._landing.get(artifact_id)
             if landing is not None:
+                landing["taken"] = True  # the taker closes it (close_onward leaves it open)
                 found.update(landing)
                 return True
             return False
@@ -654,13 +724,31 @@ class ClusterTier:
             if node not in alive:
                 results[node] = _result(node, "failed", "", f"node {node[:12]} is not alive")
             elif node in holders:
-                self.daemon(node).keep.remote(self.token, entry["artifact_id"])
-                results[node] = _result(node, "ready", "", "already held there")
+                try:
+                    held = ray.get(
+                        self.daemon(node).keep.remote(self.token, entry["artifact_id"]),
+                        timeout=self.config.global_store_timeout_s,
+                    )
+                except Exception as exc:
+                    results[node] = _result(node, "failed", "", map_exception(exc).message)
+                    continue
+                if held:
+                    results[node] = _result(node, "ready", "", "already held there")
+                else:  # its copy went meanwhile (evicted): land a new one
+                    chain.append(node)
             else:
                 chain.append(node)
         if not chain:
             return results
-        source = self.node_id if self.node_id in holders else self.sources(entry)[0]
+        alive_holders = [n for n in self.sources(entry) if n in alive]
+        if self.node_id in holders:
+            source = self.node_id
+        elif alive_holders:
+            source = alive_holders[0]
+        else:
+            for node in chain:
+                results[node] = _result(node, "failed", "", "no alive node holds a copy")
+            return results
         used, reason = "object_store", ""
         if transport in ("auto", "collective"):
             from tensorcast_ray._transport import collective
@@ -722,10 +810,45 @@ class ClusterTier:
         one in the chain), serving it ``onward`` to the next node as it lands; if upstream
         fails, from ``source``. ``fallback`` (transport "auto"): a collective hop that fails
         is pulled again through the object store, and the answer says why."""
-        existing = self.store.local_artifact(str(entry["artifact_id"]))
-        if existing is not None:
-            self.store.keep(existing.artifact_id)
+        artifact_id = str(entry["artifact_id"])
+        existing = self.store.local_artifact(artifact_id)
+        if existing is not None and self.store.keep(artifact_id):
             return {"transport": "", "reason": "already held there"}
+        # One landing per artifact per node: a read pulling it now lands the copy we keep.
+        with self._lock:
+            future = self._inflight.get(artifact_id)
+            leader = future is None
+            if leader:
+                future = concurrent.futures.Future()
+                self._inflight[artifact_id] = future
+        assert future is not None
+        if not leader:
+            landed = future.result()
+            self.store.keep(artifact_id)
+            return {"transport": landed.served_by, "reason": "landed by a read on this node"}
+        try:
+            answer = self._pull_replica(entry, upstream, transport, source, fallback, onward)
+            copy = self.store.local_artifact(artifact_id)
+            if copy is None:
+                raise NotFoundError(f"{entry['key']} was dropped on this node as it landed")
+            future.set_result(copy)
+            return answer
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(artifact_id, None)
+
+    def _pull_replica(
+        self,
+        entry: dict[str, Any],
+        upstream: str,
+        transport: str,
+        source: str,
+        fallback: bool,
+        onward: bool,
+    ) -> dict[str, Any]:
         if transport == "collective":
             from tensorcast_ray._transport import collective
 
@@ -764,6 +887,13 @@ class ClusterTier:
             self.pull_from(source, entry, "replica", onward=onward)
         self.record_replica(str(entry["artifact_id"]), "replica")
         return {"transport": "object_store"}
+
+
+def _why(exc: BaseException) -> str:
+    """A failure's message, without the remote traceback Ray wraps around it."""
+    if isinstance(exc, Exception):
+        return map_exception(exc).message
+    return type(exc).__name__
 
 
 def _result(node: str, status: str, transport: str, reason: str) -> dict[str, Any]:

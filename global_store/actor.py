@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -67,10 +68,12 @@ _CATALOG_METHODS = (
     "drop_replica",
     "heartbeat",
     "sync_node",
+    "leave",
 )
 _NODE_POLL_S = 1.0
 _REBUILD_TIMEOUT_S = 30.0
 _FANOUT_TIMEOUT_S = 10.0
+_MAX_TOMBSTONES = 100_000
 
 
 class GlobalStoreActor:
@@ -88,6 +91,9 @@ class GlobalStoreActor:
         # Drops a node did not confirm (unreachable at a delete): sent again with each of
         # its heartbeats until it has them, and refused in its full report meanwhile.
         self._pending_drops: dict[str, set[str]] = {}
+        # Artifacts deleted (or whose life ended) lately: a report or replica of one is
+        # refused, so a node that missed the delete cannot bring it back.
+        self._deleted: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._started = time.monotonic()
         # Until the daemons alive at start have reported, an unknown key may only be unknown
@@ -263,28 +269,43 @@ class GlobalStoreActor:
     def delete(self, token: str, key: str, node_id: str) -> dict[str, Any]:
         """Delete ``key`` cluster-wide: every other node holding it drops its copy before this
         returns (the caller, ``node_id``, drops its own)."""
-        entry = self._call("delete", token, lambda: self.catalog.delete(key))
+
+        def run() -> Any:
+            entry = self.catalog.delete(key)
+            self._tombstone([entry.artifact_id])
+            return entry
+
+        entry = self._call("delete", token, run)
         others = [n for n in entry.replicas if n != node_id]
         failed = self._fan_out_drop(others, [entry.artifact_id], wait=True)
         return {**entry.to_dict(), "unreachable": failed}
 
     @ray.method(concurrency_group="control")
     def add_replica(self, token: str, artifact_id: str, node_id: str, kind: str) -> dict[str, Any]:
-        return self._call(
-            "add_replica",
-            token,
-            lambda: self.catalog.add_replica(artifact_id, node_id, kind).to_dict(),
-        )
+        def run() -> dict[str, Any]:
+            from tensorcast_ray._errors import NotFoundError
+
+            if artifact_id in self._deleted:
+                raise NotFoundError(f"artifact {artifact_id} was deleted")
+            try:
+                return self.catalog.add_replica(artifact_id, node_id, kind).to_dict()
+            except NotFoundError:
+                self._unknown_while_rebuilding(artifact_id)  # its writer may not have reported
+                raise
+
+        return self._call("add_replica", token, run)
 
     @ray.method(concurrency_group="control")
     def drop_replica(self, token: str, artifact_id: str, node_id: str, final: bool) -> None:
         """``node_id`` dropped ``artifact_id``; ``final``: its life ended (the version goes
         everywhere), else it was a copy evicted or expired there."""
-        others = self._call(
-            "drop_replica",
-            token,
-            lambda: self.catalog.drop_replica(artifact_id, node_id, final=final),
-        )
+
+        def run() -> list[str]:
+            if final:
+                self._tombstone([artifact_id])
+            return self.catalog.drop_replica(artifact_id, node_id, final=final)
+
+        others = self._call("drop_replica", token, run)
         if others:
             self._fan_out_drop(others, [artifact_id], wait=False)
 
@@ -303,8 +324,12 @@ class GlobalStoreActor:
                 and known.instance_id == str(record.get("instance_id", ""))
                 and record.get("synced_with") == self.instance_id
             )
-            drop = sorted(self._pending_drops.pop(node_id, ()))
-            return {"instance_id": self.instance_id, "resync": not synced, "drop": drop}
+            # Drops it missed, sent again until it says (in a later beat) it made them.
+            pending = self._pending_drops.get(node_id, set())
+            pending -= set(record.get("acked", ()))
+            if not pending:
+                self._pending_drops.pop(node_id, None)
+            return {"instance_id": self.instance_id, "resync": not synced, "drop": sorted(pending)}
 
         return self._call("heartbeat", token, run)
 
@@ -318,12 +343,42 @@ class GlobalStoreActor:
             node_id = _node_of(record)
             self._daemons[node_id] = _daemon_record(record, node_id)
             self.metrics.daemons_known.set(len(self._daemons))
-            deleted = self._pending_drops.pop(node_id, set())
-            kept = [a for a in artifacts if a.get("artifact_id") not in deleted]
-            return self.catalog.sync_node(node_id, kept) + sorted(deleted)
+            missed = self._pending_drops.pop(node_id, set())
+            refused = [
+                str(a.get("artifact_id"))
+                for a in artifacts
+                if a.get("artifact_id") in missed or a.get("artifact_id") in self._deleted
+            ]
+            kept = [a for a in artifacts if str(a.get("artifact_id")) not in set(refused)]
+            return self.catalog.sync_node(node_id, kept) + refused
 
         refused = self._call("sync_node", token, run)
         return {"instance_id": self.instance_id, "refused": refused}
+
+    @ray.method(concurrency_group="control")
+    def leave(self, token: str, node_id: str) -> list[str]:
+        """A daemon stops cleanly: forget its copies now (returns the keys lost with it)."""
+
+        def run() -> list[str]:
+            lost = self.catalog.drop_node(node_id)
+            self._daemons.pop(node_id, None)
+            self._handles.pop(node_id, None)
+            self._pending_drops.pop(node_id, None)
+            self.metrics.daemons_known.set(len(self._daemons))
+            return lost
+
+        lost = self._call("leave", token, run)
+        if lost:
+            logger.warning(
+                "daemon of node %s stopped; %d version(s) lived only there", node_id, len(lost)
+            )
+        return lost
+
+    def _tombstone(self, artifact_ids: list[str]) -> None:
+        for artifact_id in artifact_ids:
+            self._deleted[artifact_id] = None
+        while len(self._deleted) > _MAX_TOMBSTONES:
+            self._deleted.popitem(last=False)
 
     # ---- background ---------------------------------------------------------------------------
     def _daemon(self, node_id: str) -> Any | None:

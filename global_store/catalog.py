@@ -188,8 +188,8 @@ class ClusterCatalog:
             if lost_on is not None:
                 raise NotFoundError(
                     f"{name}:{version} was lost: it lived only on node {lost_on}, which left "
-                    "the cluster; write it again (a durable policy will keep a disk copy once "
-                    "persistence is configured)"
+                    "the cluster or whose daemon stopped; write it again (a durable policy "
+                    "will keep a disk copy once persistence is configured)"
                 )
             raise NotFoundError(f"{name}:{version} does not exist (never written, or deleted)")
         return entry

@@ -149,12 +149,21 @@ _buffers = _BufferRegistry()
 _served_by: collections.OrderedDict[str, str] = collections.OrderedDict()
 
 
+_served_lock = threading.Lock()
+
+
+def _last_served(artifact_id: str) -> str | None:
+    with _served_lock:
+        return _served_by.get(artifact_id)
+
+
 def served(artifact_id: str, how: str) -> None:
     """Remember how this process's last read of ``artifact_id`` was served (ArtifactInfo)."""
-    _served_by[artifact_id] = how
-    _served_by.move_to_end(artifact_id)
-    while len(_served_by) > _SERVED_MAX:
-        _served_by.popitem(last=False)
+    with _served_lock:
+        _served_by[artifact_id] = how
+        _served_by.move_to_end(artifact_id)
+        while len(_served_by) > _SERVED_MAX:
+            _served_by.popitem(last=False)
 
 
 _cache_pid = os.getpid()
@@ -440,7 +449,7 @@ class Store:
             replica_kinds={r.node_id: r.kind for r in resp.replicas},
             local=resp.local,
             local_kind=resp.local_kind or None,
-            served_by=_served_by.get(resp.artifact_id),
+            served_by=_last_served(resp.artifact_id),
             created_unix_ms=int(resp.created_unix_ms),
         )
 

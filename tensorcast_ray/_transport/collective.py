@@ -47,6 +47,7 @@ __all__ = ["pull_chain", "serve", "unavailable_reason"]
 logger = logging.getLogger("tensorcast_ray.daemon.collective")
 
 _SETUP_TIMEOUT_S = 30.0
+_OP_TIMEOUT_S = 120.0
 
 
 def unavailable_reason() -> str:
@@ -108,7 +109,9 @@ def _process_group(store: Any, name: str, rank: int, timeout_s: float) -> Any:
     import torch.distributed as dist
 
     opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-    opts._timeout = timedelta(seconds=timeout_s)  # bounds every send/recv wait
+    # Bounds every send/recv wait: one piece of a shard, at most transfer_shard_bytes. A
+    # peer gone mid-transfer frees this end's thread within it, never a whole transfer's.
+    opts._timeout = timedelta(seconds=min(timeout_s, _OP_TIMEOUT_S))
     # Lazy: construction returns at once and connects on the first operation, so the two
     # ends need not construct at the same moment.
     opts._devices = [
@@ -231,23 +234,28 @@ def pull_chain(
     import ray
 
     start = time.perf_counter()
-    handle = tier.daemon(upstream)
     timeout = tier.config.transfer_timeout_s
     artifact_id = str(entry["artifact_id"])
-    meta = ray.get(
-        handle.transfer_open.remote(tier.token, artifact_id, upstream_wait_s), timeout=timeout
-    )
-    landing = tier.store.begin_landing(meta, kind=kind, served_by="collective")
-    shards = plan_shards(full_pieces(meta["segments"]), int(tier.config.transfer_shard_bytes))
-    onward_id = tier.open_onward(artifact_id, meta, landing, len(shards)) if onward else ""
     inbound = tier.metrics.transfer_bytes.labels(direction="in", transport="collective")
-    group, join = _recv_group(tier, upstream)
+    handle: Any = None
+    meta: dict[str, Any] = {}
+    landing: Any = None
+    group: _Group | None = None
+    onward_id = ""
+    served = False  # collective_serve was sent: the sender closes its transfer
     try:
+        handle = tier.daemon(upstream)
+        meta = ray.get(
+            handle.transfer_open.remote(tier.token, artifact_id, upstream_wait_s), timeout=timeout
+        )
+        landing = tier.store.begin_landing(meta, kind=kind, served_by="collective")
+        shards = plan_shards(full_pieces(meta["segments"]), tier.shard_bytes(meta))
+        onward_id = tier.open_onward(artifact_id, meta, landing, len(shards)) if onward else ""
+        group, join = _recv_group(tier, upstream)
         with group.lock:
-            ref = handle.collective_serve.remote(
-                tier.token,
-                {**join, "transfer_id": meta["transfer_id"], "shards": shards, "key": entry["key"]},
-            )
+            request = {**join, "transfer_id": meta["transfer_id"], "shards": shards}
+            ref = handle.collective_serve.remote(tier.token, {**request, "key": entry["key"]})
+            served = True
             views = _views(landing.maps)
             stop = threading.Event()
             watcher = _watch_sender(ref, group, stop)
@@ -269,10 +277,15 @@ def pull_chain(
             ray.get(ref, timeout=timeout)
         artifact = tier.store.publish_landing(landing)
     except BaseException as exc:
-        _groups.drop(_groups.recv, upstream)
-        tier.store.abort_landing(landing)
+        if group is not None:
+            _groups.drop(_groups.recv, upstream)
+        if handle is not None and meta and not served:
+            handle.transfer_close.remote(tier.token, meta["transfer_id"])
+        if landing is not None:
+            tier.store.abort_landing(landing)
         if onward_id:
-            tier.source.landed(onward_id, -1, error=str(exc) or type(exc).__name__)
+            why = map_exception(exc).message if isinstance(exc, Exception) else repr(exc)
+            tier.source.landed(onward_id, -1, error=why)
         tier.metrics.transfers.labels(transport="collective", result="failed").inc()
         if not isinstance(exc, Exception):
             raise

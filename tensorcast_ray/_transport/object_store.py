@@ -31,7 +31,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tensorcast_ray._errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tensorcast_ray._errors import (
+    DataLossError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from tensorcast_ray._transport.base import SegmentRef
 
 __all__ = ["Piece", "ShardSource", "full_pieces", "plan_shards", "receive"]
@@ -135,15 +140,17 @@ class ShardSource:
         with self._lock:
             entry = self._open.get(transfer_id)
         if entry is None:
-            raise FailedPreconditionError(f"transfer {transfer_id} is not open here")
+            raise UnavailableError(
+                f"transfer {transfer_id} is not open here (closed, or idle too long)"
+            )
         entry.last_used = time.monotonic()
         if entry.landed is not None and shard in entry.landed:
             if not entry.landed[shard].wait(timeout_s):
-                raise FailedPreconditionError(
+                raise UnavailableError(
                     f"shard {shard} did not land upstream within {timeout_s:.0f} s"
                 )
             if entry.failed:
-                raise FailedPreconditionError(f"the upstream copy failed: {entry.failed}")
+                raise UnavailableError(f"the upstream copy failed: {entry.failed}")
         return entry.maps
 
     def serve(self, transfer_id: str, shard: int, pieces: Sequence[Piece], timeout_s: float) -> Any:
@@ -154,7 +161,7 @@ class ShardSource:
         with self._lock:
             entry = self._open.get(transfer_id)
             if entry is None:
-                raise FailedPreconditionError(
+                raise UnavailableError(
                     f"transfer {transfer_id} is not open here (closed, idle too long, or this "
                     "daemon restarted); start the pull again"
                 )
@@ -220,13 +227,13 @@ def receive(ref: Any, pieces: Sequence[Piece], dest: Sequence[Any], timeout_s: f
 
     arrays = ray.get(ref, timeout=timeout_s)
     if len(arrays) != len(pieces):
-        raise FailedPreconditionError(
+        raise DataLossError(
             f"a shard came back with {len(arrays)} pieces, {len(pieces)} were asked for"
         )
     total = 0
     for arr, (_, _, length, dst_seg, dst_off) in zip(arrays, pieces, strict=True):
         if arr.nbytes != length:
-            raise FailedPreconditionError(
+            raise DataLossError(
                 f"a shard piece came back with {arr.nbytes} bytes, {length} were asked for"
             )
         np.frombuffer(dest[dst_seg], np.uint8, length, dst_off)[:] = arr

@@ -478,6 +478,22 @@ def test_node_loss(cluster: Any, ns: str) -> None:
     assert lost["key"] == "lost:1"
 
 
+def test_a_daemon_that_stops_takes_its_copies_out_of_the_catalog(cluster: Any, ns: str) -> None:
+    import ray
+
+    nodes = node_ids(cluster)
+    on_node(2, ns, _put, "solo:1", 1)
+    both = on_node(2, ns, _put, "both:1", 1, 2.0)
+    assert on_node(0, ns, _sums, "both:1") == both["sums"]
+    handle = _daemon(ns, nodes[2])
+    ray.get(handle.stop.remote(), timeout=60)  # a clean stop (tensorcast-ray daemon stop)
+    ray.kill(handle, no_restart=True)
+    err = on_node(1, ns, lambda tc: _error(lambda: tc.get("solo:1")))
+    assert err.startswith("NotFoundError") and "lost" in err and nodes[2] in err
+    assert on_node(1, ns, _sums, "both:1") == both["sums"]  # from node 0's copy
+    assert on_node(1, ns, lambda tc: tc.list_keys("solo")) == []
+
+
 # ---- Global Store restart -----------------------------------------------------------------------
 def test_global_store_restart_rebuilds_the_catalog(cluster: Any, ns: str) -> None:
     import ray

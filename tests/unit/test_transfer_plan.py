@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tensorcast_ray._errors import (
-    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from tensorcast_ray._transport.base import SegmentRef
 from tensorcast_ray._transport.object_store import (
@@ -200,7 +200,7 @@ def test_close_unmaps_and_forgets_the_transfer(tmp_path: Path, rec: Recorder) ->
     keep = source.open([segment(tmp_path, "s2", b"f")])
     source.close(tid)
     assert [m.closed for m in rec.maps] == [True, True, False] and len(source) == 1
-    with pytest.raises(FailedPreconditionError, match="not open"):
+    with pytest.raises(UnavailableError, match="not open"):
         source.wait_landed(tid, 0, timeout_s=0)
     source.close(tid)  # twice: nothing
     source.close("unknown")
@@ -226,7 +226,7 @@ def test_expire_closes_only_idle_transfers(tmp_path: Path, rec: Recorder) -> Non
     assert source.expire(now=before - 100) == 0
     assert source.expire(now=between + 10.0) == 1, "only the one opened before `between`"
     assert rec.maps[0].closed and not rec.maps[1].closed and len(source) == 1
-    with pytest.raises(FailedPreconditionError):
+    with pytest.raises(UnavailableError):
         source.wait_landed(old, 0, timeout_s=0)
     assert source.wait_landed(fresh, 0, timeout_s=0)[0][:] == b"de"
     assert source.expire(now=time.monotonic() + 11) == 1 and len(source) == 0
@@ -258,11 +258,11 @@ def test_close_all_unmaps_everything(tmp_path: Path, rec: Recorder) -> None:
 def test_a_landing_shard_is_served_once_it_is_in_place(tmp_path: Path, rec: Recorder) -> None:
     source = ShardSource(rec)
     tid = source.open([segment(tmp_path, "s0", b"abcd")], landing=2)
-    with pytest.raises(FailedPreconditionError, match="did not land"):
+    with pytest.raises(UnavailableError, match="did not land"):
         source.wait_landed(tid, 0, timeout_s=0)
     source.landed(tid, 0)
     assert source.wait_landed(tid, 0, timeout_s=0)[0][:] == b"abcd"
-    with pytest.raises(FailedPreconditionError, match="shard 1 did not land"):
+    with pytest.raises(UnavailableError, match="shard 1 did not land"):
         source.wait_landed(tid, 1, timeout_s=0)  # shard 0 landing says nothing of shard 1
     source.landed(tid, 1)
     assert source.wait_landed(tid, 1, timeout_s=0) == source.wait_landed(tid, 0, timeout_s=0)
@@ -273,7 +273,7 @@ def test_a_failed_landing_fails_every_waiting_shard(tmp_path: Path, rec: Recorde
     tid = source.open([segment(tmp_path, "s0", b"abcd")], landing=3)
     source.landed(tid, 1, error="upstream daemon died")
     for shard in (1, 2):
-        with pytest.raises(FailedPreconditionError, match="upstream copy failed: upstream"):
+        with pytest.raises(UnavailableError, match="upstream copy failed: upstream"):
             source.wait_landed(tid, shard, timeout_s=5)  # returns at once: no wait
 
 
@@ -287,11 +287,11 @@ def test_landed_for_unknown_or_plain_transfers_is_ignored(tmp_path: Path, rec: R
     source.landed("unknown", 0, error="x")
     landing = source.open([segment(tmp_path, "s1", b"ef")], landing=1)
     source.landed(landing, 7)  # outside the plan: nothing
-    with pytest.raises(FailedPreconditionError, match="did not land"):
+    with pytest.raises(UnavailableError, match="did not land"):
         source.wait_landed(landing, 0, timeout_s=0)
 
 
-def test_wait_landed_of_a_closed_transfer_is_failed_precondition(rec: Recorder) -> None:
+def test_wait_landed_of_a_closed_transfer_is_unavailable(rec: Recorder) -> None:
     source = ShardSource(rec)
-    with pytest.raises(FailedPreconditionError, match="not open here"):
+    with pytest.raises(UnavailableError, match="not open here"):
         source.wait_landed("never-opened", 0, timeout_s=0)
