@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import hashlib
 import json
 import os
 import re
@@ -52,6 +51,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray
 import torch
+
+from tensorcast_ray._shm import segment_prefix
 
 MiB = 1 << 20
 NODES = 4  # the head (node 0, the source) and 3 added nodes
@@ -417,7 +418,7 @@ class Run:
 # ---- cleanup ------------------------------------------------------------------------------
 def shm_leftovers(namespace: str) -> list[str]:
     """/dev/shm files and sockets of the namespace (any node: simulated nodes share a host)."""
-    prefix = f"tcr-{hashlib.sha1(namespace.encode()).hexdigest()[:8]}-"
+    prefix = segment_prefix(namespace, "x")[: -len("x-")]  # every node's daemon
     found = [f"/dev/shm/{n}" for n in os.listdir("/dev/shm") if n.startswith(prefix)]
     sock_dir = f"/tmp/tcr-{os.getuid()}"
     if os.path.isdir(sock_dir):

@@ -384,13 +384,7 @@ class ClusterTier:
         """This node's copy of ``entry`` (a Global Store answer), pulled if it has none; one
         pull however many readers ask at once."""
         artifact_id = str(entry["artifact_id"])
-        with self._lock:
-            future = self._inflight.get(artifact_id)
-            leader = future is None
-            if leader:
-                future = concurrent.futures.Future()
-                self._inflight[artifact_id] = future
-        assert future is not None
+        leader, future = self._landing_of(artifact_id)
         if not leader:
             return future.result()
         try:
@@ -405,6 +399,17 @@ class ClusterTier:
         finally:
             with self._lock:
                 self._inflight.pop(artifact_id, None)
+
+    def _landing_of(self, artifact_id: str) -> tuple[bool, concurrent.futures.Future[Artifact]]:
+        """``(True, new future)`` for the caller that lands ``artifact_id`` here (it must
+        settle the future and pop it), or ``(False, the landing in flight)`` to wait on."""
+        with self._lock:
+            future = self._inflight.get(artifact_id)
+            if future is not None:
+                return False, future
+            future = concurrent.futures.Future()
+            self._inflight[artifact_id] = future
+            return True, future
 
     def sources(self, entry: dict[str, Any]) -> list[str]:
         """Nodes to pull ``entry`` from, best first: kept copies before cache copies."""
@@ -815,13 +820,7 @@ class ClusterTier:
         if existing is not None and self.store.keep(artifact_id):
             return {"transport": "", "reason": "already held there"}
         # One landing per artifact per node: a read pulling it now lands the copy we keep.
-        with self._lock:
-            future = self._inflight.get(artifact_id)
-            leader = future is None
-            if leader:
-                future = concurrent.futures.Future()
-                self._inflight[artifact_id] = future
-        assert future is not None
+        leader, future = self._landing_of(artifact_id)
         if not leader:
             landed = future.result()
             self.store.keep(artifact_id)
