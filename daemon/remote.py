@@ -198,6 +198,8 @@ class ClusterTier:
         info = ray.get(self.gs.info.remote(), timeout=self.config.global_store_timeout_s)
         self.gs_address, self.gs_version = info["address"], info["version"]
         with self.sync_lock:
+            if self._stop.is_set():
+                return  # stopping (or left): a report now would put its copies back
             self._flush()  # drops queued before the snapshot reach it first
             answer = self._gs_call("sync_node", self._record(), self.store.report())
         for artifact_id in answer["refused"]:
@@ -235,6 +237,7 @@ class ClusterTier:
     def leave(self) -> None:
         """A clean stop: the Global Store forgets this node's copies now (the ones only it
         held are lost, as if the node had gone)."""
+        self._stop.set()  # no heartbeat may re-report this node after it left
         try:
             with self.sync_lock:
                 self._flush()
