@@ -30,13 +30,14 @@ other nodes: it asks its own daemon, and this object does the cross-node work.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray._actors import daemon_name, get_actor
@@ -390,12 +391,21 @@ class ClusterTier:
         leader, future = self._landing_of(artifact_id)
         if not leader:
             return future.result()
-        try:
+        with self._leading(artifact_id, future):
             artifact = self.store.local_artifact(artifact_id)
             if artifact is None:
                 artifact = self._pull(entry, kind)
             future.set_result(artifact)
             return artifact
+
+    @contextlib.contextmanager
+    def _leading(
+        self, artifact_id: str, future: concurrent.futures.Future[Artifact]
+    ) -> Iterator[None]:
+        """[the landing's leader] A failure settles the waiters' future with it; either way
+        the landing leaves the in-flight table (the body sets the result)."""
+        try:
+            yield
         except BaseException as exc:
             future.set_exception(exc)
             raise
@@ -404,8 +414,8 @@ class ClusterTier:
                 self._inflight.pop(artifact_id, None)
 
     def _landing_of(self, artifact_id: str) -> tuple[bool, concurrent.futures.Future[Artifact]]:
-        """``(True, new future)`` for the caller that lands ``artifact_id`` here (it must
-        settle the future and pop it), or ``(False, the landing in flight)`` to wait on."""
+        """``(True, new future)`` for the caller that lands ``artifact_id`` here (it runs
+        the landing under ``_leading``), or ``(False, the landing in flight)`` to wait on."""
         with self._lock:
             future = self._inflight.get(artifact_id)
             if future is not None:
@@ -828,19 +838,13 @@ class ClusterTier:
             landed = future.result()
             self.store.keep(artifact_id)
             return {"transport": landed.served_by, "reason": "landed by a read on this node"}
-        try:
+        with self._leading(artifact_id, future):
             answer = self._pull_replica(entry, upstream, transport, source, fallback, onward)
             copy = self.store.local_artifact(artifact_id)
             if copy is None:
                 raise NotFoundError(f"{entry['key']} was dropped on this node as it landed")
             future.set_result(copy)
             return answer
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(artifact_id, None)
 
     def _pull_replica(
         self,
