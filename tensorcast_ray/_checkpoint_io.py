@@ -118,12 +118,18 @@ def export(
     *,
     storage_options: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    layout: str = "auto",
 ) -> str:
     """Write artifact ``key`` (``name:latest`` resolves once) as safetensors shards + manifest
     under the root ``url``; returns the artifact's directory URL (pass it to
     :func:`import_checkpoint`). Re-exporting the same version is a no-op; a different one
-    under the same key is ``ALREADY_EXISTS``. Layout: docs/disk-format.md."""
-    return default_store().export(key, url, storage_options=storage_options, progress=progress)
+    under the same key is ``ALREADY_EXISTS``. ``layout`` (``auto`` / ``unsharded`` /
+    ``sharded``) picks the shards. Layout: docs/disk-format.md."""
+    if layout == "auto":
+        return default_store().export(key, url, storage_options=storage_options, progress=progress)
+    return export_artifact(
+        default_store(), key, url, storage_options=storage_options, progress=progress, layout=layout
+    )
 
 
 def export_artifact(
@@ -133,6 +139,7 @@ def export_artifact(
     *,
     storage_options: Mapping[str, Any] | None,
     progress: Progress | None,
+    layout: str = "auto",
 ) -> str:
     """:meth:`Store.export <tensorcast_ray._store.Store.export>`."""
     from tensorcast_ray._disk import artifact_path, write_artifact
@@ -152,6 +159,7 @@ def export_artifact(
                     sources,
                     artifact_id=art.artifact_id,
                     storage_options=storage_options,
+                    layout=layout,
                     progress=_guarded(progress, "export"),
                 ),
             )

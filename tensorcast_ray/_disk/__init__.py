@@ -3,8 +3,8 @@
 The daemon's persistence tasks export artifacts here and import them back on a cold
 start; the SDK uses the same functions for explicit export / import and to load Hugging
 Face style checkpoints.  No torch: tensors travel as canonical dtype strings and bytes.
-Layout, manifest fields, key → path mapping, commit protocol and integrity checks:
-docs/disk-format.md.
+Layout, manifest fields, key → path mapping, commit protocol, shard planning, per-shard
+retries and integrity checks: docs/disk-format.md.
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ from tensorcast_ray._disk._reader import (
     read_manifest,
     read_tensor_range,
 )
-from tensorcast_ray._disk._writer import TensorSource, delete_artifact, write_artifact
+from tensorcast_ray._disk._writer import (
+    SHARD_STATES,
+    ShardEvent,
+    TensorSource,
+    delete_artifact,
+    write_artifact,
+)
 
 __all__ = [
+    "SHARD_STATES",
     "Checkpoint",
     "CheckpointTensor",
     "Manifest",
     "ManifestShard",
     "ManifestTensor",
+    "ShardEvent",
     "TensorSource",
     "artifact_path",
     "delete_artifact",

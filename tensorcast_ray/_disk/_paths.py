@@ -240,13 +240,45 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: Connection-level failures of the object-store clients, by class name (so mapping needs no
+#: botocore / aiohttp import): botocore's ``EndpointConnectionError`` (connection refused:
+#: what s3fs raises when the endpoint is down), ``ConnectTimeoutError`` and ``ProxyConnection
+#: Error`` derive from its ``ConnectionError``; ``ConnectionClosedError`` (reset mid-request),
+#: ``ReadTimeoutError`` and ``ResponseStreamingError`` from ``HTTPClientError``; aiohttp's
+#: ``ClientConnectionError`` covers ``ServerDisconnectedError``, ``ClientPayloadError`` a
+#: body cut short.
+_CONNECTION_FAILURES = {
+    "botocore": frozenset({"ConnectionError", "HTTPClientError"}),
+    "aiohttp": frozenset({"ClientConnectionError", "ClientPayloadError", "ServerTimeoutError"}),
+}
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    for cls in type(exc).__mro__:
+        names = _CONNECTION_FAILURES.get(cls.__module__.split(".")[0])
+        if names is not None and cls.__name__ in names:
+            return True
+    return False
+
+
 def map_os_error(exc: BaseException, what: str) -> Exception:
     """A storage failure while doing ``what``, as the public tree (with ``raise ... from``):
     OS errors go through the one OS mapping in its storage flavour, which treats fsspec's
-    failed or throttled remote requests as retryable UNAVAILABLE (docs/errors.md)."""
+    failed or throttled remote requests as retryable UNAVAILABLE (docs/errors.md); the
+    object-store clients' connection failures (refused, reset, timed out: botocore and
+    aiohttp errors that are no OSError) are retryable UNAVAILABLE too, as are the builtin
+    ``ConnectionError`` (UNAVAILABLE) and ``TimeoutError`` (DEADLINE_EXCEEDED)."""
     from tensorcast_ray._error_mapping import map_exception
     from tensorcast_ray._error_mapping import map_os_error as map_os
+    from tensorcast_ray._errors import UnavailableError
 
+    if _is_connection_failure(exc):
+        err = UnavailableError(
+            f"{what}: the storage is unreachable (connection refused, reset or timed out) "
+            f"-- retry once it is back ({type(exc).__name__}: {exc})"
+        )
+        err.__cause__ = exc
+        return err
     if isinstance(exc, OSError):
         return map_os(exc, what, storage=True)
     return map_exception(exc, context=what)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from tensorcast_ray._errors import (
     DataLossError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,8 +126,7 @@ def test_shards_split_in_order_and_big_tensor_alone(root: str) -> None:
         root,
         "s:1",
         [source(k, v) for k, v in ts.items()],
-        shard_bytes=4096,
-        shard_threshold=8192,
+        plan=[[0], [1], [2], [3, 4, 5]],
         max_buffer_bytes=4096,
     )
     layout = [[t.name for t in m.tensors if t.shard == s] for s in range(len(m.shards))]
@@ -177,9 +178,7 @@ def test_invalid_inputs_are_reported(root: str) -> None:
 def test_safetensors_package_reads_our_shards(tmp_path: Path) -> None:
     root = str(tmp_path)
     ts = {d: random_tensor(d, (2, 3), i) for i, d in enumerate(sorted(ITEMSIZE))}
-    write_artifact(
-        root, "st:1", [source(k, v) for k, v in ts.items()], shard_threshold=0, shard_bytes=1 << 20
-    )
+    write_artifact(root, "st:1", [source(k, v) for k, v in ts.items()], layout="sharded")
     (path,) = shard_paths(root, "st:1")
     loaded = load_file(path)
     for name, t in ts.items():
@@ -361,14 +360,14 @@ def test_writer_failing_after_first_shard_leaves_nothing(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(_writer, "_write_shard", failing)
-    with pytest.raises(OSError, match="disk went away"):
-        write_artifact(root, "crash:1", ts, shard_bytes=5000, shard_threshold=0, parallelism=1)
+    with pytest.raises(UnavailableError, match="disk went away"):
+        write_artifact(root, "crash:1", ts, plan=[[0], [1], [2]], parallelism=1)
     assert shard_paths(root, "crash:1")  # the first shard did land...
     with pytest.raises(NotFoundError):  # ...but nothing is visible
         read_manifest(root, "crash:1")
     assert list_artifacts(root) == []
     monkeypatch.setattr(_writer, "_write_shard", real)
-    m = write_artifact(root, "crash:1", ts, shard_bytes=5000, shard_threshold=0)
+    m = write_artifact(root, "crash:1", ts, plan=[[0], [1], [2]])
     assert len(m.shards) == 3 and same(
         read_all(root, "crash:1")["w2"], random_tensor("uint8", (5000,), 2)
     )
@@ -398,7 +397,7 @@ def progress(done, total):
     if done >= 12 << 20:  # inside the second shard: tell the parent, then hang until killed
         os.write(1, b"mid-write\\n")
         sys.stdin.read()
-write_artifact(root, "big:1", ts, shard_bytes=16 << 20, shard_threshold=0,
+write_artifact(root, "big:1", ts, plan=[[0, 1], [2, 3], [4, 5]],
                max_buffer_bytes=1 << 20, parallelism=1, progress=progress)
 """
 
@@ -484,8 +483,8 @@ parts = np.array_split(np.arange(src.size), 12)
 ts = [TensorSource(f"w{i}", "uint8", (len(p),), memoryview(src[p[0]:p[-1] + 1]))
       for i, p in enumerate(parts)]
 base = peak()
-m = write_artifact(root, "mem:1", ts, max_buffer_bytes=8 << 20, shard_bytes=48 << 20,
-                   shard_threshold=32 << 20, parallelism=2)
+m = write_artifact(root, "mem:1", ts, max_buffer_bytes=8 << 20,
+                   plan=[list(range(6)), list(range(6, 12))], parallelism=2)
 after_write = peak()
 offsets = {}
 pos = 0
@@ -596,3 +595,314 @@ def test_storage_errors_get_the_documented_codes() -> None:
         if retryable is not None:
             assert err.retryable is retryable, exc  # type: ignore[attr-defined]
         assert "reading x" in str(err)
+
+
+def test_connection_failures_of_object_store_clients_are_unavailable() -> None:
+    import grpc
+
+    from tensorcast_ray._disk._paths import map_os_error
+
+    botocore = pytest.importorskip("botocore.exceptions")
+    cases = [
+        botocore.EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b/k"),  # refused
+        botocore.ConnectionClosedError(endpoint_url="http://127.0.0.1:1/b/k"),  # reset mid-upload
+        botocore.ConnectTimeoutError(endpoint_url="http://127.0.0.1:1/b/k"),
+        botocore.ReadTimeoutError(endpoint_url="http://127.0.0.1:1/b/k"),
+        ConnectionRefusedError(111, "refused"),
+    ]
+    for exc in cases:
+        err = map_os_error(exc, "writing x")
+        assert err.status_code is grpc.StatusCode.UNAVAILABLE, (exc, err)  # type: ignore[attr-defined]
+        assert err.retryable and "writing x" in str(err), exc  # type: ignore[attr-defined]
+        assert err.__cause__ is exc or isinstance(exc, OSError)
+
+
+# --- shard planning, per-shard events, retries, cancel -----------------------------------
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("layout,count", [("auto", 8), ("unsharded", 1), ("sharded", 16)])
+def test_layout_picks_the_shard_count_through_the_one_planner(
+    layout: str, count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write_artifact plans with _policy.plan_shards: a 1 GiB artifact of 1 MiB tensors
+    (planned, not written: the plan is taken, then the write stopped)."""
+    from tensorcast_ray import _policy
+
+    sizes = [MiB] * 1024
+    assert len(_policy.plan_shards(sum(sizes), sizes, layout)) == count
+    seen: list[list[list[int]]] = []
+
+    def spy(total: int, tensor_sizes: list[int], lay: str) -> list[list[int]]:
+        assert lay == layout
+        out = _policy.plan_shards(total * MiB, [n * MiB for n in tensor_sizes], lay)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(_writer, "plan_shards", spy)
+    ts = [source(f"w{i}", random_tensor("uint8", (1,), i)) for i in range(1024)]
+    m = write_artifact(f"memory://tc-plan-{uuid.uuid4().hex}", "p:1", ts, layout=layout)
+    assert len(seen) == 1 and len(m.shards) == count == len(seen[0])
+    assert [[t.name for t in m.tensors if t.shard == s] for s in range(count)] == [
+        [f"w{i}" for i in shard] for shard in seen[0]
+    ]
+
+
+def test_an_explicit_plan_is_validated(root: str) -> None:
+    ts = [source(f"w{i}", random_tensor("uint8", (10,), i)) for i in range(3)]
+    for bad in (
+        [[0, 1]],
+        [[0], [2], [1]],
+        [[0, 1, 2], []],
+        [[0, 0, 1, 2]],
+        "0,1,2",
+        [[0, 1, True]],
+    ):
+        with pytest.raises(InvalidArgumentError, match="plan"):
+            write_artifact(root, "p:1", ts, plan=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="layout"):
+        write_artifact(root, "p:1", ts, layout="striped")
+    for kw in ({"shard_attempts": 0}, {"retry_wait_s": (2.0, 1.0)}, {"deadline": "soon"}):
+        with pytest.raises(InvalidArgumentError):
+            write_artifact(root, "p:1", ts, **kw)  # type: ignore[arg-type]
+    assert list_artifacts(root) == []
+    m = write_artifact(root, "p:1", ts, plan=[[0, 1], [2]])
+    assert [s.file for s in m.shards] == [
+        "shard-00000-of-00002.safetensors",
+        "shard-00001-of-00002.safetensors",
+    ]
+    assert len(write_artifact(root, "e:1", [], plan=[[]]).shards) == 1
+
+
+class _Faults:
+    """Wraps MemoryFileSystem.open: scripted failures per shard file and attempt."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fsspec.implementations.memory import MemoryFileSystem
+
+        self.opens: dict[str, int] = {}
+        self.plan: dict[tuple[str, int], BaseException] = {}  # (shard name, open #) -> error
+        self.write_delay = 0.0
+        real = MemoryFileSystem.open
+        faults = self
+
+        def open_(fs: object, path: str, mode: str = "rb", **kw: object) -> object:
+            f = real(fs, path, mode, **kw)  # type: ignore[arg-type]
+            if "w" not in mode or "shard-" not in path:
+                return f
+            name = path.rsplit("/", 1)[-1].lstrip(".").split(".tmp-")[0]
+            n = faults.opens[name] = faults.opens.get(name, 0) + 1
+            return _FlakyFile(f, faults.plan.get((name, n)), faults.write_delay)
+
+        monkeypatch.setattr(MemoryFileSystem, "open", open_)
+
+
+class _FlakyFile:
+    def __init__(self, f: object, error: BaseException | None, delay: float) -> None:
+        self._f, self._error, self._delay, self._writes = f, error, delay, 0
+
+    def write(self, data: object) -> object:
+        self._writes += 1
+        if self._delay:
+            import time
+
+            time.sleep(self._delay)
+        if self._error is not None and self._writes == 3:  # header, a chunk, then this
+            raise self._error
+        return self._f.write(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._f, name)
+
+
+def _mem_root() -> str:
+    return f"memory://tc-faults-{uuid.uuid4().hex}"
+
+
+def _events_of(events: list, index: int) -> list[tuple[str, int]]:  # type: ignore[type-arg]
+    out: list[tuple[str, int]] = []
+    for e in events:
+        if e.index == index and (not out or out[-1] != (e.state, e.attempt)):
+            out.append((e.state, e.attempt))
+    return out
+
+
+def test_on_shard_reports_each_shard_in_order() -> None:
+    from tensorcast_ray._disk import ShardEvent
+
+    root = _mem_root()
+    ts = [source(f"w{i}", random_tensor("uint8", (10_000,), i)) for i in range(3)]
+    events: list[ShardEvent] = []
+    m = write_artifact(
+        root, "ev:1", ts, plan=[[0], [1, 2]], max_buffer_bytes=4096, on_shard=events.append
+    )
+    assert [(e.index, e.state) for e in events[:2]] == [(0, "pending"), (1, "pending")]
+    assert all(e.done_bytes == 0 and e.attempt == 0 for e in events[:2])
+    for s, total in ((0, 10_000), (1, 20_000)):
+        mine = [e for e in events if e.index == s]
+        assert _events_of(events, s) == [("pending", 0), ("running", 1), ("success", 1)]
+        running = [e.done_bytes for e in mine if e.state == "running"]
+        assert running[0] == 0 and running[-1] == total and running == sorted(running)
+        assert len(running) == 1 + math.ceil(total / 4096) + (s == 1)  # once per chunk
+        assert all(e.total_bytes == total and e.error is None for e in mine)
+        assert mine[-1].done_bytes == total
+        assert mine[0].file == f"{artifact_path(root, 'ev:1')}/{m.shards[s].file}"
+    again: list[ShardEvent] = []
+    assert write_artifact(root, "ev:1", ts, plan=[[0], [1, 2]], on_shard=again.append) == m
+    assert [(e.index, e.state) for e in again] == [
+        (0, "pending"),
+        (0, "success"),
+        (1, "pending"),
+        (1, "success"),
+    ]  # idempotent re-export: nothing written
+
+
+def test_a_transient_shard_failure_rewrites_only_that_shard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorcast_ray._disk import ShardEvent
+
+    faults = _Faults(monkeypatch)
+    name = "shard-00001-of-00003.safetensors"
+    faults.plan[(name, 1)] = ConnectionResetError(104, "reset (test)")
+    faults.plan[(name, 2)] = OSError(5, "request failed (test)")  # s3fs-style: UNAVAILABLE
+    root = _mem_root()
+    ts = [source(f"w{i}", random_tensor("uint8", (20_000,), i)) for i in range(3)]
+    events: list[ShardEvent] = []
+    seen: list[int] = []
+    m = write_artifact(
+        root,
+        "retry:1",
+        ts,
+        plan=[[0], [1], [2]],
+        max_buffer_bytes=4096,
+        parallelism=2,
+        shard_attempts=3,
+        retry_wait_s=(0.01, 0.05),
+        on_shard=events.append,
+        progress=lambda done, _total: seen.append(done),
+    )
+    assert faults.opens == {
+        "shard-00000-of-00003.safetensors": 1,
+        name: 3,
+        "shard-00002-of-00003.safetensors": 1,
+    }
+    assert _events_of(events, 1) == [
+        ("pending", 0),
+        ("running", 1),
+        ("retrying", 1),
+        ("running", 2),
+        ("retrying", 2),
+        ("running", 3),
+        ("success", 3),
+    ]
+    retrying = [e for e in events if e.state == "retrying"]
+    assert [type(e.error).__name__ for e in retrying] == ["UnavailableError"] * 2
+    assert _events_of(events, 0) == [("pending", 0), ("running", 1), ("success", 1)]
+    assert seen == sorted(seen) and seen[-1] == m.total_bytes  # monotone despite rewrites
+    got = read_all(root, "retry:1")
+    assert all(same(got[f"w{i}"], random_tensor("uint8", (20_000,), i)) for i in range(3))
+
+
+def test_a_permanent_shard_failure_fails_at_once_and_stops_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from tensorcast_ray._disk import ShardEvent
+    from tensorcast_ray._errors import AbortedError, PermissionDeniedError
+
+    faults = _Faults(monkeypatch)
+    faults.write_delay = 0.002
+    faults.plan[("shard-00000-of-00004.safetensors", 1)] = PermissionError(13, "denied (test)")
+    root = _mem_root()
+    ts = [source(f"w{i}", random_tensor("uint8", (400_000,), i)) for i in range(4)]
+    events: list[ShardEvent] = []
+    start = time.monotonic()
+    with pytest.raises(PermissionDeniedError, match="denied"):
+        write_artifact(
+            root,
+            "perm:1",
+            ts,
+            plan=[[0], [1], [2], [3]],
+            max_buffer_bytes=4096,  # ~100 chunks of 2 ms per shard
+            parallelism=3,
+            shard_attempts=5,
+            retry_wait_s=(1.0, 1.0),
+            on_shard=events.append,
+        )
+    assert time.monotonic() - start < 1.0  # no backoff (1 s), no waiting for the others
+    assert faults.opens["shard-00000-of-00004.safetensors"] == 1  # not retried
+    last = {e.index: e for e in events}
+    assert set(last) == {0, 1, 2, 3} and all(e.state == "failed" for e in last.values())
+    assert isinstance(last[0].error, PermissionDeniedError)
+    for s in (1, 2, 3):  # stopped early (3 never started), reported failed as aborted
+        assert isinstance(last[s].error, AbortedError) and last[s].done_bytes < 400_000
+    assert "shard-00003-of-00004.safetensors" not in faults.opens
+    with pytest.raises(NotFoundError):
+        read_manifest(root, "perm:1")
+
+
+@pytest.mark.parametrize("parallelism", [1, 3])
+def test_cancel_mid_write_leaves_no_files_and_no_manifest(root: str, parallelism: int) -> None:
+    import threading
+
+    from tensorcast_ray._disk import ShardEvent
+    from tensorcast_ray._errors import AbortedError
+
+    ts = [source(f"w{i}", random_tensor("uint8", (50_000,), i)) for i in range(4)]
+    cancel = threading.Event()
+    events: list[ShardEvent] = []
+
+    def on_shard(e: ShardEvent) -> None:
+        events.append(e)
+        if e.index == 2 and e.state == "running" and e.done_bytes >= 20_000:
+            cancel.set()  # shards 0 and 1 are already published by now
+
+    with pytest.raises(AbortedError, match=r"export of c:1 was cancelled"):
+        write_artifact(
+            root,
+            "c:1",
+            ts,
+            plan=[[0], [1], [2], [3]],
+            max_buffer_bytes=4096,
+            parallelism=parallelism,
+            on_shard=on_shard,
+            cancel=cancel,
+        )
+    last = {e.index: e for e in events}
+    assert set(last) == {0, 1, 2, 3} and last[2].state == last[3].state == "failed"
+    assert all(isinstance(last[s].error, AbortedError) for s in (2, 3))
+    if parallelism == 1:
+        assert [e.index for e in events if e.state == "success"] == [0, 1]
+    fs, base = fsspec.core.url_to_fs(artifact_path(root, "c:1"))
+    assert not fs.exists(base) or fs.ls(base, detail=False) == []
+    with pytest.raises(NotFoundError):
+        read_manifest(root, "c:1")
+    assert list_artifacts(root) == []
+    cancel.clear()
+    write_artifact(root, "c:1", ts, cancel=cancel)  # a later export of the key works
+
+
+def test_the_deadline_bounds_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from tensorcast_ray._errors import DeadlineExceededError
+
+    faults = _Faults(monkeypatch)
+    for n in range(1, 50):
+        faults.plan[("shard-00000-of-00001.safetensors", n)] = ConnectionResetError(104, "x")
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceededError, match="deadline"):
+        write_artifact(
+            _mem_root(),
+            "d:1",
+            [source("w", random_tensor("uint8", (20_000,)))],
+            max_buffer_bytes=4096,
+            shard_attempts=50,
+            retry_wait_s=(0.05, 0.1),
+            deadline=time.monotonic() + 0.4,
+        )
+    assert time.monotonic() - start < 1.0
+    assert 2 <= faults.opens["shard-00000-of-00001.safetensors"] < 50
