@@ -13,6 +13,14 @@ starts empty and rebuilds its catalog from the daemons: it asks every daemon of 
 namespace for a full report at start, and a daemon whose heartbeat reaches a Global Store
 instance it has not reported to sends one too. Until the first round of reports is in, a
 key it does not know is UNAVAILABLE (retryable), never a false NOT_FOUND.
+
+Durable artifacts (a complete copy on shared disk, reported by :meth:`mark_durable`) are
+journaled through fsspec when ``journal_url`` is set
+(:class:`~tensorcast_ray.global_store.journal.CatalogJournal`, one record per artifact): a
+restarted Global Store replays the journal before it asks the daemons for their reports, so
+it recovers every durable key even when the daemons that wrote them are gone. A durable entry
+outlives its copies (a reader rehydrates it from disk); deleting it, or its life ending,
+forgets its record.
 """
 
 from __future__ import annotations
@@ -31,12 +39,13 @@ from typing import Any
 import ray
 from google.protobuf.message import Message
 from tensorcast_ray.global_store.catalog import ClusterCatalog
+from tensorcast_ray.global_store.journal import CatalogJournal
 from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 
 from tensorcast_ray._actors import daemon_name, get_actor, message_to_dict
 from tensorcast_ray._auth import namespace_token, unauthenticated_error
 from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
-from tensorcast_ray._errors import InvalidArgumentError, UnavailableError
+from tensorcast_ray._errors import InvalidArgumentError, NotFoundError, UnavailableError
 from tensorcast_ray._grpc_server import (
     AioServerThread,
     bind_error,
@@ -66,6 +75,7 @@ _CATALOG_METHODS = (
     "list_artifacts",
     "add_replica",
     "drop_replica",
+    "mark_durable",
     "heartbeat",
     "sync_node",
     "leave",
@@ -74,13 +84,33 @@ _NODE_POLL_S = 1.0
 _REBUILD_TIMEOUT_S = 30.0
 _FANOUT_TIMEOUT_S = 10.0
 _MAX_TOMBSTONES = 100_000
+_JOURNAL_LOAD_TIMEOUT_S = 30.0  # storage down at start: retried this long, then go on
+_JOURNAL_WAIT_S = 5.0  # mark_durable waits this long for its record, then answers
+_FORGET_RETRY_S = 10.0  # journal records a delete could not remove are retried this often
+JOURNAL_URL_ENV = "TENSORCAST_RAY_JOURNAL_URL"
 
 
 class GlobalStoreActor:
     def __init__(
         self, config: dict[str, Any], namespace: str, version_override: str | None = None
     ) -> None:
-        self.config = GlobalStoreConfig.model_validate(config)
+        self.config = GlobalStoreConfig.model_validate(config).with_journal_url(
+            os.environ.get(JOURNAL_URL_ENV)
+        )
+        # A URL no file system can open is a configuration error: this start fails with it.
+        self.journal = (
+            CatalogJournal(self.config.journal_url, self.config.journal_storage_options)
+            if self.config.journal_url
+            else None
+        )
+        self._journal_state: dict[str, Any] = {
+            "loaded": 0,  # valid records read at start
+            "restored": 0,  # of those, entries the catalog took
+            "skipped": 0,  # bad records and records whose key another artifact holds
+            "load_error": "",
+        }
+        # Records a delete could not remove (storage down): retried in the background.
+        self._pending_forgets: set[str] = set()
         self.namespace = namespace
         self.version = version_override or __version__
         self.instance_id = uuid.uuid4().hex[:12]
@@ -104,6 +134,10 @@ class GlobalStoreActor:
             version=self.version, rpc_methods=[*_METHODS, *_CATALOG_METHODS]
         )
         self._executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="tc-gs-rpc")
+        # Journal writes and removals: never on a control thread for long.
+        self._journal_io = concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="tc-gs-journal"
+        )
         self._aio = AioServerThread("tc-gs-grpc")
         handler = unary_handlers(SERVICE_NAME, _METHODS, self._dispatch, self._executor)
         self.port = self._aio.start(
@@ -160,13 +194,33 @@ class GlobalStoreActor:
     def _call(self, method: str, token: str, fn: Callable[[], Any]) -> Any:
         """One catalog call: authenticated, under the lock, timed; the gauges follow."""
         with self.metrics.observe_rpc(method):
-            if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
-                raise unauthenticated_error()
+            self._check_token(token)
+            return self._locked(fn)
+
+    def _check_token(self, token: str) -> None:
+        if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
+            raise unauthenticated_error()
+
+    def _locked(self, fn: Callable[[], Any]) -> Any:
+        """``fn`` under the catalog lock; then the gauges, and the journal records of the
+        durable entries it removed are forgotten (outside the lock)."""
+        dropped: list[str] = []
+        try:
             with self._lock:
-                out = fn()
-                self.metrics.catalog_keys.set(self.catalog.names())
-                self.metrics.catalog_artifacts.set(len(self.catalog))
-            return out
+                try:
+                    return fn()
+                finally:
+                    dropped = self.catalog.take_dropped_durable()
+                    self._set_gauges()
+        finally:
+            if dropped:
+                self._forget(dropped)
+
+    def _set_gauges(self) -> None:
+        """Under the lock."""
+        self.metrics.catalog_keys.set(self.catalog.names())
+        self.metrics.catalog_artifacts.set(len(self.catalog))
+        self.metrics.durable_artifacts.set(self.catalog.durable_count())
 
     def _require_rebuilt(self, what: str) -> None:
         """Answers that depend on every daemon's report wait for the rebuild: a write could
@@ -215,10 +269,213 @@ class GlobalStoreActor:
                 tensors=int(write.get("tensors", 0)),
                 kind=str(write.get("kind", "put")),
                 created_ms=int(write.get("created_ms", 0)),
+                persist_task_id=str(write.get("persist_task_id", "") or ""),
             )
             return entry.to_dict()
 
         return self._call("commit", token, run)
+
+    @ray.method(concurrency_group="control")
+    def mark_durable(
+        self,
+        token: str,
+        artifact_id: str,
+        node_id: str,
+        record: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """``node_id`` finished a complete copy of ``artifact_id`` on shared disk: journal it
+        (so a restarted Global Store recovers the key) and keep the entry when its copies go.
+        ``record``: the daemon's word on it (fields the journal keeps next to the catalog's,
+        which win; a ``key`` that is not the artifact's is INVALID_ARGUMENT). NOT_FOUND when
+        the artifact was deleted or is unknown: the daemon then removes its files. Returns the
+        entry, with ``journaled`` (False when no journal is configured, or its write failed
+        or is still under way after a few seconds: the entry is durable in memory all the
+        same) and ``journal_configured``."""
+        extra = dict(record or {})
+        with self.metrics.observe_rpc("mark_durable"):
+            self._check_token(token)
+
+            def check() -> dict[str, Any]:
+                entry = self._durable_candidate(artifact_id)
+                if extra.get("key") not in (None, entry.key):
+                    raise InvalidArgumentError(
+                        f"mark_durable: artifact {artifact_id} is {entry.key}, not "
+                        f"{extra.get('key')!r}"
+                    )
+                journal = {**extra, **entry.to_record(), "persisted_by": str(node_id)}
+                if not entry.persist_task_id:
+                    journal["persist_task_id"] = str(extra.get("persist_task_id", "") or "")
+                return journal
+
+            journal_record = self._locked(check)
+            journaled = self._journal_record(journal_record)
+
+            def mark() -> dict[str, Any]:
+                try:
+                    entry = self._durable_candidate(artifact_id)
+                except NotFoundError:
+                    gone.append(True)  # deleted while its record was written
+                    raise
+                entry = self.catalog.mark_durable(artifact_id)
+                if not entry.persist_task_id and journal_record["persist_task_id"]:
+                    entry.persist_task_id = journal_record["persist_task_id"]
+                return entry.to_dict()
+
+            gone: list[bool] = []
+            try:
+                out: dict[str, Any] = self._locked(mark)
+            except NotFoundError:
+                if gone:  # a write still under way forgets it itself once it lands
+                    self._forget([artifact_id])
+                raise
+            logger.debug("%s is durable (copy from node %s)", out["key"], node_id)
+            return {**out, "journaled": journaled, "journal_configured": self.journal is not None}
+
+    def _durable_candidate(self, artifact_id: str) -> Any:
+        """Under the lock: the committed, not deleted entry of ``artifact_id``."""
+        if artifact_id in self._deleted:
+            raise NotFoundError(
+                f"artifact {artifact_id} was deleted; its disk copy is not needed any more"
+            )
+        try:
+            return self.catalog.by_artifact(artifact_id)
+        except NotFoundError:
+            self._unknown_while_rebuilding(artifact_id)  # its writer may not have reported
+            raise
+
+    # ---- the journal ----------------------------------------------------------------------
+    def _journal_record(self, record: dict[str, Any]) -> bool:
+        """Write one record (outside the lock, on the journal's own threads, so storage that
+        hangs never holds a control thread for long); False when none is configured, the
+        write failed, or it did not finish within :data:`_JOURNAL_WAIT_S` (it goes on; the
+        entry is durable in memory either way)."""
+        if self.journal is None:
+            return False
+        future = self._journal_io.submit(self._write_record, record)
+        try:
+            return future.result(timeout=_JOURNAL_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            logger.warning(
+                "journal %s: recording %s takes over %.0f s; it goes on in the background",
+                self.journal.url,
+                record.get("key"),
+                _JOURNAL_WAIT_S,
+            )
+            return False
+
+    def _write_record(self, record: dict[str, Any]) -> bool:
+        journal = self.journal
+        assert journal is not None
+        artifact_id = str(record.get("artifact_id"))
+        try:
+            journal.record(record)
+        except Exception as exc:
+            self.metrics.journal_errors.labels(op="record").inc()
+            logger.error(
+                "journal %s: cannot record %s (%s); it is durable in memory only, so a Global "
+                "Store restart recovers it only from its daemons' reports: %s",
+                journal.url,
+                record.get("key"),
+                artifact_id,
+                exc,
+            )
+            return False
+        self.metrics.journal_writes.labels(op="record").inc()
+        # Deleted while the record was written (its delete may have forgotten it before the
+        # record landed): forget it again, so a restart does not bring it back.
+        with self._lock:
+            gone = artifact_id in self._deleted or not _committed(self.catalog, artifact_id)
+        if gone:
+            self._forget_now([artifact_id])
+        return True
+
+    def _forget(self, artifact_ids: list[str]) -> None:
+        """Remove the records of durable artifacts that left the catalog, in the background
+        (the caller never waits on the storage); one that fails is retried every
+        :data:`_FORGET_RETRY_S`, so a restart does not bring it back."""
+        if self.journal is not None and artifact_ids:
+            try:
+                self._journal_io.submit(self._forget_now, list(artifact_ids))
+            except RuntimeError:  # stopping: the next instance's delete will forget them
+                pass
+
+    def _forget_now(self, artifact_ids: list[str]) -> None:
+        journal = self.journal
+        assert journal is not None
+        for artifact_id in artifact_ids:
+            try:
+                journal.forget(artifact_id)
+            except Exception as exc:
+                self.metrics.journal_errors.labels(op="forget").inc()
+                logger.warning(
+                    "journal %s: cannot forget %s (retried every %.0f s): %s",
+                    journal.url,
+                    artifact_id,
+                    _FORGET_RETRY_S,
+                    exc,
+                )
+                with self._lock:
+                    self._pending_forgets.add(artifact_id)
+                continue
+            self.metrics.journal_writes.labels(op="forget").inc()
+            with self._lock:
+                self._pending_forgets.discard(artifact_id)
+
+    def _retry_forgets(self) -> None:
+        with self._lock:
+            pending = sorted(self._pending_forgets)
+        if pending and self.journal is not None:
+            self._forget_now(pending)
+
+    def _restore_journal(self) -> None:
+        """At start: the journal's durable entries into the catalog. Storage that cannot be
+        read is retried with backoff for :data:`_JOURNAL_LOAD_TIMEOUT_S`, then given up (the
+        daemons' reports still rebuild what they hold)."""
+        journal = self.journal
+        if journal is None:
+            return
+        deadline = time.monotonic() + _JOURNAL_LOAD_TIMEOUT_S
+        delay = 0.25
+        while True:
+            try:
+                records = journal.load()
+                break
+            except Exception as exc:
+                self.metrics.journal_errors.labels(op="load").inc()
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    self._journal_state["load_error"] = str(exc)
+                    logger.error(
+                        "journal %s cannot be read (%s); going on without it: durable keys "
+                        "whose daemons are gone stay unknown until a restart reads it",
+                        journal.url,
+                        exc,
+                    )
+                    return
+                logger.warning("journal %s cannot be read yet, retrying: %s", journal.url, exc)
+                self._stop.wait(min(delay, left))
+                delay = min(delay * 2, 4.0)
+        skipped = self._locked(lambda: self.catalog.restore(records))
+        self._journal_state.update(
+            loaded=len(records),
+            restored=len(records) - len(skipped),
+            skipped=journal.last_skipped + len(skipped),
+            load_error="",
+        )
+        logger.info(
+            "journal %s: %d durable artifact(s) restored, %d record(s) skipped",
+            journal.url,
+            len(records) - len(skipped),
+            journal.last_skipped + len(skipped),
+        )
+
+    def _journal_info(self) -> dict[str, Any]:
+        return {
+            "configured": self.journal is not None,
+            "url": self.journal.url if self.journal is not None else None,
+            **self._journal_state,
+            "pending_forgets": len(self._pending_forgets),
+        }
 
     @ray.method(concurrency_group="control")
     def abort(self, token: str, key: str, artifact_id: str) -> None:
@@ -414,7 +671,12 @@ class GlobalStoreActor:
 
     def _rebuild(self) -> None:
         """At start: ask every daemon of this namespace for a full report (a restarted
-        Global Store learns the catalog back without waiting for heartbeats)."""
+        Global Store learns the catalog back without waiting for heartbeats). The journal's
+        durable entries come first."""
+        try:
+            self._restore_journal()
+        except Exception:
+            logger.exception("restoring the catalog from the journal failed")
         try:
             alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             names = [
@@ -441,8 +703,16 @@ class GlobalStoreActor:
             self._rebuilt.set()
 
     def _watch_nodes(self) -> None:
-        """Drop the replicas of nodes Ray declared dead (checked every second)."""
+        """Drop the replicas of nodes Ray declared dead (checked every second); retry the
+        journal records a delete could not remove."""
+        next_forget = time.monotonic() + _FORGET_RETRY_S
         while not self._stop.wait(_NODE_POLL_S):
+            if time.monotonic() >= next_forget:
+                next_forget = time.monotonic() + _FORGET_RETRY_S
+                try:
+                    self._retry_forgets()
+                except Exception:
+                    logger.exception("retrying journal removals failed")
             try:
                 alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
             except Exception:
@@ -462,8 +732,7 @@ class GlobalStoreActor:
                     )
                 if gone:
                     self.metrics.daemons_known.set(len(self._daemons))
-                    self.metrics.catalog_keys.set(self.catalog.names())
-                    self.metrics.catalog_artifacts.set(len(self.catalog))
+                    self._set_gauges()
 
     # ---- lifecycle and discovery -----------------------------------------------------------
     @ray.method(concurrency_group="control")
@@ -477,18 +746,37 @@ class GlobalStoreActor:
             "instance_id": self.instance_id,
             "rebuilt": self._rebuilt.is_set(),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "journal": self._journal_info(),
         }
 
     @ray.method(concurrency_group="control")
     def status(self) -> dict[str, Any]:
-        return message_to_dict(self._status_pb())
+        """The gRPC Status answer as a dict, plus ``journal`` (configured, url, records
+        loaded / restored / skipped at start, load_error, pending_forgets) and
+        ``durable_artifacts``."""
+        with self._lock:
+            durable = self.catalog.durable_count()
+        return {
+            **message_to_dict(self._status_pb()),
+            "journal": self._journal_info(),
+            "durable_artifacts": durable,
+        }
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
         self._stop.set()
         self._aio.stop()
         self.metrics.close()
+        self._journal_io.shutdown(wait=False)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _committed(catalog: ClusterCatalog, artifact_id: str) -> bool:
+    try:
+        catalog.by_artifact(artifact_id)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _now_ms() -> int:

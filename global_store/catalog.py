@@ -13,9 +13,15 @@ clock: every event carries its ``now_ms``.
   copies made by :func:`tensorcast_ray.replicate` (``replica``, kept like the original) and
   copies a read pulled (``cache``, evictable on their node).
 - A node that leaves takes its replicas with it; a version with no replica left is *lost*:
-  a read of it is NOT_FOUND naming the node it lived on.
-- After a restart the catalog is rebuilt from the daemons' reports (:meth:`sync_node`),
-  commit numbers included, so ``latest`` keeps its answer.
+  a read of it is NOT_FOUND naming the node it lived on — unless it is **durable**
+  (:meth:`ClusterCatalog.mark_durable`: a complete copy is on shared disk). A durable entry
+  outlives its copies: with no replica left it stays, its ``replicas`` empty, and a reader
+  rehydrates it from disk. Only its life ending (delete, a final drop) removes it, and the
+  shell learns which durable entries went from :meth:`ClusterCatalog.take_dropped_durable`
+  (to forget their journal records).
+- After a restart the catalog is rebuilt from the Global Store's journal of durable
+  entries (:meth:`restore`) and from the daemons' reports (:meth:`sync_node`), commit
+  numbers included, so ``latest`` keeps its answer.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class Entry:
     kind: str = "put"
     created_ms: int = 0
     replicas: dict[str, Replica] = field(default_factory=dict)
+    durable: bool = False  # a complete copy is on shared disk: it outlives its replicas
+    persist_task_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +83,23 @@ class Entry:
             "kind": self.kind,
             "created_unix_ms": self.created_ms,
             "replicas": [r.to_dict() for r in self.replicas.values()],
+            "durable": self.durable,
+            "persist_task_id": self.persist_task_id,
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """What the journal keeps of a durable entry (what :meth:`ClusterCatalog.restore`
+        reads back)."""
+        return {
+            "key": self.key,
+            "artifact_id": self.artifact_id,
+            "node_id": self.node_id,
+            "seq": self.seq,
+            "nbytes": self.nbytes,
+            "tensors": self.tensors,
+            "kind": self.kind,
+            "created_ms": self.created_ms,
+            "persist_task_id": self.persist_task_id,
         }
 
 
@@ -86,6 +111,8 @@ class ClusterCatalog:
         self._by_artifact: dict[str, Entry] = {}
         self._seq = 0
         self._lost: OrderedDict[str, str] = OrderedDict()  # key -> the node it was lost with
+        self._durable = 0  # durable committed entries held
+        self._dropped_durable: list[str] = []  # artifact ids; drained by take_dropped_durable
 
     # ---- writes ------------------------------------------------------------------------
     def reserve(
@@ -141,8 +168,10 @@ class ClusterCatalog:
         tensors: int,
         kind: str,
         created_ms: int,
+        persist_task_id: str = "",
     ) -> Entry:
-        """Publish a reserved version cluster-wide; its bytes are on ``node_id``."""
+        """Publish a reserved version cluster-wide; its bytes are on ``node_id``.
+        ``persist_task_id``: the persistence task writing its disk copy, if any."""
         entry = self._by_artifact.get(artifact_id)
         if entry is None or entry.key != key or entry.node_id != node_id:
             raise FailedPreconditionError(
@@ -159,7 +188,76 @@ class ClusterCatalog:
                 created_ms,
             )
             entry.replicas[node_id] = Replica(node_id, "original")
+        if persist_task_id and not entry.persist_task_id:
+            entry.persist_task_id = persist_task_id
         return entry
+
+    def mark_durable(self, artifact_id: str) -> Entry:
+        """A complete copy of ``artifact_id`` is on shared disk: it stays in the catalog
+        when its last replica goes. NOT_FOUND when it is unknown or not committed (deleted
+        meanwhile: the caller then removes its files)."""
+        entry = self.by_artifact(artifact_id)
+        if not entry.durable:
+            entry.durable = True
+            self._durable += 1
+        return entry
+
+    def restore(self, records: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Replay the journal at start: each record (see :meth:`Entry.to_record`) becomes a
+        committed durable entry with no replica (its daemons' reports add those). A record
+        whose key another artifact holds, or that is malformed, is skipped; the same artifact
+        already known is marked durable. Returns the artifact ids skipped."""
+        skipped: list[str] = []
+        for raw in records:
+            try:
+                artifact_id = raw["artifact_id"]
+                name, version = parse_key(raw["key"], for_write=True)
+                _check_id("artifact_id", artifact_id)
+                seq = int(raw.get("seq", 0))
+                entry = Entry(
+                    key=f"{name}:{version}",
+                    artifact_id=artifact_id,
+                    node_id=str(raw.get("node_id", "")),
+                    committed=True,
+                    seq=seq,
+                    nbytes=int(raw.get("nbytes", 0)),
+                    tensors=int(raw.get("tensors", 0)),
+                    kind=str(raw.get("kind", "put")),
+                    created_ms=int(raw.get("created_ms", 0)),
+                    durable=True,
+                    persist_task_id=str(raw.get("persist_task_id", "")),
+                )
+            except (KeyError, TypeError, ValueError, AttributeError, InvalidArgumentError):
+                skipped.append(str(raw.get("artifact_id", "")) if isinstance(raw, Mapping) else "")
+                continue
+            known = self._by_artifact.get(artifact_id)
+            if known is not None:
+                if known.committed and known.key == entry.key:
+                    self.mark_durable(artifact_id)
+                    if not known.persist_task_id:
+                        known.persist_task_id = entry.persist_task_id
+                else:
+                    skipped.append(artifact_id)
+                continue
+            versions = self._names.setdefault(name, {})
+            if version in versions:  # another artifact holds the key
+                skipped.append(artifact_id)
+                continue
+            versions[version] = entry
+            self._by_artifact[artifact_id] = entry
+            self._durable += 1
+            self._seq = max(self._seq, seq)
+            self._lost.pop(entry.key, None)
+        return skipped
+
+    def take_dropped_durable(self) -> list[str]:
+        """The durable artifacts that left the catalog since the last call (deleted, or
+        their life ended): the shell forgets their journal records."""
+        out, self._dropped_durable = self._dropped_durable, []
+        return out
+
+    def durable_count(self) -> int:
+        return self._durable
 
     def abort(self, key: str, artifact_id: str) -> None:
         """Drop a reservation that will never commit (no-op for anything else)."""
@@ -188,8 +286,8 @@ class ClusterCatalog:
             if lost_on is not None:
                 raise NotFoundError(
                     f"{name}:{version} was lost: it lived only on node {lost_on}, which left "
-                    "the cluster or whose daemon stopped; write it again (a durable policy "
-                    "will keep a disk copy once persistence is configured)"
+                    "the cluster or whose daemon stopped; write it again, with a durable "
+                    "policy (e.g. StorePolicy(profile='durable')) to keep a disk copy"
                 )
             raise NotFoundError(f"{name}:{version} does not exist (never written, or deleted)")
         return entry
@@ -235,7 +333,8 @@ class ClusterCatalog:
     def drop_replica(self, artifact_id: str, node_id: str, *, final: bool) -> list[str]:
         """``node_id`` no longer holds ``artifact_id``. ``final``: the artifact's life ended
         there (a register lease ended, its TTL passed), so the key goes cluster-wide. Returns
-        the other nodes that must drop their copies (empty unless ``final``)."""
+        the other nodes that must drop their copies (empty unless ``final``). A durable
+        entry outlives its last copy unless ``final``."""
         entry = self._by_artifact.get(artifact_id)
         if entry is None:
             return []
@@ -243,7 +342,7 @@ class ClusterCatalog:
             self._drop(entry)
             return [n for n in entry.replicas if n != node_id]
         entry.replicas.pop(node_id, None)
-        if entry.committed and not entry.replicas:
+        if entry.committed and not entry.replicas and not entry.durable:
             self._drop(entry)  # its last copy was evicted: the version is gone
         return []
 
@@ -257,14 +356,15 @@ class ClusterCatalog:
     # ---- nodes -------------------------------------------------------------------------
     def drop_node(self, node_id: str) -> list[str]:
         """``node_id`` left the cluster: forget its replicas and reservations. Returns the keys
-        that are lost (no copy anywhere else)."""
+        that are lost (no copy anywhere else, and none on disk)."""
         lost = []
         for entry in list(self._by_artifact.values()):
             if not entry.committed:
                 if entry.node_id == node_id:
                     self._drop(entry)
                 continue
-            if entry.replicas.pop(node_id, None) is not None and not entry.replicas:
+            gone = entry.replicas.pop(node_id, None) is not None
+            if gone and not entry.replicas and not entry.durable:
                 self._drop(entry)
                 lost.append(entry.key)
                 self._lost[entry.key] = node_id
@@ -313,7 +413,7 @@ class ClusterCatalog:
         for entry in list(self._by_artifact.values()):
             if entry.artifact_id not in reported and node_id in entry.replicas:
                 entry.replicas.pop(node_id)
-                if not entry.replicas:
+                if not entry.replicas and not entry.durable:
                     self._drop(entry)
         return refused
 
@@ -330,6 +430,9 @@ class ClusterCatalog:
             self._names.pop(name, None)
         if self._by_artifact.get(entry.artifact_id) is entry:
             del self._by_artifact[entry.artifact_id]
+            if entry.durable:
+                self._durable -= 1
+                self._dropped_durable.append(entry.artifact_id)
 
     def __len__(self) -> int:
         return sum(1 for e in self._by_artifact.values() if e.committed)

@@ -1,4 +1,4 @@
-"""The Global Store's metrics: catalog size, known daemons, RPCs.  [Global Store]
+"""The Global Store's metrics: catalog size, known daemons, RPCs, the journal.  [Global Store]
 
 One :class:`GlobalStoreMetrics` per Global Store actor, in its own registry.  The catalog
 gauges are set by the actor shell after each catalog change; RPC handlers are wrapped in
@@ -18,7 +18,10 @@ from tensorcast_ray._errors import ArtifactError
 from tensorcast_ray._metrics_base import MetricsRegistry
 from tensorcast_ray._version import __version__
 
-__all__ = ["GlobalStoreMetrics"]
+__all__ = ["JOURNAL_ERROR_OPS", "JOURNAL_WRITE_OPS", "GlobalStoreMetrics"]
+
+JOURNAL_WRITE_OPS = ("record", "forget")
+JOURNAL_ERROR_OPS = ("record", "forget", "load")
 
 
 class GlobalStoreMetrics(MetricsRegistry):
@@ -49,6 +52,22 @@ class GlobalStoreMetrics(MetricsRegistry):
             "Global Store calls that failed, by method and status code.",
             ["method", "code"],
         )
+        self.durable_artifacts = self._gauge(
+            "tc_global_store_durable_artifacts",
+            "Artifact versions in the catalog with a complete copy on shared disk.",
+        )
+        self.journal_writes = self._counter(
+            "tc_global_store_journal_writes",
+            "Journal records written (record) or removed (forget).",
+            ["op"],
+        )
+        self.journal_errors = self._counter(
+            "tc_global_store_journal_errors",
+            "Journal operations that failed (record, forget, load).",
+            ["op"],
+        )
+        self._preinit(self.journal_writes, op=JOURNAL_WRITE_OPS)
+        self._preinit(self.journal_errors, op=JOURNAL_ERROR_OPS)
         self.info = self._gauge(
             "tc_global_store_info", "Always 1; labels say which version runs.", ["version"]
         )

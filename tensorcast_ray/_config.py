@@ -98,8 +98,17 @@ class GlobalStoreConfig(_Strict):
     metrics_host: str = "127.0.0.1"
     #: None: :data:`DEFAULT_GLOBAL_STORE_METRICS_PORT`, or any free port when that is taken.
     metrics_port: Port | None = None
+    #: fsspec URL of the journal of durable artifacts (None: kept in memory only);
+    #: ``TENSORCAST_RAY_JOURNAL_URL`` overrides it where the Global Store starts.
     journal_url: str | None = None
+    #: fsspec ``storage_options`` for ``journal_url`` (e.g. an S3 endpoint and credentials)
+    journal_storage_options: dict[str, Any] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def with_journal_url(self, url: str | None) -> GlobalStoreConfig:
+        """This config with ``url`` (when not empty) as its ``journal_url``: the Global Store
+        actor applies ``TENSORCAST_RAY_JOURNAL_URL`` from its environment this way."""
+        return self if not url else self.model_copy(update={"journal_url": url})
 
 
 @dataclass(frozen=True)

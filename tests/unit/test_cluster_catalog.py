@@ -517,3 +517,176 @@ def test_len_and_names_count_committed_versions_and_names(cat: ClusterCatalog) -
     cat.abort("b:v1", "id-b:v1")
     cat.delete("a:v1")
     assert len(cat) == 1 and cat.names() == 1
+
+
+# ---- durable entries (a complete copy on shared disk) and the journal replay --------------
+
+
+def record(key: str, seq: int, aid: str = "", **kw: Any) -> dict[str, Any]:
+    """A journal record (what :meth:`Entry.to_record` writes)."""
+    return {
+        "key": key,
+        "artifact_id": aid or "id-" + key,
+        "node_id": A,
+        "seq": seq,
+        "nbytes": 64,
+        "tensors": 2,
+        "kind": "put",
+        "created_ms": 123,
+        "persist_task_id": "task-" + key,
+        **kw,
+    }
+
+
+def test_commit_records_the_persist_task_and_to_dict_says_durable(cat: ClusterCatalog) -> None:
+    reserve(cat, "m:v1")
+    entry = cat.commit(
+        "m:v1", "id-m:v1", A, nbytes=1, tensors=1, kind="put", created_ms=1, persist_task_id="t1"
+    )
+    assert entry.persist_task_id == "t1" and not entry.durable
+    d = entry.to_dict()
+    assert d["durable"] is False and d["persist_task_id"] == "t1"
+    assert cat.mark_durable("id-m:v1") is entry and entry.durable
+    assert entry.to_dict()["durable"] is True
+    assert cat.mark_durable("id-m:v1") is entry and cat.durable_count() == 1, "idempotent"
+    assert put(cat, "m:v2").to_dict()["persist_task_id"] == "", "no task: empty"
+
+
+def test_mark_durable_of_an_unknown_or_uncommitted_artifact_is_not_found(
+    cat: ClusterCatalog,
+) -> None:
+    with pytest.raises(NotFoundError):
+        cat.mark_durable("nope")
+    reserve(cat, "m:v1")
+    with pytest.raises(NotFoundError):
+        cat.mark_durable("id-m:v1")
+    commit(cat, "m:v1")
+    cat.delete("m:v1")
+    with pytest.raises(NotFoundError):  # deleted meanwhile: the daemon removes its files
+        cat.mark_durable("id-m:v1")
+    assert cat.take_dropped_durable() == [], "it was never durable"
+
+
+def test_a_durable_entry_outlives_its_last_copy(cat: ClusterCatalog) -> None:
+    put(cat, "m:v1", A)
+    cat.add_replica("id-m:v1", B, "cache")
+    cat.mark_durable("id-m:v1")
+    assert cat.drop_replica("id-m:v1", B, final=False) == []
+    assert cat.drop_replica("id-m:v1", A, final=False) == []
+    entry = cat.resolve("m:v1")
+    assert entry.replicas == {} and entry.to_dict()["replicas"] == []
+    assert cat.list_keys() == ["m:v1"] and len(cat) == 1 and cat.nodes() == set()
+    assert cat.take_dropped_durable() == []
+    assert replicas(cat.add_replica("id-m:v1", C, "cache")) == {C: "cache"}, "rehydrated"
+
+
+def test_a_node_leaving_does_not_lose_a_durable_version(cat: ClusterCatalog) -> None:
+    put(cat, "m:v1", A)
+    put(cat, "m:v2", A)
+    cat.mark_durable("id-m:v1")
+    assert cat.drop_node(A) == ["m:v2"], "only the version without a disk copy is lost"
+    assert cat.resolve("m:v1").replicas == {}
+    assert cat.resolve("m:latest").key == "m:v1"
+    with pytest.raises(NotFoundError, match=r"StorePolicy\(profile='durable'\)"):
+        cat.resolve("m:v2")
+    with pytest.raises(AlreadyExistsError):  # still immutable
+        reserve(cat, "m:v1", B, aid="other")
+
+
+def test_a_full_report_without_a_durable_copy_keeps_the_entry(cat: ClusterCatalog) -> None:
+    put(cat, "m:v1", A)
+    put(cat, "m:v2", A)
+    cat.mark_durable("id-m:v1")
+    assert cat.sync_node(A, []) == []
+    assert cat.exists("m:v1") and cat.resolve("m:v1").replicas == {}
+    assert not cat.exists("m:v2")
+    cat.sync_node(B, [report("m:v1", 1, replica_kind="cache")])
+    assert replicas(cat.resolve("m:v1")) == {B: "cache"}
+
+
+def test_delete_and_a_final_drop_end_a_durable_entry_and_say_so(cat: ClusterCatalog) -> None:
+    for key in ("m:v1", "m:v2", "m:v3"):
+        put(cat, key, A)
+        cat.mark_durable("id-" + key)
+    assert cat.durable_count() == 3
+    cat.delete("m:v1")
+    assert cat.drop_replica("id-m:v2", A, final=True) == []
+    assert not cat.exists("m:v1") and not cat.exists("m:v2")
+    assert cat.take_dropped_durable() == ["id-m:v1", "id-m:v2"]
+    assert cat.take_dropped_durable() == [], "drained"
+    assert cat.durable_count() == 1
+    cat.drop_replica("id-m:v3", A, final=False)  # its copy went; the entry stays
+    assert cat.take_dropped_durable() == [] and cat.durable_count() == 1
+    cat.delete("m:v3")
+    assert cat.take_dropped_durable() == ["id-m:v3"] and cat.durable_count() == 0
+
+
+def test_restore_recreates_durable_entries_with_their_commit_order(cat: ClusterCatalog) -> None:
+    skipped = cat.restore([record("m:v1", 7), record("m:v2", 3), record("n:v1", 5)])
+    assert skipped == []
+    assert len(cat) == 3 and cat.durable_count() == 3
+    v1 = cat.resolve("m:v1")
+    assert v1.committed and v1.durable and v1.replicas == {} and v1.seq == 7
+    assert (v1.node_id, v1.nbytes, v1.tensors, v1.kind, v1.created_ms) == (A, 64, 2, "put", 123)
+    assert v1.persist_task_id == "task-m:v1"
+    assert cat.resolve("m:latest").key == "m:v1"
+    assert put(cat, "m:v3", B).seq == 8, "new commits number after the journal's"
+    # the daemons' reports add their copies
+    assert cat.sync_node(B, [report("m:v2", 3, writer=A)]) == []
+    assert replicas(cat.resolve("m:v2")) == {B: "original"}
+    assert cat.resolve("m:v2").durable
+
+
+def test_restore_skips_what_another_artifact_holds_and_marks_the_same_one(
+    cat: ClusterCatalog,
+) -> None:
+    put(cat, "m:v1", A)  # reported by its daemon before the journal was read
+    reserve(cat, "m:v2", A)
+    commit(cat, "m:v2", A, aid="")
+    got = cat.restore(
+        [
+            record("m:v1", 1),  # the same artifact: now durable
+            record("m:v2", 9, aid="old-v2"),  # the key is another artifact's
+            record("m:v3", 4),
+            record("m:v3", 4, aid="dup-v3"),  # two records, one key: the first wins
+        ]
+    )
+    assert got == ["old-v2", "dup-v3"]
+    assert cat.resolve("m:v1").durable and replicas(cat.resolve("m:v1")) == {A: "original"}
+    assert not cat.resolve("m:v2").durable and cat.resolve("m:v2").artifact_id == "id-m:v2"
+    assert cat.resolve("m:v3").artifact_id == "id-m:v3"
+    assert cat.sync_node(A, [report("m:v3", 4, artifact_id="dup-v3")]) == ["dup-v3"]
+
+
+def test_restore_skips_malformed_records(cat: ClusterCatalog) -> None:
+    bad: list[Any] = [
+        {"artifact_id": "x1"},  # no key
+        record("m:latest", 1, aid="x2"),  # not writable
+        record("nocolon", 1, aid="x3"),
+        {**record("m:v4", 1), "artifact_id": ""},
+        {**record("m:v5", 1, aid="x5"), "seq": "three"},
+        "not a mapping",
+    ]
+    assert cat.restore(bad) == ["x1", "x2", "x3", "", "x5", ""]
+    assert len(cat) == 0 and cat.durable_count() == 0
+
+
+def test_a_restored_entry_is_deleted_like_any_other(cat: ClusterCatalog) -> None:
+    cat.restore([record("m:v1", 1)])
+    cat.delete("m:v1")
+    assert cat.take_dropped_durable() == ["id-m:v1"]
+    cat.restore([record("m:v2", 2)])
+    cat.drop_node(A)
+    assert cat.exists("m:v2")
+
+
+def test_restore_of_ten_thousand_records_is_quick(cat: ClusterCatalog) -> None:
+    import time
+
+    records = [record(f"model-{i % 100}:v{i}", i + 1) for i in range(10_000)]
+    start = time.perf_counter()
+    assert cat.restore(records) == []
+    elapsed = time.perf_counter() - start
+    assert len(cat) == 10_000 and cat.names() == 100
+    assert cat.resolve("model-99:latest").key == "model-99:v9999"
+    assert elapsed < 2.0, f"restore took {elapsed:.2f}s"

@@ -58,6 +58,9 @@ GS_NAMES = [
     "tc_global_store_daemons_known",
     "tc_global_store_rpc_latency_seconds_count",
     "tc_global_store_rpc_errors_total",
+    "tc_global_store_durable_artifacts",
+    "tc_global_store_journal_writes_total",
+    "tc_global_store_journal_errors_total",
     "tc_global_store_info",
 ]
 
