@@ -1,6 +1,7 @@
 """The Global Store's journal of durable artifacts: one JSON object per artifact through
 fsspec, on a local directory, ``memory://`` and S3 (a moto server on loopback). Hostile
-and torn records are skipped and counted, never followed. No Ray."""
+and torn records are skipped and counted, never followed. The Global Store shell over a
+journal: its methods called in-process, Ray never started."""
 
 from __future__ import annotations
 
@@ -21,7 +22,13 @@ from tensorcast_ray.global_store.journal import (
     check_artifact_id,
 )
 
-from tensorcast_ray._errors import ArtifactError, InvalidArgumentError, UnavailableError
+from tensorcast_ray._errors import (
+    ArtifactError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 
 
 def rec(i: int = 0, **kw: Any) -> dict[str, Any]:
@@ -328,3 +335,167 @@ def test_records_on_s3_are_read_in_batches(
     assert sorted(r["seq"] for r in records) == list(range(1, n + 1))
     assert journal.last_skipped == 1
     assert elapsed < 30, f"loading {n} records from S3 took {elapsed:.1f}s"
+
+
+# ---- the Global Store shell over a journal (its methods called in-process; Ray not started) --
+
+NODE = "node-a" * 4
+
+
+@pytest.fixture
+def shell(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
+    """A factory of Global Store actor objects (not Ray actors) over ``tmp_path/journal``;
+    Ray is never started: the token and the node list are stubbed."""
+    import ray
+    from tensorcast_ray.global_store import actor as actor_module
+
+    monkeypatch.setattr(actor_module, "namespace_token", lambda namespace: "tok")
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": NODE, "Alive": True}])
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces=False: [])
+    started: list[Any] = []
+
+    def start(**config: Any) -> Any:
+        config.setdefault("journal_url", str(tmp_path / "journal"))
+        gs = actor_module.GlobalStoreActor({"metrics_port": 0, **config}, "ns")
+        started.append(gs)
+        assert gs._rebuilt.wait(60)
+        return gs
+
+    yield start
+    for gs in started:
+        gs.stop()
+    assert not ray.is_initialized()
+
+
+def write(gs: Any, key: str, aid: str, **kw: Any) -> dict[str, Any]:
+    w = {"key": key, "artifact_id": aid, "node_id": NODE, "nbytes": 8, "tensors": 1, **kw}
+    gs.reserve("tok", w)
+    return dict(gs.commit("tok", w))
+
+
+def files(gs: Any) -> list[str]:
+    d = Path(gs.journal._dir)
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def wait_for(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_restarted_global_store_recovers_durable_keys_from_its_journal(shell: Any) -> None:
+    gs = shell()
+    a, b = "a" * 32, "b" * 32
+    assert write(gs, "m:v1", a, persist_task_id="task-1")["persist_task_id"] == "task-1"
+    write(gs, "m:v2", b)
+    out = gs.mark_durable("tok", a, NODE, {"key": "m:v1", "root": "file:///shared"})
+    assert out["durable"] and out["journaled"] and out["journal_configured"]
+    assert files(gs) == [f"{a}.json"]
+    assert gs.metrics.sample("tc_global_store_journal_writes_total", {"op": "record"}) == 1
+    assert gs.metrics.sample("tc_global_store_durable_artifacts") == 1
+    gs.leave("tok", NODE)  # its daemon stops: the durable version stays, m:v2 is lost
+    assert gs.resolve("tok", "m:v1")["replicas"] == []
+    gs.stop()
+
+    again = shell()  # a restart: nothing reported, the daemon is gone
+    entry = again.resolve("tok", "m:v1")
+    assert entry["durable"] and entry["replicas"] == [] and entry["seq"] == 1
+    assert entry["persist_task_id"] == "task-1"
+    assert again.resolve("tok", "m:latest")["key"] == "m:v1"
+    info = again.status()["journal"]
+    assert info["configured"] and info["loaded"] == 1 and info["restored"] == 1
+    assert again.status()["durable_artifacts"] == 1
+    with pytest.raises(NotFoundError):
+        again.resolve("tok", "m:v2")
+    again.delete("tok", "m:v1", NODE)
+    forgets = {"op": "forget"}
+    wait_for(lambda: again.metrics.sample("tc_global_store_journal_writes_total", forgets) == 1)
+    assert files(again) == []
+
+
+def test_mark_durable_of_a_deleted_or_unknown_artifact_is_not_found(shell: Any) -> None:
+    gs = shell()
+    write(gs, "m:v1", "a" * 32)
+    gs.delete("tok", "m:v1", NODE)
+    with pytest.raises(NotFoundError, match="deleted"):
+        gs.mark_durable("tok", "a" * 32, NODE, {})
+    with pytest.raises(NotFoundError):
+        gs.mark_durable("tok", "c" * 32, NODE, {})
+    with pytest.raises(InvalidArgumentError):
+        write(gs, "m:v2", "b" * 32)
+        gs.mark_durable("tok", "b" * 32, NODE, {"key": "m:v3"})
+    with pytest.raises(PermissionDeniedError):
+        gs.mark_durable("wrong", "b" * 32, NODE, {})
+    assert files(gs) == []
+
+
+def test_a_delete_while_the_record_is_written_leaves_no_record(
+    shell: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gs = shell()
+    write(gs, "m:v1", "a" * 32)
+    real = gs.journal.record
+
+    def record_then_delete(rec: dict[str, Any]) -> None:
+        real(rec)
+        gs.delete("tok", "m:v1", NODE)  # lands between the write and the mark
+
+    monkeypatch.setattr(gs.journal, "record", record_then_delete)
+    with pytest.raises(NotFoundError):
+        gs.mark_durable("tok", "a" * 32, NODE, {})
+    wait_for(lambda: files(gs) == [])
+    assert gs.status()["durable_artifacts"] == 0
+
+
+def test_a_journal_that_fails_leaves_the_entry_durable_in_memory(
+    shell: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gs = shell()
+    write(gs, "m:v1", "a" * 32)
+    monkeypatch.setattr(gs.journal, "record", _refuse)
+    out = gs.mark_durable("tok", "a" * 32, NODE, {})
+    assert out["durable"] and out["journaled"] is False
+    assert gs.metrics.sample("tc_global_store_journal_errors_total", {"op": "record"}) == 1
+    gs.leave("tok", NODE)
+    assert gs.exists("tok", "m:v1"), "its files are on disk all the same"
+
+
+def test_a_forget_that_fails_is_retried(shell: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    gs = shell()
+    write(gs, "m:v1", "a" * 32)
+    gs.mark_durable("tok", "a" * 32, NODE, {})
+    real = gs.journal.forget
+    monkeypatch.setattr(gs.journal, "forget", _refuse)
+    gs.delete("tok", "m:v1", NODE)
+    wait_for(lambda: gs.status()["journal"]["pending_forgets"] == 1)
+    assert files(gs) == [f"{'a' * 32}.json"]
+    monkeypatch.setattr(gs.journal, "forget", real)
+    gs._retry_forgets()
+    assert files(gs) == [] and gs.status()["journal"]["pending_forgets"] == 0
+
+
+def test_a_journal_that_cannot_be_read_at_start_is_given_up_on(
+    shell: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorcast_ray.global_store import actor as actor_module
+
+    monkeypatch.setattr(actor_module, "_JOURNAL_LOAD_TIMEOUT_S", 0.6)
+    monkeypatch.setattr(CatalogJournal, "load", _refuse)
+    start = time.monotonic()
+    gs = shell()
+    assert time.monotonic() - start < 30
+    info = gs.status()["journal"]
+    assert "refused" in info["load_error"] and info["loaded"] == 0
+    assert gs.metrics.sample("tc_global_store_journal_errors_total", {"op": "load"}) >= 2
+
+
+def test_the_environment_names_the_journal(
+    shell: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("TENSORCAST_RAY_JOURNAL_URL", f"file://{tmp_path}/from-env")
+    gs = shell(journal_url=None)
+    assert gs.status()["journal"]["url"] == f"file://{tmp_path}/from-env"
+    monkeypatch.delenv("TENSORCAST_RAY_JOURNAL_URL")
+    assert shell(journal_url=None).status()["journal"]["configured"] is False
