@@ -102,6 +102,7 @@ class DaemonActor:
         write_token_file(self._token_file, token, self.server.port, self.server.tls_cert.decode())
         self._collect_stale()
         self._connect_global_store()
+        self.store.resume_persistence()
         logger.info("daemon %s serving at %s", self.node_id, self.service.address)
 
     def _collect_stale(self) -> None:
@@ -245,6 +246,14 @@ class DaemonActor:
         self._check(token)
         return self.store.drop_artifacts(artifact_ids, reason="dropped by the cluster")
 
+    @ray.method(concurrency_group="transfer")
+    def persistence_status(
+        self, token: str, task_id: str, wait_s: float = 0.0
+    ) -> dict[str, Any] | None:
+        """A persistence task this daemon runs (another node's daemon asks for its reader)."""
+        self._check(token)
+        return self.store.persistence.status(task_id=task_id, wait_s=wait_s)
+
     @ray.method(concurrency_group="control")
     def resync(self, token: str, gs_instance: str) -> None:
         """A (re)started Global Store asks for this node's full report."""
@@ -277,7 +286,9 @@ class DaemonActor:
 
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
-        """A clean stop: close endpoints and free every segment of this node's daemon."""
+        """A clean stop: finish (up to persist_drain_s) the persistence tasks in flight,
+        close endpoints and free every segment of this node's daemon."""
+        self.store.persistence.close(self.config.persist_drain_s)
         if self.cluster is not None:
             self.cluster.leave()
             self.cluster.stop()

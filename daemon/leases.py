@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -116,7 +117,15 @@ class Artifact:
     replica_kind: str = "original"
     writer: str = ""
     cluster_seq: int = 0
-    served_by: str = "local"  # how its bytes got here: "local", "object_store", "collective"
+    served_by: str = (
+        "local"  # how its bytes got here: "local", "object_store", "collective", "disk"
+    )
+    # Persistence (daemon/persist_runner.py): the resolved policy of a write whose tiers go
+    # beyond this node's DRAM (its JSON; "" = no task), that task's id, and whether a
+    # complete copy is on shared disk (then eviction loses nothing).
+    persist_policy: str = ""
+    persist_task_id: str = ""
+    durable: bool = False
 
     def to_record(self) -> dict[str, Any]:
         return {**_record(self), "tensors": base64.b64encode(self.tensors).decode()}
@@ -188,6 +197,7 @@ class Freed:
     key: str
     epoch_slot: int
     reason: str
+    durable: bool = False  # a complete copy is on shared disk
 
 
 @dataclass
@@ -220,23 +230,37 @@ class BeginOutcome:
     error: ArtifactError | None = None
 
 
-def tier_outcomes(policy: ResolvedPolicy) -> list[str]:
-    """Degraded reasons for the non-local tiers a policy asks for: they need persistence,
-    which this daemon does not run yet (a ``must`` of one is refused)."""
+def tier_outcomes(
+    policy: ResolvedPolicy, *, persistence: bool = False, cluster: bool = False
+) -> list[str]:
+    """Degraded reasons, known at the put, for the tiers beyond local DRAM a policy asks
+    for: shared disk needs ``persistence`` (a persist_url), a remote stable copy needs a
+    ``cluster``. A ``must`` tier that cannot be placed is refused; the rest are placed by a
+    persistence task after the put returns."""
     degraded = []
     for tier in policy.tiers:
         if tier.is_local_stable:
             continue
         what = f"{tier.tier} (scope {tier.scope})"
+        if tier.tier == "shared_disk":
+            if persistence:
+                continue
+            missing = (
+                "persistence not configured: set persist_url in the daemon config (or "
+                "TENSORCAST_RAY_PERSIST_URL where tc.init runs)"
+            )
+        else:
+            if cluster:
+                continue
+            missing = "no cluster: this daemon runs without a Global Store"
         if tier.requirement == "must":
             raise FailedPreconditionError(
-                f"persistence not configured: the policy requires {what}, which needs "
-                "persistence tasks this daemon does not run; use a policy without it "
-                "(e.g. profile 'cache' or 'pinned'), or tc.export() to write to shared disk "
-                "and tc.replicate(key) to keep a copy on other nodes"
+                f"the policy requires {what}, which cannot be placed — {missing}; or use a "
+                "policy without it (e.g. profile 'cache' or 'pinned')"
             )
         if tier.requirement == "should":
-            degraded.append(f"{what} skipped: persistence not configured")
+            short = missing.split(":")[0]
+            degraded.append(f"{what} skipped: {short}")
     return degraded
 
 
@@ -263,6 +287,23 @@ class LeaseTable:
         # Segments leased to a writer's session ahead of its puts: name -> (size, session).
         self.staged: dict[str, tuple[int, str]] = {}
         self._trims: list[SegmentRef] = []  # (name, used bytes): to shrink off the hot path
+        # What the daemon can place beyond its DRAM (set by the shell): shared disk when a
+        # persistence root is configured, other nodes when it is part of a cluster.
+        self.persistence = False
+        self.clustered = False
+
+    def _tier_outcomes(self, artifact: Artifact, policy: ResolvedPolicy) -> list[str]:
+        """The put-time verdict on ``policy``'s tiers beyond local DRAM; stamps the policy on
+        ``artifact`` when a persistence task will place some of them."""
+        degraded = tier_outcomes(policy, persistence=self.persistence, cluster=self.clustered)
+        if any(
+            not t.is_local_stable
+            and (self.persistence if t.tier == "shared_disk" else self.clustered)
+            for t in policy.tiers
+        ):
+            artifact.persist_policy = json.dumps(policy.to_dict(), separators=(",", ":"))
+            artifact.persist_task_id = artifact.persist_task_id or "pt-" + artifact.artifact_id
+        return degraded
 
     # ---- sessions -----------------------------------------------------------------------
     def open_session(
@@ -374,7 +415,7 @@ class LeaseTable:
                 out.done = self._retried_write(artifact.key, artifact.request_id, out.actions)
                 if out.done is not None:
                     return out
-            artifact.degraded_reasons = tier_outcomes(policy)
+            artifact.degraded_reasons = self._tier_outcomes(artifact, policy)
             self._reserve_and_admit(artifact, policy, now_ms, out, None)
         except ArtifactError as exc:
             out.error = exc
@@ -432,6 +473,12 @@ class LeaseTable:
             request = AdmitRequest.from_policy(artifact.artifact_id, artifact.nbytes, policy)
         if artifact.kind == "register":
             request = _pinned(artifact.artifact_id, artifact.nbytes)
+        if request is None and artifact.persist_policy and policy is not None:
+            # No local tier asked for: the bytes stay here only until a persistence task has
+            # placed them (it holds them), evictable from then on.
+            request = AdmitRequest(
+                artifact.artifact_id, artifact.nbytes, "may", "best_effort", None, "evict"
+            )
         if request is None:
             raise FailedPreconditionError(
                 f"no tier can hold {artifact.key}: the policy asks for no local copy and "
@@ -498,6 +545,8 @@ class LeaseTable:
         pending = self.pending_write(write_id)
         del self.pending[write_id]
         artifact = pending.artifact
+        if artifact.persist_policy:  # held for its persistence task, which releases it
+            self.index.hold(artifact.artifact_id)
         self.index.release(artifact.artifact_id)
         # Its TTL runs from publication: a copy slower than the TTL must not expire at once.
         self.index.touch(artifact.artifact_id, now_ms)
@@ -617,7 +666,7 @@ class LeaseTable:
             artifact.segments, artifact.buffers = segments, used
             artifact.tensors = cols.to_table().SerializeToString()
             artifact.nbytes = sum(cols.nbytes)
-            artifact.degraded_reasons = tier_outcomes(policy)
+            artifact.degraded_reasons = self._tier_outcomes(artifact, policy)
             self.catalog.reserve(artifact.key, artifact.artifact_id)  # a taken key first
             if frozen is not None:
                 self.catalog.abort(artifact.key)
@@ -738,7 +787,9 @@ class LeaseTable:
             del self.by_slot[artifact.epoch_slot]
         self.catalog.remove_artifact(artifact_id)
         self.index.remove(artifact_id)
-        actions.freed.append(Freed(artifact_id, artifact.key, artifact.epoch_slot, reason))
+        actions.freed.append(
+            Freed(artifact_id, artifact.key, artifact.epoch_slot, reason, artifact.durable)
+        )
         if artifact.buffers:  # the buffers hold the bytes; they stay leased to their process
             for buffer_id in artifact.buffers:
                 buf = self.buffers.get(buffer_id)

@@ -151,6 +151,9 @@ class IndexEntry:
     readers: int = 0
     durable: bool = False
     access_seq: int = 0  # breaks ties between accesses in the same millisecond
+    # A persistence task reads the bytes: never evicted or expired meanwhile, but a delete
+    # may still remove it (the task is stopped; its own mappings keep its bytes valid).
+    holds: int = 0
 
     @property
     def protected(self) -> bool:
@@ -218,7 +221,10 @@ class LocalIndex:
         candidates = [
             e
             for e in self._entries.values()
-            if not e.protected and e.readers == 0 and (e.durable or not durable_only)
+            if not e.protected
+            and e.readers == 0
+            and e.holds == 0
+            and (e.durable or not durable_only)
         ]
         candidates.sort(key=lambda e: (not e.expired(now_ms), e.last_access_ms, e.access_seq))
         victims: list[str] = []
@@ -328,6 +334,20 @@ class LocalIndex:
             )
         self._entries[artifact_id] = replace(entry, readers=entry.readers - 1)
 
+    def hold(self, artifact_id: str) -> bool:
+        """A persistence task reads the entry's bytes: keep it until ``unhold`` (eviction and
+        TTLs pass it by; ``remove`` still works). False if it is gone."""
+        entry = self._entries.get(artifact_id)
+        if entry is None:
+            return False
+        self._entries[artifact_id] = replace(entry, holds=entry.holds + 1)
+        return True
+
+    def unhold(self, artifact_id: str) -> None:
+        entry = self._entries.get(artifact_id)
+        if entry is not None and entry.holds:
+            self._entries[artifact_id] = replace(entry, holds=entry.holds - 1)
+
     def mark_durable(self, artifact_id: str) -> bool:
         """Its bytes are safe on shared disk, so ``spill`` may evict it; False if gone."""
         entry = self._entries.get(artifact_id)
@@ -354,7 +374,9 @@ class LocalIndex:
         if self._next_expiry is None or now_ms < self._next_expiry:
             return ()
         gone = [
-            e.artifact_id for e in self._entries.values() if e.expired(now_ms) and not e.readers
+            e.artifact_id
+            for e in self._entries.values()
+            if e.expired(now_ms) and not e.readers and not e.holds
         ]
         self._drop(gone)
         self._next_expiry = min(

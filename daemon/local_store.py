@@ -54,9 +54,11 @@ from tensorcast_ray.daemon.leases import (
 )
 from tensorcast_ray.daemon.local_index import AdmitRequest
 from tensorcast_ray.daemon.metrics import DaemonMetrics
+from tensorcast_ray.daemon.persist_runner import PersistRunner
 
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._config import DaemonConfig
+from tensorcast_ray._disk import TensorSource
 from tensorcast_ray._epochs import EpochTable
 from tensorcast_ray._errors import (
     ArtifactError,
@@ -145,7 +147,40 @@ class LocalStore:
         )
         self._update_gauges(leases=True)
         # Set by the daemon actor once it joined a Global Store; None on a lone node.
-        self.cluster: ClusterTier | None = None
+        self._cluster: ClusterTier | None = None
+        # Persistence tasks and reads back from shared disk (daemon/persist_runner.py).
+        self.persistence = PersistRunner(self, config, metrics)
+        with self._lock:
+            self._leases.persistence = self.persistence.configured
+            for art in self._leases.artifacts.values():
+                if art.durable:  # re-adopted: spill may evict it again
+                    self._leases.index.mark_durable(art.artifact_id)
+
+    @property
+    def cluster(self) -> ClusterTier | None:
+        return self._cluster
+
+    @cluster.setter
+    def cluster(self, cluster: ClusterTier | None) -> None:
+        with self._lock:
+            self._cluster = cluster
+            self._leases.clustered = cluster is not None
+
+    @property
+    def node_id(self) -> str:
+        cluster = self._cluster
+        return cluster.node_id if cluster is not None else ""
+
+    def resume_persistence(self) -> None:
+        """[at start, once the cluster tier is set] Queue again the tasks a previous instance
+        of this daemon did not finish."""
+        with self._lock:
+            unfinished = [
+                a for a in self._leases.artifacts.values() if a.persist_policy and not a.durable
+            ]
+            for art in unfinished:
+                self._leases.index.hold(art.artifact_id)
+        self.persistence.resume(unfinished)
 
     # ---- helpers --------------------------------------------------------------------
     def _now_ms(self) -> int:
@@ -175,6 +210,8 @@ class LocalStore:
                 self._journal.drop_buffer(buffer_id)
         if actions.freed:  # a delete, expiry or eviction: rarer than puts
             self._update_gauges(leases=True)
+        for freed in actions.freed:
+            self.persistence.on_freed(freed)  # stops its task; never waits
         cluster = self.cluster
         if cluster is not None and (actions.freed or actions.aborted):
             cluster.dropped(actions.freed)  # asynchronous sends, never a wait under the lock
@@ -383,7 +420,19 @@ class LocalStore:
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
             self._update_gauges(leases=artifact.kind == "register")
+        if artifact.persist_policy:
+            self._start_persistence(artifact)
         return _result(artifact)
+
+    def _start_persistence(self, artifact: Artifact) -> None:
+        """Queue the task that places the tiers beyond this node (the put has returned
+        nothing yet: a failure to queue it is this put's failure, nothing half-done)."""
+        try:
+            self.persistence.submit(artifact)
+        except ArtifactError as exc:
+            with self._lock:
+                self._leases.index.unhold(artifact.artifact_id)
+            artifact.degraded_reasons.append(f"persistence not started: {exc.message}")
 
     def rpc_AbortWrite(
         self, request: daemon_pb2.AbortWriteRequest, session_id: str
@@ -452,7 +501,10 @@ class LocalStore:
         artifact_id = uuid.uuid4().hex
         cluster = self.cluster
         if cluster is None:
-            return _result(self._register(request, artifact_id, sid, policy, tensors, len(cols)))
+            artifact = self._register(request, artifact_id, sid, policy, tensors, len(cols))
+            if artifact.artifact_id == artifact_id and artifact.persist_policy:
+                self._start_persistence(artifact)
+            return _result(artifact)
         cluster.reserve(request.key, artifact_id, request.request_id)
         with cluster.sync_lock:  # the local publish and the cluster's commit, in one report
             try:
@@ -473,6 +525,9 @@ class LocalStore:
                         self._journal.add_artifact(artifact.to_record())
             else:  # the first attempt's artifact answers: this attempt's reservation goes
                 cluster.abort([(request.key, artifact_id)])
+                return _result(artifact)
+        if artifact.persist_policy:
+            self._start_persistence(artifact)
         return _result(artifact)
 
     def _register(
@@ -534,10 +589,13 @@ class LocalStore:
     ) -> daemon_pb2.ArtifactInfo:
         source = SOURCE_NAMES.get(request.source, "auto")
         cluster = self.cluster
-        if source == "disk":
+        key, artifact_id = request.key, request.artifact_id
+        latest = bool(key) and key.rpartition(":")[2] == "latest"
+        if source == "disk" and not self.persistence.configured:
             raise FailedPreconditionError(
-                "GetArtifactOptions(source='disk') needs persistence to shared disk, which "
-                "this daemon does not run yet; use source='auto'"
+                "GetArtifactOptions(source='disk') reads from shared disk: persistence is not "
+                "configured (set persist_url in the daemon config, or "
+                "TENSORCAST_RAY_PERSIST_URL where tc.init runs); use source='auto'"
             )
         if cluster is None:
             if source == "remote":
@@ -545,10 +603,17 @@ class LocalStore:
                     "GetArtifactOptions(source='remote'): this daemon is not part of a cluster "
                     "(it runs without a Global Store); use source='auto' or 'local_only'"
                 )
-            return self._info(self._local_lookup(request.key, request.artifact_id), "local")
-        key, artifact_id = request.key, request.artifact_id
-        latest = bool(key) and key.rpartition(":")[2] == "latest"
-        if source != "remote" and not latest:
+            try:
+                return self._info(self._local_lookup(key, artifact_id), "local")
+            except NotFoundError:
+                # A lone node: what it evicted, or what a previous daemon wrote, may be on disk.
+                if source == "local_only" or not self.persistence.configured or not key:
+                    raise
+            if request.metadata_only:
+                return self._disk_info(self.persistence.manifest(key))
+            artifact = self.persistence.rehydrate(key)
+            return self._info(artifact, "disk")
+        if source not in ("remote",) and not latest:
             try:  # a copy here answers without asking anyone
                 return self._info(self._local_lookup(key, artifact_id), "local")
             except NotFoundError:
@@ -573,14 +638,26 @@ class LocalStore:
                 self._leases.index.touch(local.artifact_id, self._now_ms())
             return self._info(local, "local")
         if source == "local_only":
+            where = f"node(s) {', '.join(holders)}" if holders else "shared disk only"
             raise NotFoundError(
                 f"{entry['key']} is not on this node (source='local_only'); it is held by "
-                f"node(s) {', '.join(holders)}: read it with source='auto' to pull a copy"
+                f"{where}: read it with source='auto' to pull a copy"
             )
+        if source == "disk" and not entry.get("durable"):
+            raise NotFoundError(
+                f"{entry['key']} has no complete copy on shared disk (written without a "
+                "durable policy, or its persistence task has not finished: see "
+                "tc.persistence_status); read it with source='auto'"
+            )
+        from_disk = source == "disk" or (not cluster.sources(entry) and entry.get("durable"))
         if request.metadata_only:
-            meta = cluster.describe(entry)
-            return self._remote_info(meta)
-        artifact = cluster.fetch(entry)
+            if from_disk:
+                return self._disk_info(self.persistence.manifest(entry["key"]), entry)
+            info = self._remote_info(cluster.describe(entry))
+            info.durable = bool(entry.get("durable"))
+            info.persistence_task_id = str(entry.get("persist_task_id", ""))
+            return info
+        artifact = cluster.fetch(entry, from_disk=from_disk)
         return self._info(artifact, artifact.served_by if artifact.served_by else "local")
 
     def _local_lookup(self, key: str, artifact_id: str) -> Artifact:
@@ -599,8 +676,39 @@ class LocalStore:
             kind=artifact.kind,
             created_unix_ms=artifact.created_ms,
             served_by=served_by,
+            durable=artifact.durable,
         )
+        if artifact.persist_policy:
+            info.persistence_task_id = artifact.persist_task_id
+            brief = self.persistence.brief(artifact.persist_task_id)
+            if brief is not None:
+                info.persistence_state, info.persistence_error = brief
         info.tensors.MergeFromString(artifact.tensors)  # the stored table, as it is
+        return info
+
+    def _disk_info(
+        self, manifest: Any, entry: dict[str, Any] | None = None
+    ) -> daemon_pb2.ArtifactInfo:
+        """Metadata of an artifact only shared disk holds, from its manifest (no bytes read)."""
+        names = [t.name for t in manifest.tensors]
+        cols = Columns.of(
+            names, [t.dtype for t in manifest.tensors], [tuple(t.shape) for t in manifest.tensors]
+        )
+        segs, offsets, sizes = place(cols.nbytes, int(self.config.shm_segment_bytes))
+        info = daemon_pb2.ArtifactInfo(
+            key=manifest.key,
+            artifact_id=manifest.artifact_id,
+            nbytes=sum(cols.nbytes),
+            kind=str((entry or {}).get("kind", "put")),
+            created_unix_ms=int(manifest.created_at * 1000),
+            remote=True,
+            epoch_slot=-1,
+            segments=[common_pb2.SegmentRef(name="", size=size) for size in sizes],
+            durable=True,
+            persistence_task_id=str((entry or {}).get("persist_task_id", "")),
+            served_by="disk",
+        )
+        info.tensors.CopyFrom(cols.placed(segs, offsets, sizes).to_table())
         return info
 
     def _remote_info(self, meta: dict[str, Any]) -> daemon_pb2.ArtifactInfo:
@@ -626,31 +734,64 @@ class LocalStore:
         if here and not request.key.endswith(":latest"):
             return daemon_pb2.ExistsResponse(exists=True)
         if self.cluster is None:
+            if not here and self.persistence.configured:
+                here = self._on_disk(request.key)
             return daemon_pb2.ExistsResponse(exists=here)
         return daemon_pb2.ExistsResponse(exists=self.cluster.exists(request.key))
+
+    def _on_disk(self, key: str) -> bool:
+        """[a lone node] Whether shared disk holds a committed copy of ``key``."""
+        try:
+            self.persistence.manifest(key)
+        except NotFoundError:
+            return False
+        return True
 
     def rpc_Delete(
         self, request: daemon_pb2.DeleteRequest, session_id: str
     ) -> daemon_pb2.DeleteResponse:
-        cluster = self.cluster
-        if cluster is None:
-            with self._lock:
-                self._apply(self._leases.delete(request.key))
-            return daemon_pb2.DeleteResponse(deleted=True, versions=1)
+        """Delete one version everywhere: every node's copy (its persistence task stopped
+        first), then its files on shared disk (persist_on_delete: remove)."""
         parse_key(request.key)
+        cluster = self.cluster
+        local = self._local_id(request.key)
+        if local:  # its task first: it must not write files after they are removed
+            self.persistence.stop_task(local, "deleted")
+        if cluster is None:
+            # Files first: when the storage is unreachable nothing is deleted (retry).
+            removed = self.persistence.remove_files(request.key)
+            try:
+                with self._lock:
+                    self._apply(self._leases.delete(request.key))
+            except NotFoundError:
+                if not removed:  # only shared disk held it (evicted, or an earlier daemon's)
+                    raise
+            return daemon_pb2.DeleteResponse(deleted=True, versions=1)
+        anywhere = True
         with cluster.sync_lock:  # no full report between the cluster's delete and ours
             try:
-                cluster.delete(request.key)  # every other node drops its copy first
+                cluster.delete(request.key)  # every other node drops its copy (and task) first
             except NotFoundError:
                 with self._lock:
-                    if not self._leases.catalog.exists(request.key):
-                        raise
+                    anywhere = self._leases.catalog.exists(request.key)
             with self._lock:
                 try:
                     self._apply(self._leases.delete(request.key))
                 except NotFoundError:
                     pass  # this node held no copy
+        # Files last: no node's task writes them any more. A retry of a delete whose files
+        # could not be removed finds the version gone and removes them then.
+        removed = self.persistence.remove_files(request.key)
+        if not anywhere and not removed:
+            raise NotFoundError(f"{request.key} does not exist (never written, or deleted)")
         return daemon_pb2.DeleteResponse(deleted=True, versions=1)
+
+    def _local_id(self, key: str) -> str:
+        with self._lock:
+            try:
+                return self._leases.catalog.resolve(key)[1]
+            except NotFoundError:
+                return ""
 
     def rpc_ListKeys(
         self, request: daemon_pb2.ListKeysRequest, session_id: str
@@ -668,7 +809,12 @@ class LocalStore:
         if self.cluster is not None:
             entry = self.cluster.resolve(request.key, request.artifact_id)
         else:
-            art = self._local_lookup(request.key, request.artifact_id)
+            try:
+                art = self._local_lookup(request.key, request.artifact_id)
+            except NotFoundError:
+                if not (self.persistence.configured and request.key):
+                    raise
+                return self._inspect_disk(request.key)
             entry = {
                 "key": art.key,
                 "artifact_id": art.artifact_id,
@@ -678,9 +824,14 @@ class LocalStore:
                 "kind": art.kind,
                 "created_unix_ms": art.created_ms,
                 "replicas": [],
+                "durable": art.durable,
+                "persist_task_id": art.persist_task_id if art.persist_policy else "",
             }
         local = self.local_artifact(str(entry["artifact_id"]))
+        state, error = self._persistence_brief(entry)
         return daemon_pb2.InspectResponse(
+            persistence_state=state,
+            persistence_error=error,
             key=entry["key"],
             artifact_id=entry["artifact_id"],
             nbytes=entry["nbytes"],
@@ -695,6 +846,40 @@ class LocalStore:
             local=local is not None,
             local_kind=local.replica_kind if local is not None else "",
             served_by=local.served_by if local is not None else "",
+            durable=bool(entry.get("durable")) or (local is not None and local.durable),
+            persistence_task_id=str(entry.get("persist_task_id", "")),
+        )
+
+    def _persistence_brief(self, entry: dict[str, Any]) -> tuple[str, str]:
+        """(state, error) of ``entry``'s persistence task, asked of the daemon running it;
+        ("", "") when there is none or nobody can say."""
+        task_id = str(entry.get("persist_task_id", ""))
+        if not task_id:
+            return "", ""
+        brief = self.persistence.brief(task_id)
+        if brief is not None:
+            return brief
+        if self.cluster is None:
+            return "", ""
+        try:
+            status = self.cluster.persistence_status(entry, 0.0)
+        except ArtifactError:
+            return "", ""
+        return status["state"], status["last_error"] or status["degraded_reason"]
+
+    def _inspect_disk(self, key: str) -> daemon_pb2.InspectResponse:
+        """[a lone node] An artifact only shared disk holds."""
+        m = self.persistence.manifest(key)
+        return daemon_pb2.InspectResponse(
+            key=m.key,
+            artifact_id=m.artifact_id,
+            nbytes=m.total_bytes,
+            tensors=len(m.tensors),
+            kind="put",
+            created_unix_ms=int(m.created_at * 1000),
+            local=False,
+            durable=True,
+            persistence_task_id="pt-" + m.artifact_id if m.artifact_id else "",
         )
 
     def rpc_ReadRanges(
@@ -747,6 +932,131 @@ class LocalStore:
         return daemon_pb2.ReplicateResponse(
             key=request.key,
             results=[daemon_pb2.ReplicaResult(**r) for r in results.values()],
+        )
+
+    # ---- persistence's hooks (daemon/persist_runner.py) ---------------------------------
+    def persist_sources(self, artifact: Artifact) -> tuple[list[TensorSource], list[Any]]:
+        """The artifact's tensors as read-only views of its segments, for the disk writer,
+        and the mappings under them (the caller closes them). The mappings keep the bytes
+        valid even if the artifact is deleted meanwhile (its task is then stopped)."""
+        sizes = [size for _, size in artifact.segments]
+        table = common_pb2.TensorTable()
+        table.MergeFromString(artifact.tensors)
+        cols = Columns.from_table(table, sizes)
+        maps: list[Any] = []
+        try:
+            views = []
+            for seg in artifact.segments:
+                if seg[1]:
+                    region = self._shm.map_for_read(seg)
+                    maps.append(region)
+                    views.append(memoryview(region))
+                else:
+                    maps.append(b"")
+                    views.append(memoryview(b""))
+        except BaseException:
+            _close_maps(maps)
+            raise
+        sources = []
+        for i, name in enumerate(cols.names):
+            nb = cols.nbytes[i]
+            seg, off = cols.segments[i], cols.offsets[i]
+            data = views[seg][off : off + nb] if nb else memoryview(b"")
+            sources.append(TensorSource(name, cols.dtypes[i], cols.shapes[i], data))
+        return sources, maps
+
+    def copy_ranges(
+        self, artifact: Artifact, ranges: Sequence[tuple[int, int, int]], dest: Any
+    ) -> int:
+        """Copy (segment, offset, length) ranges of a local artifact into ``dest``, packed."""
+        out = memoryview(dest)
+        at = 0
+        for seg, off, length in ranges:
+            if not 0 <= seg < len(artifact.segments) or off + length > artifact.segments[seg][1]:
+                raise InvalidArgumentError(
+                    f"ReadRanges: range ({seg}, {off}, {length}) lies outside {artifact.key}"
+                )
+            region = self._shm.map_for_read(artifact.segments[seg])
+            try:
+                out[at : at + length] = memoryview(region)[off : off + length]
+            finally:
+                region.close()
+            at += length
+        return at
+
+    def release_hold(self, artifact_id: str) -> None:
+        with self._lock:
+            self._leases.index.unhold(artifact_id)
+
+    def mark_durable(self, artifact_id: str) -> bool:
+        """A complete copy of ``artifact_id`` is on shared disk: spill may evict it, and a
+        restart remembers it. False when this node no longer holds it."""
+        with self._lock:
+            art = self._leases.artifacts.get(artifact_id)
+            if art is None:
+                return False
+            self._leases.index.mark_durable(artifact_id)
+            if not art.durable:
+                art.durable = True
+                if self._journal is not None:
+                    self._journal.add_artifact(art.to_record())
+        return True
+
+    def rpc_PersistenceStatus(
+        self, request: daemon_pb2.PersistenceStatusRequest, session_id: str
+    ) -> daemon_pb2.PersistenceStatusResponse:
+        if not request.task_id and not request.key:
+            raise InvalidArgumentError("persistence_status needs a task_id or a key")
+        wait_s = max(0.0, float(request.wait_s))
+        if request.task_id:
+            found = self.persistence.status(task_id=request.task_id, wait_s=wait_s)
+            if found is not None:
+                return _status_pb(found)
+            artifact_id = request.task_id.removeprefix("pt-")
+            key = ""
+        else:
+            parse_key(request.key)
+            artifact_id, key = "", request.key
+        return _status_pb(self._persistence_elsewhere(key, artifact_id, wait_s))
+
+    def _persistence_elsewhere(self, key: str, artifact_id: str, wait_s: float) -> dict[str, Any]:
+        """The status of a task this daemon may not run: by the artifact's local copy, else
+        the node that wrote it (through the Global Store), else what shared disk holds."""
+        local = None
+        with self._lock:
+            if key and not key.endswith(":latest"):
+                try:
+                    local = self._leases.lookup(key, "", self._now_ms())
+                except NotFoundError:
+                    local = None
+            elif artifact_id:
+                local = self._leases.artifacts.get(artifact_id)
+        cluster = self.cluster
+        if local is not None:
+            found = self.persistence.status(artifact_id=local.artifact_id, wait_s=wait_s)
+            if found is not None:
+                return found
+            if cluster is None:  # a lone node's copy: read back from disk, or memory only
+                if not local.durable:
+                    raise NotFoundError(_no_task(local.key))
+                return self.persistence.status_from_manifest(self.persistence.manifest(local.key))
+            artifact_id, key = local.artifact_id, local.key
+        if cluster is not None:
+            entry = cluster.resolve(key, artifact_id)
+            return cluster.persistence_status(entry, wait_s)
+        if key and not artifact_id:
+            # A lone node after a restart, or another process's write: the disk may hold it.
+            try:
+                manifest = self.persistence.manifest(key)
+            except NotFoundError:
+                raise NotFoundError(
+                    f"no persistence task for {key} on this node and no copy of it on shared "
+                    "disk (written without a durable policy, deleted, or never written)"
+                ) from None
+            return self.persistence.status_from_manifest(manifest)
+        raise NotFoundError(
+            f"no persistence task {'pt-' + artifact_id} on this node (it finished long ago, "
+            "or ran on a daemon that has restarted); ask by key instead"
         )
 
     # ---- the cluster tier's hooks (daemon/remote.py) ------------------------------------
@@ -879,7 +1189,10 @@ class LocalStore:
         return True
 
     def drop_artifacts(self, artifact_ids: Sequence[str], *, reason: str) -> int:
-        """Free this node's copies of ``artifact_ids`` (the cluster deleted them)."""
+        """Free this node's copies of ``artifact_ids`` (the cluster deleted them), their
+        persistence tasks stopped first."""
+        for artifact_id in artifact_ids:
+            self.persistence.stop_task(artifact_id, "deleted", timeout_s=5.0)
         actions = Actions()
         with self._lock:
             for artifact_id in artifact_ids:
@@ -996,6 +1309,7 @@ class LocalStore:
 
     def close(self, *, unlink: bool = True) -> None:
         """Stop the pool; with ``unlink`` free every segment (a clean stop, not a crash)."""
+        self.persistence.close(0.0)
         self._shm.close()
         with self._lock:
             if unlink:
@@ -1027,6 +1341,47 @@ def _close_maps(maps: list[Any]) -> None:
         except (AttributeError, BufferError):
             pass
     maps.clear()
+
+
+def _no_task(key: str) -> str:
+    return (
+        f"{key} has no persistence task: it was written with a policy that places it on this "
+        "node only (e.g. profile 'cache'); write it with StorePolicy(profile='durable') to "
+        "persist it"
+    )
+
+
+def _status_pb(status: dict[str, Any]) -> daemon_pb2.PersistenceStatusResponse:
+    return daemon_pb2.PersistenceStatusResponse(
+        task_id=status["task_id"],
+        key=status["key"],
+        artifact_id=status["artifact_id"],
+        state=status["state"],
+        progress=float(status["progress"]),
+        degraded_reason=status["degraded_reason"],
+        last_error=status["last_error"],
+        last_error_code=status["last_error_code"],
+        durable=bool(status["durable"]),
+        nbytes=int(status["nbytes"]),
+        node_id=status.get("node_id", ""),
+        created_unix_ms=int(status["created_unix_ms"]),
+        started_unix_ms=int(status["started_unix_ms"]),
+        finished_unix_ms=int(status["finished_unix_ms"]),
+        shards=[
+            daemon_pb2.PersistenceShard(
+                index=int(sh["index"]),
+                tier=sh["tier"],
+                target=sh["target"],
+                state=sh["state"],
+                progress=float(sh["progress"]),
+                done_bytes=int(sh["done_bytes"]),
+                total_bytes=int(sh["total_bytes"]),
+                attempts=int(sh["attempts"]),
+                error=sh["error"],
+            )
+            for sh in status["shards"]
+        ],
+    )
 
 
 def _require_tensors(key: str, count: int) -> None:
@@ -1068,4 +1423,5 @@ def _result(artifact: Artifact) -> daemon_pb2.WriteResult:
         nbytes=artifact.nbytes,
         status="degraded" if artifact.degraded_reasons else "ready",
         degraded_reasons=artifact.degraded_reasons,
+        persistence_task_id=artifact.persist_task_id if artifact.persist_policy else "",
     )

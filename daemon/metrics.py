@@ -47,7 +47,15 @@ LOCAL_STABLE_STATUSES: tuple[str, ...] = ("OK", "DEGRADED", "FAILED")
 _LOCAL_STABLE_OPS: tuple[str, ...] = ("put", "register")
 
 #: Stages of a persistence task; ``tc_persist_errors_total{reason}`` is the error's code name.
-PERSIST_STAGES: tuple[str, ...] = ("plan", "write", "verify", "commit")
+PERSIST_STAGES: tuple[str, ...] = (
+    "plan",
+    "write",
+    "verify",
+    "commit",
+    "replicate",
+    "read",
+    "delete",
+)
 
 #: Where a materialisation into a caller's target read from (the data paths of DESIGN.md).
 MATERIALIZE_SOURCES: tuple[str, ...] = (
@@ -116,6 +124,23 @@ class DaemonMetrics(MetricsRegistry):
             "tc_persist_progress_ratio",
             "Bytes persisted / bytes to persist over the running tasks (0..1).",
         )
+        self.persist_bytes = c(
+            "tc_persist_bytes",
+            "Bytes written to shared disk by persistence tasks (write) and read back from it "
+            "by rehydrations (read).",
+            ["direction"],
+        )
+        self.persist_task_seconds = h(
+            "tc_persist_task_seconds",
+            "Time from a persistence task's start to its end, by the state it ended in.",
+            ["state"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900, 3600),
+        )
+        self.rehydrations = c(
+            "tc_persist_rehydrations",
+            "Artifacts read back from shared disk into this node's memory, by result.",
+            ["result"],
+        )
         self.tier_bytes_used = g(
             "tc_daemon_tier_bytes_used", "Bytes held in each of the node's tiers.", ["tier"]
         )
@@ -176,6 +201,9 @@ class DaemonMetrics(MetricsRegistry):
         )
         self._preinit(self.persist_tasks_active, state=PERSIST_STATES)
         self._preinit(self.persist_errors, stage=PERSIST_STAGES, reason=_ERROR_CODES)
+        self._preinit(self.persist_bytes, direction=("write", "read"))
+        self._preinit(self.persist_task_seconds, state=("success", "degraded", "failed"))
+        self._preinit(self.rehydrations, result=("ok", "failed"))
         # A success has no reason; its series exist from the start so ratios are defined.
         self._preinit(
             self.materialize_into_target,

@@ -312,9 +312,84 @@ class ClusterTier:
                 "tensors": artifact.ntensors,
                 "kind": artifact.kind,
                 "created_ms": artifact.created_ms,
+                "persist_task_id": artifact.persist_task_id if artifact.persist_policy else "",
             },
         )
         return int(entry["seq"])
+
+    def mark_durable(self, artifact: Artifact) -> dict[str, Any]:
+        """A complete copy of ``artifact`` is on shared disk: the Global Store marks it (and
+        journals it), so any node can rehydrate it once every copy in memory is gone.
+        NOT_FOUND when it was deleted meanwhile (the caller removes the files)."""
+        return self._gs_call(
+            "mark_durable",
+            artifact.artifact_id,
+            self.node_id,
+            {
+                "key": artifact.key,
+                "artifact_id": artifact.artifact_id,
+                "node_id": artifact.writer or self.node_id,
+                "seq": artifact.cluster_seq,
+                "nbytes": artifact.nbytes,
+                "tensors": artifact.ntensors,
+                "kind": artifact.kind,
+                "created_ms": artifact.created_ms,
+                "persist_task_id": artifact.persist_task_id,
+            },
+        )
+
+    def remote_targets(self, artifact_id: str, count: int) -> list[str]:
+        """Up to ``count`` alive nodes, other than this one, to hold kept copies of
+        ``artifact_id`` (a remote stable tier): nodes already holding one first, so a retry
+        adds none twice, then the others in a stable order."""
+        entry = self.resolve("", artifact_id)
+        holders = [
+            r["node_id"]
+            for r in entry["replicas"]
+            if r["node_id"] != self.node_id and r["kind"] != "cache"
+        ]
+        alive = _alive_nodes() - {self.node_id}
+        chosen = [n for n in holders if n in alive]
+        chosen += sorted(n for n in alive if n not in chosen)
+        return chosen[:count]
+
+    def persistence_status(self, entry: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        """The persistence task of ``entry`` as the daemon running it reports it; from shared
+        disk when that daemon is gone and the version is durable."""
+        import ray
+
+        task_id = str(entry.get("persist_task_id", ""))
+        if not task_id:
+            raise NotFoundError(
+                f"{entry['key']} has no persistence task: it was written with a policy that "
+                "keeps it in memory only (e.g. profile 'cache'); write it with "
+                "StorePolicy(profile='durable') to persist it"
+            )
+        writer = str(entry.get("node_id", ""))
+        why = f"the daemon of node {writer[:12]} that ran it is gone"
+        if writer and writer in _alive_nodes():
+            try:
+                handle = self.daemon(writer)
+                found = ray.get(
+                    handle.persistence_status.remote(self.token, task_id, wait_s),
+                    timeout=self.config.global_store_timeout_s + wait_s,
+                )
+            except Exception as exc:
+                why = f"the daemon of node {writer[:12]} did not answer ({_why(exc)})"
+            else:
+                if found is not None:
+                    return found
+                why = f"the daemon of node {writer[:12]} no longer remembers it (restarted)"
+        if entry.get("durable") and self.store.persistence.configured:
+            return self.store.persistence.status_from_manifest(
+                self.store.persistence.manifest(str(entry["key"])), writer
+            )
+        from tensorcast_ray._errors import UnavailableError as _Unavailable
+
+        raise _Unavailable(
+            f"the persistence task {task_id} of {entry['key']} cannot be asked: {why}, and no "
+            "complete copy is on shared disk"
+        )
 
     def abort(self, aborted: Sequence[tuple[str, str]]) -> None:
         for key, artifact_id in aborted:
@@ -384,9 +459,12 @@ class ClusterTier:
             self._handles.pop(node_id, None)
 
     # ---- reads -----------------------------------------------------------------------------
-    def fetch(self, entry: dict[str, Any], *, kind: str = "cache") -> Artifact:
-        """This node's copy of ``entry`` (a Global Store answer), pulled if it has none; one
-        pull however many readers ask at once."""
+    def fetch(
+        self, entry: dict[str, Any], *, kind: str = "cache", from_disk: bool = False
+    ) -> Artifact:
+        """This node's copy of ``entry`` (a Global Store answer), pulled if it has none (from
+        shared disk with ``from_disk``, or when no node can serve a durable version); one
+        landing however many readers ask at once."""
         artifact_id = str(entry["artifact_id"])
         leader, future = self._landing_of(artifact_id)
         if not leader:
@@ -394,9 +472,16 @@ class ClusterTier:
         with self._leading(artifact_id, future):
             artifact = self.store.local_artifact(artifact_id)
             if artifact is None:
-                artifact = self._pull(entry, kind)
+                artifact = self._rehydrate(entry, kind) if from_disk else self._pull(entry, kind)
             future.set_result(artifact)
             return artifact
+
+    def _rehydrate(self, entry: dict[str, Any], kind: str) -> Artifact:
+        copy = self.store.persistence.rehydrate(
+            str(entry["key"]), artifact_id=str(entry["artifact_id"]), kind=kind, extra=entry
+        )
+        self.record_replica(copy.artifact_id, kind)
+        return copy
 
     @contextlib.contextmanager
     def _leading(
@@ -433,6 +518,8 @@ class ClusterTier:
 
     def _pull(self, entry: dict[str, Any], kind: str) -> Artifact:
         nodes = self.sources(entry)
+        if not nodes and entry.get("durable") and self.store.persistence.configured:
+            return self._rehydrate(entry, kind)
         if not nodes:
             raise NotFoundError(
                 f"{entry['key']} has no copy on another node (the Global Store lists "
@@ -455,7 +542,16 @@ class ClusterTier:
                 self._forget(node)
                 continue
             self.record_replica(copy.artifact_id, kind)
+            if entry.get("durable"):
+                self.store.mark_durable(copy.artifact_id)
             return copy
+        if entry.get("durable") and self.store.persistence.configured:
+            logger.warning(
+                "no node could serve %s (%s); reading it from shared disk",
+                entry["key"],
+                "; ".join(errors),
+            )
+            return self._rehydrate(entry, kind)
         raise UnavailableError(
             f"could not pull {entry['key']} from any node holding it ({'; '.join(errors)}); "
             "retry, or check that those nodes are alive"
@@ -653,6 +749,10 @@ class ClusterTier:
         import ray
 
         nodes = self.sources(entry)
+        if not nodes and entry.get("durable") and self.store.persistence.configured:
+            # Only shared disk holds it: land it here whole (the layout the SDK was told is
+            # the one a rehydration places), then copy the ranges from that copy.
+            return self.store.copy_ranges(self.fetch(entry, from_disk=True), ranges, dest)
         if not nodes:
             raise NotFoundError(f"{entry['key']} has no copy on another node")
         pieces: list[Piece] = []

@@ -17,10 +17,12 @@ from tensorcast_ray._api import (
     get,
     get_into,
     list_keys,
+    persistence_status,
     put,
     register,
     replicate,
     store,
+    wait_persisted,
 )
 from tensorcast_ray._artifact import Artifact, ArtifactInfo, ArtifactView
 from tensorcast_ray._bootstrap import InitContext, Versions, init, is_initialized, shutdown
@@ -41,6 +43,7 @@ from tensorcast_ray._errors import (
     UnavailableError,
     UnimplementedError,
 )
+from tensorcast_ray._persistence import PersistenceStatus, ShardStatus
 from tensorcast_ray._policy import StorePolicy, TierSpec
 from tensorcast_ray._retry import RetryPolicy
 from tensorcast_ray._store import GetArtifactOptions, ReplicaResult, Store, StoreOptions
@@ -73,11 +76,13 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "PermissionDeniedError",
+    "PersistenceStatus",
     "PortConfig",
     "PutResult",
     "ReplicaResult",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "ShardStatus",
     "Store",
     "StoreOptions",
     "StorePolicy",
@@ -99,9 +104,11 @@ __all__ = [
     "is_initialized",
     "list_keys",
     "metrics_text",
+    "persistence_status",
     "put",
     "register",
     "replicate",
     "shutdown",
     "store",
+    "wait_persisted",
 ]

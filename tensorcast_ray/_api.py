@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray._artifact import Artifact
+from tensorcast_ray._persistence import PersistenceStatus
 from tensorcast_ray._policy import StorePolicy
 from tensorcast_ray._store import ReplicaResult, Store, StoreOptions, default_store
 from tensorcast_ray._write import PutResult
@@ -28,10 +29,12 @@ __all__ = [
     "get",
     "get_into",
     "list_keys",
+    "persistence_status",
     "put",
     "register",
     "replicate",
     "store",
+    "wait_persisted",
 ]
 
 
@@ -108,3 +111,17 @@ def replicate(
     saying why in each result's ``reason``). Returns ``{node_id: ReplicaResult}``; a node
     that already holds it is ``ready`` with nothing moved. See docs/cluster.md."""
     return default_store().replicate(key, nodes, transport)
+
+
+def persistence_status(task_id: str | None = None, *, key: str | None = None) -> PersistenceStatus:
+    """The state of a persistence task: by ``task_id`` (``PutResult.persistence_task_id``) or
+    by ``key`` (that version's task; ``name:latest`` allowed). Any node may ask."""
+    return default_store().persistence_status(task_id, key=key)
+
+
+def wait_persisted(
+    key: str | None = None, *, task_id: str | None = None, timeout: float | None = None
+) -> PersistenceStatus:
+    """Block until ``key``'s (or ``task_id``'s) persistence task ends; its status on success,
+    its error (an ``ArtifactError``) on failure, DEADLINE_EXCEEDED after ``timeout`` s."""
+    return default_store().wait_persisted(key, task_id=task_id, timeout=timeout)

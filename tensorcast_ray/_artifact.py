@@ -38,7 +38,9 @@ class ArtifactInfo:
     ``replicas``: the node ids holding a copy (``replica_kinds`` says how: ``original``,
     ``replica`` kept by replicate, ``cache`` pulled by a read). ``served_by``: how this
     process's last read of it was served: ``"local"`` (this node's copy), ``"object_store"``
-    or ``"collective"`` (pulled from another node by that read), or None before any read.
+    or ``"collective"`` (pulled from another node by that read), ``"disk"`` (read back from
+    shared disk by that read), or None before any read. ``durable`` and ``persistence_*``:
+    see docs/persistence.md.
     """
 
     key: str
@@ -53,6 +55,13 @@ class ArtifactInfo:
     local_kind: str | None = None
     served_by: str | None = None
     created_unix_ms: int = 0
+    #: a complete copy is on shared disk (it survives every node's copy going)
+    durable: bool = False
+    #: the task placing its tiers beyond this node (None: its policy asked for none)
+    persistence_task_id: str | None = None
+    #: that task's state and error (a ``must`` tier's failure shows here), when known
+    persistence_state: str | None = None
+    persistence_error: str | None = None
 
 
 class RemoteEntry:

@@ -82,6 +82,20 @@ class DaemonConfig(_Strict):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Persistence (docs/persistence.md): the shared-disk root every daemon of a cluster uses
+    # (a fsspec URL; TENSORCAST_RAY_PERSIST_URL overrides it) and how its tasks run.
+    persist_url: str | None = None
+    persist_storage_options: dict[str, Any] = Field(default_factory=dict)
+    persist_tasks: Annotated[int, Field(ge=1, le=64)] = 2
+    persist_parallel: Annotated[int, Field(ge=1, le=64)] = 4
+    persist_buffer_bytes: Annotated[ByteSize, Field(ge=1 << 20)] = ByteSize(64 << 20)
+    persist_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    persist_retry_min_s: Annotated[float, Field(gt=0)] = 0.5
+    persist_retry_max_s: Annotated[float, Field(gt=0)] = 15.0
+    persist_timeout_s: Annotated[float, Field(gt=0)] = 3600.0
+    persist_drain_s: Annotated[float, Field(ge=0)] = 30.0
+    persist_on_delete: Literal["remove", "retain"] = "remove"
+    persist_task_history: Annotated[int, Field(ge=1)] = 10_000
 
     @model_validator(mode="after")
     def _tls_pair(self) -> DaemonConfig:
@@ -161,6 +175,7 @@ class EnvSettings:
     ray_address: str | None = None
     token: str | None = None  # the namespace token, for clients that cannot get it from Ray
     tls_ca_file: str | None = None  # PEM the SDK trusts for a TLS daemon, instead of its own
+    persist_url: str | None = None  # overrides DaemonConfig.persist_url (for operators)
 
     def with_overrides(self, **kwargs: Any) -> EnvSettings:
         return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
@@ -175,6 +190,7 @@ def from_env(environ: dict[str, str] | None = None) -> EnvSettings:
         ray_address=env.get("RAY_ADDRESS") or None,
         token=env.get("TENSORCAST_RAY_TOKEN") or None,
         tls_ca_file=env.get("TENSORCAST_RAY_TLS_CA") or None,
+        persist_url=env.get("TENSORCAST_RAY_PERSIST_URL") or None,
     )
 
 
@@ -235,7 +251,10 @@ def _read(path: str, where: str) -> str:
 
 def load_daemon_config(path: str | None = None, env: EnvSettings | None = None) -> DaemonConfig:
     env = env or from_env()
-    return _load(DaemonConfig, path, env.daemon_config_path, "store_daemon_config.yaml")
+    config = _load(DaemonConfig, path, env.daemon_config_path, "store_daemon_config.yaml")
+    if env.persist_url:
+        config = config.model_copy(update={"persist_url": env.persist_url})
+    return config
 
 
 def load_global_store_config(

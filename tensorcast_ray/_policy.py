@@ -120,7 +120,11 @@ class TierSpec:
             )
             return
         _require(
-            replicas == 1, "min_replicas", "stable_dram supports only min_replicas=1", replicas
+            replicas == 1 or self.scope != "local",
+            "min_replicas",
+            "a local stable_dram tier is this node's one copy: min_replicas=1 (ask for more "
+            "copies with scope 'remote')",
+            replicas,
         )
         _require(
             not has_retention or self.scope == "local",

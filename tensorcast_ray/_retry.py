@@ -70,6 +70,7 @@ VERBS: tuple[str, ...] = (
     "export",
     "import",
     "replicate",
+    "persistence_status",
 )
 
 #: Codes the loop retries (when the error also says ``retryable=True``).
@@ -143,6 +144,8 @@ DEFAULT_RETRY_POLICIES: Mapping[str, RetryPolicy] = MappingProxyType(
         "import": RetryPolicy(300.0, 2, 1.0),
         # Moves whole artifacts between nodes, like export / import.
         "replicate": RetryPolicy(600.0, 2, 1.0),
+        # One status call may wait up to 10 s for its task (wait_persisted loops over it).
+        "persistence_status": RetryPolicy(30.0, 3),
     }
 )
 

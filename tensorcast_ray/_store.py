@@ -39,6 +39,8 @@ from tensorcast_ray._write import PutResult, write
 if TYPE_CHECKING:
     import torch
 
+    from tensorcast_ray._persistence import PersistenceStatus
+
 SOURCES = ("auto", "local_only", "remote", "disk")
 _RELEASE_TIMEOUT_S = 2.0  # a best-effort call made ahead of a verb: never held up long
 
@@ -62,8 +64,10 @@ class GetArtifactOptions:
     the cluster's answer (the Global Store is always asked, even for a version this process
     has open), which needs a copy on another node (an artifact only this node holds is
     NOT_FOUND); it is served from this node's copy when there is one (the same immutable
-    bytes), else pulled. ``"disk"`` needs persistence (not built yet:
-    FAILED_PRECONDITION)."""
+    bytes), else pulled. ``"disk"``: this node's copy, else read back from shared disk
+    (needs persistence: ``persist_url``; NOT_FOUND when no complete disk copy exists); it
+    never pulls from another node. ``"auto"`` reads from disk too, when no node holds a
+    copy of a durable version (see docs/persistence.md)."""
 
     source: str = "auto"
 
@@ -241,14 +245,6 @@ class Store:
         request.session_id = _bootstrap.current().client.session_hint
         return self._call(method, request, timeout)
 
-    def _check_source(self) -> None:
-        source = self.opts.get.source
-        if source == "disk":
-            raise FailedPreconditionError(
-                "GetArtifactOptions(source='disk') needs persistence to shared disk, which is "
-                "not built yet; use source='auto', 'local_only' or 'remote'"
-            )
-
     def _require_same_host(self) -> None:
         hello = _bootstrap.current().client.hello
         import socket
@@ -347,7 +343,6 @@ class Store:
             )
         if key is not None:
             _, version = parse_key(key)
-        self._check_source()
         source = self.opts.get.source
         cache = self._read_cache
         if key is not None and version != "latest" and source != "remote":
@@ -451,6 +446,10 @@ class Store:
             local_kind=resp.local_kind or None,
             served_by=_last_served(resp.artifact_id),
             created_unix_ms=int(resp.created_unix_ms),
+            durable=resp.durable,
+            persistence_task_id=resp.persistence_task_id or None,
+            persistence_state=resp.persistence_state or None,
+            persistence_error=resp.persistence_error or None,
         )
 
     def replicate(
@@ -522,6 +521,25 @@ class Store:
                 self._retrier.call("list_keys", lambda t: self._call("ListKeys", request, t)).keys
             )
 
+    # ---- persistence (tensorcast_ray._persistence) -------------------------------------
+    def persistence_status(
+        self, task_id: str | None = None, *, key: str | None = None
+    ) -> PersistenceStatus:
+        """:func:`tensorcast_ray.persistence_status` under this store's retry overrides."""
+        from tensorcast_ray._persistence import persistence_status
+
+        with self._verb("persistence_status"):
+            return persistence_status(self, task_id, key)
+
+    def wait_persisted(
+        self, key: str | None = None, *, task_id: str | None = None, timeout: float | None = None
+    ) -> PersistenceStatus:
+        """:func:`tensorcast_ray.wait_persisted` under this store's retry overrides."""
+        from tensorcast_ray._persistence import wait_persisted
+
+        with self._verb("persistence_status"):
+            return wait_persisted(self, key, task_id=task_id, timeout=timeout)
+
     # ---- checkpoint I/O (tensorcast_ray._checkpoint_io) ---------------------------------
     def export(
         self,
@@ -530,11 +548,14 @@ class Store:
         *,
         storage_options: Mapping[str, Any] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        layout: str = "auto",
     ) -> str:
         """:func:`tensorcast_ray.export` under this store's options and retry overrides."""
         from tensorcast_ray._checkpoint_io import export_artifact
 
-        return export_artifact(self, key, url, storage_options=storage_options, progress=progress)
+        return export_artifact(
+            self, key, url, storage_options=storage_options, progress=progress, layout=layout
+        )
 
     def import_checkpoint(
         self,

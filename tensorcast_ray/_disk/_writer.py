@@ -728,6 +728,6 @@ def delete_artifact(
         fs.rm(directory, recursive=True)
     except FileNotFoundError:
         return True  # removed concurrently
-    except OSError as exc:
+    except Exception as exc:  # OS errors, and object stores' connection failures
         raise map_os_error(exc, f"deleting artifact {key!r} under {root}") from exc
     return True

@@ -64,7 +64,7 @@ INVALID: list[tuple[str, Callable[[], object], tuple[str, ...]]] = [
         lambda: TierSpec("shared_disk", "any", retention_ttl_ms=5),
         ("shared_disk forbids retention",),
     ),
-    ("dram replicas", lambda: TierSpec("stable_dram", "remote", 2), ("min_replicas=1",)),
+    ("dram replicas", lambda: TierSpec("stable_dram", "local", 2), ("min_replicas=1",)),
     (
         "retention remote",
         lambda: TierSpec("stable_dram", "remote", retention_policy="best_effort"),
@@ -382,3 +382,21 @@ def test_plan_shards_edge_inputs() -> None:
         plan_shards(10, [1, -1], "auto")
     with pytest.raises(InvalidArgumentError, match="total_bytes"):
         plan_shards(1, [4, 4], "auto")
+
+
+def test_remote_stable_tier_may_ask_for_several_copies() -> None:
+    """Beyond the original (one local copy), a remote tier asks for ``min_replicas`` copies on
+    other nodes; the persistence task places that many."""
+    from tensorcast_ray.daemon.persistence import plan_task
+
+    policy = resolve_policy(
+        StorePolicy(
+            must=[TierSpec("shared_disk", "any")],
+            should=[TierSpec("stable_dram", "remote", 2), TierSpec("stable_dram", "local")],
+        )
+    )
+    plan = plan_task(policy)
+    assert (plan.disk, plan.remote, plan.remote_replicas) == ("must", "should", 2)
+    assert not plan_task(resolve_policy(StorePolicy(profile="cache")))
+    ha = plan_task(resolve_policy(StorePolicy(profile="ha")))
+    assert (ha.disk, ha.remote, ha.remote_replicas) == ("must", "should", 1)

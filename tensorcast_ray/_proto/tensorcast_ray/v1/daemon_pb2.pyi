@@ -305,7 +305,7 @@ class LookupRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., source: _Optional[_Union[ReadSource, str]] = ..., metadata_only: _Optional[bool] = ...) -> None: ...
 
 class ArtifactInfo(_message.Message):
-    __slots__ = ("key", "artifact_id", "nbytes", "segments", "tensors", "shm_dir", "epoch_slot", "generation", "kind", "created_unix_ms", "served_by", "remote")
+    __slots__ = ("key", "artifact_id", "nbytes", "segments", "tensors", "shm_dir", "epoch_slot", "generation", "kind", "created_unix_ms", "served_by", "remote", "durable", "persistence_task_id", "persistence_state", "persistence_error")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
@@ -318,6 +318,10 @@ class ArtifactInfo(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     REMOTE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_STATE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     key: str
     artifact_id: str
     nbytes: int
@@ -330,7 +334,11 @@ class ArtifactInfo(_message.Message):
     created_unix_ms: int
     served_by: str
     remote: bool
-    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., served_by: _Optional[str] = ..., remote: _Optional[bool] = ...) -> None: ...
+    durable: bool
+    persistence_task_id: str
+    persistence_state: str
+    persistence_error: str
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[_common_pb2.SegmentRef, _Mapping]]] = ..., tensors: _Optional[_Union[_common_pb2.TensorTable, _Mapping]] = ..., shm_dir: _Optional[str] = ..., epoch_slot: _Optional[int] = ..., generation: _Optional[int] = ..., kind: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., served_by: _Optional[str] = ..., remote: _Optional[bool] = ..., durable: _Optional[bool] = ..., persistence_task_id: _Optional[str] = ..., persistence_state: _Optional[str] = ..., persistence_error: _Optional[str] = ...) -> None: ...
 
 class InspectRequest(_message.Message):
     __slots__ = ("key", "artifact_id")
@@ -351,7 +359,7 @@ class ReplicaInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., kind: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
-    __slots__ = ("key", "artifact_id", "nbytes", "tensors", "writer", "replicas", "local", "local_kind", "served_by", "created_unix_ms", "kind")
+    __slots__ = ("key", "artifact_id", "nbytes", "tensors", "writer", "replicas", "local", "local_kind", "served_by", "created_unix_ms", "kind", "durable", "persistence_task_id", "persistence_state", "persistence_error")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +371,10 @@ class InspectResponse(_message.Message):
     SERVED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_STATE_FIELD_NUMBER: _ClassVar[int]
+    PERSISTENCE_ERROR_FIELD_NUMBER: _ClassVar[int]
     key: str
     artifact_id: str
     nbytes: int
@@ -374,7 +386,11 @@ class InspectResponse(_message.Message):
     served_by: str
     created_unix_ms: int
     kind: str
-    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., tensors: _Optional[int] = ..., writer: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., local: _Optional[bool] = ..., local_kind: _Optional[str] = ..., served_by: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+    durable: bool
+    persistence_task_id: str
+    persistence_state: str
+    persistence_error: str
+    def __init__(self, key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., nbytes: _Optional[int] = ..., tensors: _Optional[int] = ..., writer: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaInfo, _Mapping]]] = ..., local: _Optional[bool] = ..., local_kind: _Optional[str] = ..., served_by: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., kind: _Optional[str] = ..., durable: _Optional[bool] = ..., persistence_task_id: _Optional[str] = ..., persistence_state: _Optional[str] = ..., persistence_error: _Optional[str] = ...) -> None: ...
 
 class ReadRangesRequest(_message.Message):
     __slots__ = ("artifact_id", "session_id", "segment", "offset", "length")
@@ -471,3 +487,69 @@ class ListKeysResponse(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     keys: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PersistenceStatusRequest(_message.Message):
+    __slots__ = ("task_id", "key", "wait_s")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    key: str
+    wait_s: float
+    def __init__(self, task_id: _Optional[str] = ..., key: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class PersistenceShard(_message.Message):
+    __slots__ = ("index", "tier", "target", "state", "progress", "done_bytes", "total_bytes", "attempts", "error")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DONE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    tier: str
+    target: str
+    state: str
+    progress: float
+    done_bytes: int
+    total_bytes: int
+    attempts: int
+    error: str
+    def __init__(self, index: _Optional[int] = ..., tier: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., done_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PersistenceStatusResponse(_message.Message):
+    __slots__ = ("task_id", "key", "artifact_id", "state", "progress", "degraded_reason", "last_error", "last_error_code", "durable", "nbytes", "node_id", "created_unix_ms", "started_unix_ms", "finished_unix_ms", "shards")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    key: str
+    artifact_id: str
+    state: str
+    progress: float
+    degraded_reason: str
+    last_error: str
+    last_error_code: str
+    durable: bool
+    nbytes: int
+    node_id: str
+    created_unix_ms: int
+    started_unix_ms: int
+    finished_unix_ms: int
+    shards: _containers.RepeatedCompositeFieldContainer[PersistenceShard]
+    def __init__(self, task_id: _Optional[str] = ..., key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., degraded_reason: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_code: _Optional[str] = ..., durable: _Optional[bool] = ..., nbytes: _Optional[int] = ..., node_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[PersistenceShard, _Mapping]]] = ...) -> None: ...

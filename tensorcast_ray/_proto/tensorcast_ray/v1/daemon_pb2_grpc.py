@@ -125,6 +125,11 @@ class StoreDaemonStub:
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateRequest.SerializeToString,
                 response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateResponse.FromString,
                 _registered_method=True)
+        self.PersistenceStatus = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/PersistenceStatus',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusResponse.FromString,
+                _registered_method=True)
 
 
 class StoreDaemonServicer:
@@ -245,6 +250,14 @@ class StoreDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PersistenceStatus(self, request, context):
+        """Persistence: a task's state (the one this daemon runs, or the writer's, through the
+        Global Store), optionally waiting up to wait_s for it to end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -337,6 +350,11 @@ def add_StoreDaemonServicer_to_server(servicer, server):
                     servicer.Replicate,
                     request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateRequest.FromString,
                     response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateResponse.SerializeToString,
+            ),
+            'PersistenceStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.PersistenceStatus,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -825,6 +843,33 @@ class StoreDaemon:
             '/tensorcast_ray.v1.StoreDaemon/Replicate',
             tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateRequest.SerializeToString,
             tensorcast__ray_dot_v1_dot_daemon__pb2.ReplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PersistenceStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/PersistenceStatus',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
