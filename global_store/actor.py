@@ -87,16 +87,14 @@ _MAX_TOMBSTONES = 100_000
 _JOURNAL_LOAD_TIMEOUT_S = 30.0  # storage down at start: retried this long, then go on
 _JOURNAL_WAIT_S = 5.0  # mark_durable waits this long for its record, then answers
 _FORGET_RETRY_S = 10.0  # journal records a delete could not remove are retried this often
-JOURNAL_URL_ENV = "TENSORCAST_RAY_JOURNAL_URL"
 
 
 class GlobalStoreActor:
     def __init__(
         self, config: dict[str, Any], namespace: str, version_override: str | None = None
     ) -> None:
-        self.config = GlobalStoreConfig.model_validate(config).with_journal_url(
-            os.environ.get(JOURNAL_URL_ENV)
-        )
+        # TENSORCAST_RAY_JOURNAL_URL was applied where the config was loaded (_config).
+        self.config = GlobalStoreConfig.model_validate(config)
         # A URL no file system can open is a configuration error: this start fails with it.
         self.journal = (
             CatalogJournal(self.config.journal_url, self.config.journal_storage_options)

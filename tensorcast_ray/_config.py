@@ -113,16 +113,11 @@ class GlobalStoreConfig(_Strict):
     #: None: :data:`DEFAULT_GLOBAL_STORE_METRICS_PORT`, or any free port when that is taken.
     metrics_port: Port | None = None
     #: fsspec URL of the journal of durable artifacts (None: kept in memory only);
-    #: ``TENSORCAST_RAY_JOURNAL_URL`` overrides it where the Global Store starts.
+    #: ``TENSORCAST_RAY_JOURNAL_URL`` overrides it where ``tc.init`` (or the CLI) starts it.
     journal_url: str | None = None
     #: fsspec ``storage_options`` for ``journal_url`` (e.g. an S3 endpoint and credentials)
     journal_storage_options: dict[str, Any] = Field(default_factory=dict)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    def with_journal_url(self, url: str | None) -> GlobalStoreConfig:
-        """This config with ``url`` (when not empty) as its ``journal_url``: the Global Store
-        actor applies ``TENSORCAST_RAY_JOURNAL_URL`` from its environment this way."""
-        return self if not url else self.model_copy(update={"journal_url": url})
 
 
 @dataclass(frozen=True)
@@ -176,6 +171,7 @@ class EnvSettings:
     token: str | None = None  # the namespace token, for clients that cannot get it from Ray
     tls_ca_file: str | None = None  # PEM the SDK trusts for a TLS daemon, instead of its own
     persist_url: str | None = None  # overrides DaemonConfig.persist_url (for operators)
+    journal_url: str | None = None  # overrides GlobalStoreConfig.journal_url
 
     def with_overrides(self, **kwargs: Any) -> EnvSettings:
         return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
@@ -191,6 +187,7 @@ def from_env(environ: dict[str, str] | None = None) -> EnvSettings:
         token=env.get("TENSORCAST_RAY_TOKEN") or None,
         tls_ca_file=env.get("TENSORCAST_RAY_TLS_CA") or None,
         persist_url=env.get("TENSORCAST_RAY_PERSIST_URL") or None,
+        journal_url=env.get("TENSORCAST_RAY_JOURNAL_URL") or None,
     )
 
 
@@ -261,4 +258,9 @@ def load_global_store_config(
     path: str | None = None, env: EnvSettings | None = None
 ) -> GlobalStoreConfig:
     env = env or from_env()
-    return _load(GlobalStoreConfig, path, env.global_store_config_path, "global_store_config.yaml")
+    config = _load(
+        GlobalStoreConfig, path, env.global_store_config_path, "global_store_config.yaml"
+    )
+    if env.journal_url:
+        config = config.model_copy(update={"journal_url": env.journal_url})
+    return config

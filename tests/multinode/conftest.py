@@ -82,11 +82,13 @@ def on_node(
     *args: Any,
     timeout: float = 240,
     config: str = DAEMON_CONFIG,
+    gs_config: str | None = None,
 ) -> Any:
     """Run ``fn(tc, *args)`` in a Ray task on simulated node ``node`` (its index, or a
     custom resource name) after ``tc.init(namespace=ns)`` with the multinode daemon config
-    (the first init on a node starts its daemon with it); the task shuts tensorcast down
-    before it returns."""
+    (the first init on a node starts its daemon with it; the first in a namespace starts the
+    Global Store, with ``gs_config`` when given); the task shuts tensorcast down before it
+    returns."""
     import ray
 
     resource = node if isinstance(node, str) else f"tc_node_{node}"
@@ -95,7 +97,7 @@ def on_node(
     def task(namespace: str) -> Any:
         import tensorcast_ray as tc
 
-        tc.init(namespace=namespace, daemon_config_path=config)
+        tc.init(namespace=namespace, daemon_config_path=config, global_store_config_path=gs_config)
         try:
             return fn(tc, *args)
         finally:

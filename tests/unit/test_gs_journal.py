@@ -491,11 +491,15 @@ def test_a_journal_that_cannot_be_read_at_start_is_given_up_on(
     assert gs.metrics.sample("tc_global_store_journal_errors_total", {"op": "load"}) >= 2
 
 
-def test_the_environment_names_the_journal(
-    shell: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("TENSORCAST_RAY_JOURNAL_URL", f"file://{tmp_path}/from-env")
-    gs = shell(journal_url=None)
-    assert gs.status()["journal"]["url"] == f"file://{tmp_path}/from-env"
-    monkeypatch.delenv("TENSORCAST_RAY_JOURNAL_URL")
-    assert shell(journal_url=None).status()["journal"]["configured"] is False
+def test_the_environment_names_the_journal(tmp_path: Path) -> None:
+    """TENSORCAST_RAY_JOURNAL_URL (read once, in from_env) overrides the config's URL where
+    the Global Store's config is loaded (tc.init, the CLI)."""
+    from tensorcast_ray._config import from_env, load_global_store_config
+
+    env = from_env({"TENSORCAST_RAY_JOURNAL_URL": f"file://{tmp_path}/from-env"})
+    assert load_global_store_config(env=env).journal_url == f"file://{tmp_path}/from-env"
+    assert load_global_store_config(env=from_env({})).journal_url is None
+    daemon = from_env({"TENSORCAST_RAY_PERSIST_URL": f"file://{tmp_path}/p"})
+    from tensorcast_ray._config import load_daemon_config
+
+    assert load_daemon_config(env=daemon).persist_url == f"file://{tmp_path}/p"
