@@ -537,10 +537,6 @@ def test_daemon_and_global_store_metrics(namespace: str) -> None:
             for requirement in ("must", "should", "may"):
                 labels = {"op": op, "status": status, "requirement": requirement}
                 assert val(start, "tc_local_stable_tier_total", **labels) == 0
-    for state in ("pending", "running", "degraded", "success", "failed"):
-        assert val(start, "tc_persist_tasks_active", state=state) == 0
-    assert val(start, "tc_persist_errors_total", stage="write", reason="UNAVAILABLE") == 0
-    assert val(start, "tc_persist_progress_ratio") == 0
     assert (
         val(
             start,
