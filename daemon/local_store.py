@@ -605,14 +605,16 @@ class LocalStore:
                 )
             try:
                 return self._info(self._local_lookup(key, artifact_id), "local")
-            except NotFoundError:
+            except NotFoundError as missing:
                 # A lone node: what it evicted, or what a previous daemon wrote, may be on disk.
                 if source == "local_only" or not self.persistence.configured or not key:
                     raise
-            if request.metadata_only:
-                return self._disk_info(self.persistence.manifest(key))
-            artifact = self.persistence.rehydrate(key)
-            return self._info(artifact, "disk")
+                try:
+                    if request.metadata_only:
+                        return self._disk_info(self.persistence.manifest(key))
+                    return self._info(self.persistence.rehydrate(key), "disk")
+                except NotFoundError:
+                    raise missing from None  # not on disk either: the daemon's own answer
         if source not in ("remote",) and not latest:
             try:  # a copy here answers without asking anyone
                 return self._info(self._local_lookup(key, artifact_id), "local")

@@ -165,8 +165,30 @@ class PersistRunner:
                     done.last_error or done.degraded_reason,
                 )
         finally:
-            self.store.release_hold(artifact.artifact_id)
+            if not self._keep_held(task_id):
+                self.store.release_hold(artifact.artifact_id)
             self._forget(task_id)
+
+    def _keep_held(self, task_id: str) -> bool:
+        """A task whose ``must`` disk tier failed leaves the artifact's only copy in memory:
+        it stays held (never evicted, never expired) until it is deleted or a restart's
+        retry makes it durable."""
+        with self._cond:
+            task = self._table.get(task_id)
+            keep = (
+                task is not None
+                and task.state == "failed"
+                and not task.cancelled
+                and task.plan.disk == "must"
+                and not task.durable
+            )
+        if keep and task is not None:
+            logger.warning(
+                "%s stays in memory until deleted: it is its only copy (%s)",
+                task.key,
+                task.last_error,
+            )
+        return keep
 
     def _forget(self, task_id: str) -> None:
         with self._cond:

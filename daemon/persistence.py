@@ -221,6 +221,8 @@ class PersistenceTable:
     def finish_disk(self, task_id: str, error: tuple[str, str] | None) -> None:
         """The disk tier ended: ``error`` is (code name, message), or None on success."""
         task = self._tasks[task_id]
+        if task.terminal:  # cancelled meanwhile: its outcome stands
+            return
         task.disk_done = True
         if error is None:
             task.durable = True
@@ -235,6 +237,8 @@ class PersistenceTable:
 
     def plan_remote(self, task_id: str, nodes: Iterable[str]) -> None:
         task = self._tasks[task_id]
+        if task.terminal:
+            return
         start = sum(1 for s in task.shards if s.tier == "stable_dram")
         for i, node in enumerate(nodes):
             task.shards.append(ShardStatus(start + i, "stable_dram", node, total_bytes=task.nbytes))
@@ -251,6 +255,8 @@ class PersistenceTable:
     def finish_remote(self, task_id: str, placed: int, error: tuple[str, str] | None) -> None:
         """The remote tier ended with ``placed`` copies on other nodes."""
         task = self._tasks[task_id]
+        if task.terminal:
+            return
         task.remote_done = True
         wanted = task.plan.remote_replicas
         if placed >= wanted and error is None:

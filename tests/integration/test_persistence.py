@@ -112,9 +112,11 @@ def test_durable_put_returns_then_persists_with_status_metrics_and_files(
     assert manifest.artifact_id == put.artifact_id and len(manifest.tensors) == 300
     assert list_artifacts(root) == ["model:v1"]
     after = daemon_metrics(ctx)
-    assert metric(after, "tc_persist_bytes_total", direction="write") - metric(
-        before, "tc_persist_bytes_total", direction="write"
-    ) == put.nbytes
+    assert (
+        metric(after, "tc_persist_bytes_total", direction="write")
+        - metric(before, "tc_persist_bytes_total", direction="write")
+        == put.nbytes
+    )
     assert metric(after, "tc_persist_tasks_active", state="success") == 1
     assert metric(after, "tc_persist_task_seconds_count", state="success") == 1
     assert metric(after, "tc_persist_progress_ratio") == 0  # nothing running now
@@ -211,9 +213,7 @@ def test_spill_evicts_only_durable_artifacts_and_reads_them_back(
     big = weights(6, 1 * MiB, seed=4)  # 24 MiB: only d:v1 (durable) can make room
     put = tc.put(big, "b:v1", policy=spill)
     assert put.status == "ready"
-    assert tc.store(tc.StoreOptions(get=tc.GetArtifactOptions(source="local_only"))).exists(
-        "c:v1"
-    )
+    assert tc.store(tc.StoreOptions(get=tc.GetArtifactOptions(source="local_only"))).exists("c:v1")
     with pytest.raises(tc.NotFoundError):  # evicted from memory...
         tc.store(tc.StoreOptions(get=tc.GetArtifactOptions(source="local_only"))).get("d:v1")
     tc.wait_persisted("b:v1", timeout=60)
@@ -400,7 +400,8 @@ def test_a_daemon_that_died_for_good_serves_its_durable_artifacts_again(
     from tests.helpers import guardians, leftovers
 
     root = f"file://{tmp_path}/persist"
-    config = daemon_config(tmp_path, persist_url=root)
+    # No grace: its guardian frees its memory as soon as it is gone (Ray will not restart it).
+    config = daemon_config(tmp_path, persist_url=root, guardian_grace_s=0)
     ctx = tc.init(namespace=namespace, global_store_mode="none", daemon_config_path=config)
     ts = weights(40, 2048, seed=11)
     tc.put(ts, "keep:v1", policy=DURABLE)
