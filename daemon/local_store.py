@@ -592,11 +592,15 @@ class LocalStore:
         key, artifact_id = request.key, request.artifact_id
         latest = bool(key) and key.rpartition(":")[2] == "latest"
         if source == "disk" and not self.persistence.configured:
-            raise FailedPreconditionError(
-                "GetArtifactOptions(source='disk') reads from shared disk: persistence is not "
-                "configured (set persist_url in the daemon config, or "
-                "TENSORCAST_RAY_PERSIST_URL where tc.init runs); use source='auto'"
-            )
+            try:  # this node's copy answers a disk read as any read (the same bytes)
+                return self._info(self._local_lookup(key, artifact_id), "local")
+            except NotFoundError:
+                raise FailedPreconditionError(
+                    f"GetArtifactOptions(source='disk'): {key or artifact_id} is not on this "
+                    "node and persistence is not configured, so shared disk cannot be read "
+                    "(set persist_url in the daemon config, or TENSORCAST_RAY_PERSIST_URL "
+                    "where tc.init runs); use source='auto'"
+                ) from None
         if cluster is None:
             if source == "remote":
                 raise FailedPreconditionError(

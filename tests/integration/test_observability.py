@@ -426,20 +426,24 @@ def test_store_options_source_and_retry_overrides(namespace: str) -> None:
     before = scrape(ctx.metrics_address)
     for source in ("remote", "disk"):
         remote = tc.store(opts=tc.StoreOptions(get=tc.GetArtifactOptions(source=source)))
+        # remote needs a cluster (this daemon runs without a Global Store); disk, for a
+        # version not on this node, needs persistence (a persist_url), which it has not.
+        key = "opt:v1" if source == "remote" else "elsewhere:v1"
         for call in (
-            lambda s: s.get("opt:v1"),
-            lambda s: s.get_into("opt:v1", {"w": torch.zeros(3)}),
-            lambda s: s.artifact("opt:latest"),
+            lambda s, key=key: s.get(key),
+            lambda s, key=key: s.get_into(key, {"w": torch.zeros(3)}),
+            lambda s, key=key: s.artifact(key.replace(":v1", ":latest")),
         ):
             with pytest.raises(tc.FailedPreconditionError) as err:
                 call(remote)
             assert err.value.status_code == grpc.StatusCode.FAILED_PRECONDITION
-            # remote needs a cluster (this daemon runs without a Global Store); disk needs
-            # persistence, not built yet
-            why = "not part of a cluster" if source == "remote" else "not built yet"
+            why = "not part of a cluster" if source == "remote" else "persistence is not configured"
             assert source in str(err.value) and why in str(err.value)
         # Writes do not read, so they are not refused.
         remote.put({"w": torch.ones(1)}, key=f"w-{source}:v1")
+    # A disk read of a version on this node is served by its copy (the same bytes).
+    disk = tc.store(opts=tc.StoreOptions(get=tc.GetArtifactOptions(source="disk")))
+    assert disk.get("opt:v1")["w"].tolist() == [0.0, 1.0, 2.0]
     after = scrape(ctx.metrics_address)
     for verb in ("get", "get_into", "artifact"):
         key = (
