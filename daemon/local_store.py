@@ -1220,6 +1220,8 @@ class LocalStore:
                     "seq": a.cluster_seq,
                     "writer": a.writer,
                     "replica_kind": a.replica_kind,
+                    "durable": a.durable,
+                    "persist_task_id": a.persist_task_id if a.persist_policy else "",
                 }
                 for a in self._leases.artifacts.values()
             ]

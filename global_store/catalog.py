@@ -410,6 +410,11 @@ class ClusterCatalog:
                 continue  # being written again under this id: its commit will say so
             reported.add(artifact_id)
             entry.replicas[node_id] = Replica(node_id, kind)  # the node's own word wins
+            if raw.get("durable"):  # its disk copy is complete: it outlives every copy
+                entry.durable = True
+                entry.persist_task_id = entry.persist_task_id or str(
+                    raw.get("persist_task_id", "")
+                )
         for entry in list(self._by_artifact.values()):
             if entry.artifact_id not in reported and node_id in entry.replicas:
                 entry.replicas.pop(node_id)

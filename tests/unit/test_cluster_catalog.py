@@ -690,3 +690,16 @@ def test_restore_of_ten_thousand_records_is_quick(cat: ClusterCatalog) -> None:
     assert len(cat) == 10_000 and cat.names() == 100
     assert cat.resolve("model-99:latest").key == "model-99:v9999"
     assert elapsed < 2.0, f"restore took {elapsed:.2f}s"
+
+
+def test_a_reported_durable_copy_makes_its_entry_outlive_every_copy() -> None:
+    """After a restart without a journal, a daemon's full report carries durability: once
+    its copies go, the version stays (read back from disk) instead of being lost."""
+    cat = ClusterCatalog()
+    cat.sync_node(A, [report("d:v1", 4, durable=True, persist_task_id="pt-x"), report("m:v1", 5)])
+    entry = cat.resolve("d:v1")
+    assert entry.durable and entry.persist_task_id == "pt-x"
+    assert not cat.resolve("m:v1").durable
+    lost = cat.drop_node(A)
+    assert lost == ["m:v1"]
+    assert cat.resolve("d:v1").replicas == {}
