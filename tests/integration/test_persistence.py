@@ -88,12 +88,22 @@ def files_under(root: str) -> list[str]:
         return []
 
 
+@pytest.fixture(params=["file", "s3"])
+def persist_root(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, dict[str, Any]]:
+    """A persistence root and its storage options: a local directory, or a bucket on the
+    moto S3 server (loopback)."""
+    if request.param == "file":
+        return f"file://{tmp_path}/persist", {}
+    options = request.getfixturevalue("s3_options")
+    return f"s3://{request.getfixturevalue('bucket')}/persist", options
+
+
 # ---- profiles --------------------------------------------------------------------------------
 def test_durable_put_returns_then_persists_with_status_metrics_and_files(
-    namespace: str, tmp_path: Path
+    namespace: str, tmp_path: Path, persist_root: tuple[str, dict[str, Any]]
 ) -> None:
-    root = f"file://{tmp_path}/persist"
-    ctx = start(namespace, tmp_path, persist_url=root)
+    root, options = persist_root
+    ctx = start(namespace, tmp_path, persist_url=root, persist_storage_options=options)
     before = daemon_metrics(ctx)
     ts = weights(300, 4096)  # 300 tensors, ~4.7 MiB
     put = tc.put(ts, "model:v1", policy=DURABLE)
@@ -108,9 +118,9 @@ def test_durable_put_returns_then_persists_with_status_metrics_and_files(
     info = tc.artifact("model:v1").info()
     assert info.durable and info.persistence_state == "success" and not info.persistence_error
     # The files are the disk format: a manifest naming the same artifact, bytes exact.
-    manifest = read_manifest(root, "model:v1")
+    manifest = read_manifest(root, "model:v1", storage_options=options)
     assert manifest.artifact_id == put.artifact_id and len(manifest.tensors) == 300
-    assert list_artifacts(root) == ["model:v1"]
+    assert list_artifacts(root, storage_options=options) == ["model:v1"]
     after = daemon_metrics(ctx)
     assert (
         metric(after, "tc_persist_bytes_total", direction="write")
@@ -120,6 +130,7 @@ def test_durable_put_returns_then_persists_with_status_metrics_and_files(
     assert metric(after, "tc_persist_tasks_active", state="success") == 1
     assert metric(after, "tc_persist_task_seconds_count", state="success") == 1
     assert metric(after, "tc_persist_progress_ratio") == 0  # nothing running now
+    assert tc.delete("model:v1") and list_artifacts(root, storage_options=options) == []
 
 
 def test_memory_only_profiles_have_no_task(namespace: str, tmp_path: Path) -> None:
@@ -166,9 +177,10 @@ def test_ha_on_a_lone_node_persists_and_degrades_the_remote_tier(
 
 
 def test_cold_copy_drops_after_its_ttl_and_the_next_get_rehydrates(
-    namespace: str, tmp_path: Path
+    namespace: str, tmp_path: Path, persist_root: tuple[str, dict[str, Any]]
 ) -> None:
-    ctx = start(namespace, tmp_path, persist_url=f"file://{tmp_path}/persist")
+    root, options = persist_root
+    ctx = start(namespace, tmp_path, persist_url=root, persist_storage_options=options)
     cold = tc.StorePolicy.from_profile("cold")
     cold = dataclasses.replace(
         cold,
