@@ -3,6 +3,7 @@
     tensorcast-ray [--address ADDR] [--namespace NS] daemon start|status|stop ...
     tensorcast-ray ... global start|status|stop ...
     tensorcast-ray ... ls [PREFIX] | inspect KEY   (the cluster catalog of the Global Store)
+    tensorcast-ray ... persist status [KEY | --task ID] [--wait]   (persistence tasks)
 
 ``--address`` / ``--namespace`` may also follow the group or the command
 (``tensorcast-ray daemon status --namespace X``); the one given last wins.
@@ -444,9 +445,10 @@ def _columns(rows: list[list[str]], header: list[str], indent: str = "") -> list
 @click.pass_obj
 @guarded
 def ls_command(obj: Ctx, prefix: str, as_json: bool) -> None:
-    """List the cluster's keys: size, tensors, the nodes holding each.
+    """List the cluster's keys: size, tensors, durability, the nodes holding each.
 
-    Reads the Global Store's catalog; PREFIX keeps the keys that start with it.
+    Reads the Global Store's catalog; PREFIX keeps the keys that start with it. DURABLE is
+    yes once a complete copy is on shared disk (a persistence task finished).
     """
     with obj.ray():
         handle, token = _catalog(obj)
@@ -467,11 +469,12 @@ def ls_command(obj: Ctx, prefix: str, as_json: bool) -> None:
             str(e["key"]),
             _fmt_bytes(int(e.get("nbytes", 0))),
             str(e.get("tensors", "")),
+            "yes" if e.get("durable") else "no",
             ",".join(f"{str(r['node_id'])[:12]}({r.get('kind', '?')})" for r in e["replicas"]),
         ]
         for e in entries
     ]
-    click.echo("\n".join(_columns(rows, ["KEY", "SIZE", "TENSORS", "NODES"])))
+    click.echo("\n".join(_columns(rows, ["KEY", "SIZE", "TENSORS", "DURABLE", "NODES"])))
 
 
 def _describe(
@@ -510,6 +513,36 @@ def _describe(
         ]
         return tensors, ""
     return [], "; ".join(reasons) or "no node holds it"
+
+
+def _persistence_of(namespace: str, token: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """``durable`` and the persistence task's id / state / error, as the writer's daemon
+    tells it (the catalog's ``durable`` flag alone when that daemon is gone or forgot)."""
+    task_id = str(entry.get("persist_task_id") or "")
+    out: dict[str, Any] = {
+        "durable": bool(entry.get("durable")),
+        "persistence_task_id": task_id or None,
+        "persistence_state": "success" if entry.get("durable") else None,
+        "persistence_error": None,
+    }
+    writer = str(entry.get("node_id") or "")
+    handle = _actors.get_actor(_actors.daemon_name(writer), namespace) if writer else None
+    if not task_id or handle is None:
+        return out
+    try:
+        status = _ask(
+            handle.persistence_status.remote(token, task_id, 0.0),
+            f"persistence status of {entry['key']} on node {writer[:12]}",
+        )
+    except ArtifactError as exc:
+        out["persistence_error"] = f"(status unavailable: {exc.message})"
+        return out
+    if status is not None:
+        out["durable"] = out["durable"] or bool(status.get("durable"))
+        out["persistence_state"] = status.get("state") or out["persistence_state"]
+        error = status.get("last_error") or status.get("degraded_reason") or ""
+        out["persistence_error"] = error or None
+    return out
 
 
 def _copies(namespace: str, token: str, entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -561,7 +594,8 @@ def inspect_command(obj: Ctx, key: str, as_json: bool) -> None:
     KEY is name:version (name:latest resolves to the newest). Prints its id, size, writer and
     commit seq, its tensors (the first 20; --json lists all) and, per node holding it, the
     copy's kind, tier and how it was served (local: written there; object_store /
-    collective: the transport that brought it).
+    collective: the transport that brought it), and whether it is durable (a complete copy
+    on shared disk) with the state of its persistence task.
     """
     with obj.ray():
         handle, token = _catalog(obj)
@@ -571,6 +605,7 @@ def inspect_command(obj: Ctx, key: str, as_json: bool) -> None:
         entry["replicas"] = _sorted_replicas(list(entry.get("replicas", [])))
         tensors, why = _describe(obj.namespace, token, entry)
         copies = _copies(obj.namespace, token, entry)
+        persistence = _persistence_of(obj.namespace, token, entry)
     report: dict[str, Any] = {
         "key": entry["key"],
         "artifact_id": entry["artifact_id"],
@@ -582,6 +617,7 @@ def inspect_command(obj: Ctx, key: str, as_json: bool) -> None:
         "ntensors": int(entry.get("tensors", len(tensors))),
         "tensors": tensors,
         "replicas": copies,
+        **persistence,
     }
     if why:
         report["tensors_error"] = why
@@ -610,7 +646,15 @@ def _inspect_text(report: dict[str, Any]) -> str:
         f"{'writer':12} {report['writer']}",
         f"{'seq':12} {report['seq']}",
         f"{'created':12} {when}",
+        f"{'durable':12} {'yes' if report.get('durable') else 'no'}",
     ]
+    if report.get("persistence_task_id"):
+        lines.append(
+            f"{'persistence':12} {report.get('persistence_state') or '?'} "
+            f"(task {report['persistence_task_id']})"
+        )
+    if report.get("persistence_error"):
+        lines.append(f"{'persist_err':12} {report['persistence_error']}")
     tensors = report["tensors"]
     if report.get("tensors_error"):
         lines.append(
@@ -763,6 +807,153 @@ def _seconds(value: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise click.BadParameter(f"{value} is not a number of seconds >= 0")
     return value
+
+
+# ---- persistence tasks -----------------------------------------------------------------------
+PERSIST_POLL_WAIT_S = 1.0  # --wait: each status call waits this long for the task to end
+
+
+@cli.group("persist")
+@connection_options
+def persist() -> None:
+    """Persistence tasks: the durable copies a put's StorePolicy asks for."""
+
+
+def _optional_seconds(
+    _ctx: click.Context, _param: click.Parameter, value: float | None
+) -> float | None:
+    return None if value is None else _seconds(value)
+
+
+@persist.command("status")
+@click.argument("key", required=False)
+@click.option("--task", "task_id", default=None, help="A task id (PutResult.persistence_task_id).")
+@click.option("--wait", is_flag=True, help="Show a progress bar until the task ends.")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    callback=_optional_seconds,
+    help="With --wait: give up after this many seconds (exit 1, DEADLINE_EXCEEDED).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@connection_options
+@click.pass_obj
+@guarded
+def persist_status(
+    obj: Ctx,
+    key: str | None,
+    task_id: str | None,
+    wait: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Show the persistence task of version KEY (or of --task ID): state, progress, shards.
+
+    KEY is name:version (name:latest resolves to the newest). --wait shows a progress bar
+    over the task's bytes until it ends, then the final status. Exit code 1, with the
+    task's error on stderr, when the task failed (or ended without a complete disk copy);
+    0 otherwise (success, degraded with a durable copy, or still under way without --wait).
+    """
+    if (key is None) == (task_id is None):
+        raise click.UsageError("pass KEY or --task ID (exactly one)")
+    if timeout is not None and not wait:
+        raise click.UsageError("--timeout goes with --wait")
+    with _client(obj) as tc:
+        store = tc.store()
+        if wait:
+            status = _wait_with_bar(store, key, task_id, timeout)
+        else:
+            status = store.persistence_status(task_id, key=key)
+    if as_json:
+        click.echo(json.dumps(status.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(_persist_text(status))
+    error = status.error()
+    if status.state == "failed" or (status.done and error is not None and not status.durable):
+        fail(str(error) if error is not None else f"persistence of {status.key} failed")
+
+
+def _wait_with_bar(store: Any, key: str | None, task_id: str | None, timeout: float | None) -> Any:
+    """Poll the task (each call waits up to a second for it to end) with a tqdm bar over
+    its bytes; the final status, or DEADLINE_EXCEEDED after ``timeout`` seconds."""
+    import time
+
+    from tensorcast_ray._errors import DeadlineExceededError
+    from tensorcast_ray._persistence import persistence_status
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = persistence_status(store, task_id, key)
+    label = f"persist {status.key}"
+    with _progress_bar(label) as progress:
+        while True:
+            total = sum(s.total_bytes for s in status.shards) or status.nbytes
+            done = sum(s.done_bytes for s in status.shards) if status.shards else 0
+            if status.done and status.durable:
+                done = total
+            progress(min(done, total), total)
+            if status.done:
+                return status
+            left = PERSIST_POLL_WAIT_S
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceededError(
+                        f"persistence of {status.key} ({status.task_id}) is still "
+                        f"{status.state} after {timeout} s ({status.progress:.0%} done)"
+                    )
+            by_task = status.task_id or task_id  # the task found by key, from now on
+            status = persistence_status(
+                store, by_task, None if by_task else key, wait_s=min(left, PERSIST_POLL_WAIT_S)
+            )
+
+
+def _persist_text(status: Any) -> str:
+    def when(ms: int) -> str:
+        import datetime
+
+        if not ms:
+            return "-"
+        return datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+
+    total = sum(s.total_bytes for s in status.shards) or status.nbytes
+    done = sum(s.done_bytes for s in status.shards)
+    lines = [
+        f"{'task':12} {status.task_id}",
+        f"{'key':12} {status.key}",
+        f"{'artifact_id':12} {status.artifact_id}",
+        f"{'state':12} {status.state}",
+        f"{'progress':12} {status.progress:.0%} ({_fmt_bytes(done)} of {_fmt_bytes(total)})",
+        f"{'durable':12} {'yes' if status.durable else 'no'}",
+        f"{'node':12} {status.node_id or '?'}",
+        f"{'started':12} {when(status.started_unix_ms)}",
+        f"{'finished':12} {when(status.finished_unix_ms)}",
+    ]
+    if status.degraded_reason:
+        lines.append(f"{'degraded':12} {status.degraded_reason}")
+    if status.last_error:
+        code = f"[{status.last_error_code}] " if status.last_error_code else ""
+        lines.append(f"{'error':12} {code}{status.last_error}")
+    lines.append(f"{'shards':12} {len(status.shards)}")
+    if status.shards:
+        rows = [
+            [
+                str(s.index),
+                s.tier,
+                s.state,
+                f"{s.progress:.0%}",
+                str(s.attempts),
+                _fmt_bytes(s.total_bytes),
+                s.target + (f" ({s.error})" if s.error else ""),
+            ]
+            for s in status.shards
+        ]
+        lines += _columns(
+            rows, ["INDEX", "TIER", "STATE", "PROGRESS", "ATTEMPTS", "SIZE", "TARGET"], "  "
+        )
+    return "\n".join(lines)
 
 
 @cli.command("gc")

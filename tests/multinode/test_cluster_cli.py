@@ -75,9 +75,9 @@ def test_ls_and_inspect_show_keys_nodes_and_how_each_copy_came(cluster: Any, ns:
 
     # ls PREFIX: a table of the matching key only.
     header, *rows = _ok(ls_text).splitlines()
-    assert header.split() == ["KEY", "SIZE", "TENSORS", "NODES"]
+    assert header.split() == ["KEY", "SIZE", "TENSORS", "DURABLE", "NODES"]
     assert [r.split() for r in rows] == [
-        ["cli-a:v1", "128B", "2", f"{n0[:12]}(original),{n1[:12]}(cache)"]
+        ["cli-a:v1", "128B", "2", "no", f"{n0[:12]}(original),{n1[:12]}(cache)"]
     ]
 
     # inspect --json: identity, tensors, and per node how its copy got there.
@@ -85,6 +85,7 @@ def test_ls_and_inspect_show_keys_nodes_and_how_each_copy_came(cluster: Any, ns:
     assert report["key"] == "cli-a:v1" and report["artifact_id"] == a_id
     assert report["nbytes"] == 128 and report["writer"] == n0 and report["seq"] == a["seq"]
     assert report["ntensors"] == 2 and "tensors_error" not in report
+    assert report["durable"] is False and report["persistence_task_id"] is None
     assert {t["name"]: (t["dtype"], t["shape"], t["nbytes"]) for t in report["tensors"]} == {
         "w": ("float32", [4, 4], 64),
         "b": ("int64", [8], 64),
@@ -100,7 +101,7 @@ def test_ls_and_inspect_show_keys_nodes_and_how_each_copy_came(cluster: Any, ns:
     lines = text.splitlines()
     assert "key          cli-b:v1" in lines and f"artifact_id  {b_id}" in lines
     assert "size         200B (200 bytes)" in lines and f"writer       {n0}" in lines
-    assert "tensors      25" in lines
+    assert "tensors      25" in lines and "durable      no" in lines
     names = [line.split()[0] for line in lines if line.startswith("  t")]
     assert names == [f"t{i:02d}" for i in range(20)]
     assert "  ... and 5 more (--json lists all)" in lines
