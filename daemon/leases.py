@@ -711,7 +711,8 @@ class LeaseTable:
 
     def _publish(self, artifact: Artifact, epoch_slot: int, generation: int) -> None:
         artifact.epoch_slot, artifact.generation = epoch_slot, generation
-        self.catalog.commit(artifact.key)
+        landed = artifact.replica_kind != "original"  # a copy: never newer than a write here
+        self.catalog.commit(artifact.key, landed_ms=artifact.created_ms if landed else None)
         self.artifacts[artifact.artifact_id] = artifact
         self.by_slot[epoch_slot] = artifact.artifact_id
 
@@ -837,7 +838,8 @@ class LeaseTable:
                 return decision
         artifact.owner_session = ""
         self.catalog.reserve(artifact.key, artifact.artifact_id)
-        self.catalog.commit(artifact.key)
+        landed = artifact.replica_kind != "original"
+        self.catalog.commit(artifact.key, landed_ms=artifact.created_ms if landed else None)
         self.artifacts[artifact.artifact_id] = artifact
         self.by_slot[artifact.epoch_slot] = artifact.artifact_id
         for buffer_id in artifact.buffers:

@@ -154,6 +154,8 @@ class IndexEntry:
     # A persistence task reads the bytes: never evicted or expired meanwhile, but a delete
     # may still remove it (the task is stopped; its own mappings keep its bytes valid).
     holds: int = 0
+    # Admitted with overflow_policy "spill": evicted (by anyone's pressure) only once durable.
+    spill: bool = False
 
     @property
     def protected(self) -> bool:
@@ -224,7 +226,7 @@ class LocalIndex:
             if not e.protected
             and e.readers == 0
             and e.holds == 0
-            and (e.durable or not durable_only)
+            and (e.durable or not (durable_only or e.spill))
         ]
         candidates.sort(key=lambda e: (not e.expired(now_ms), e.last_access_ms, e.access_seq))
         victims: list[str] = []
@@ -300,6 +302,7 @@ class LocalIndex:
                 None,
                 now_ms,
                 durable=request.durable,
+                spill=request.overflow_policy == "spill",
             ),
             now_ms,
         )

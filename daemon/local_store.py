@@ -155,6 +155,8 @@ class LocalStore:
             for art in self._leases.artifacts.values():
                 if art.durable:  # re-adopted: spill may evict it again
                     self._leases.index.mark_durable(art.artifact_id)
+                elif art.persist_policy:  # its task resumes: held from before the first RPC
+                    self._leases.index.hold(art.artifact_id)
 
     @property
     def cluster(self) -> ClusterTier | None:
@@ -174,12 +176,10 @@ class LocalStore:
     def resume_persistence(self) -> None:
         """[at start, once the cluster tier is set] Queue again the tasks a previous instance
         of this daemon did not finish."""
-        with self._lock:
+        with self._lock:  # held since __init__
             unfinished = [
                 a for a in self._leases.artifacts.values() if a.persist_policy and not a.durable
             ]
-            for art in unfinished:
-                self._leases.index.hold(art.artifact_id)
         self.persistence.resume(unfinished)
 
     # ---- helpers --------------------------------------------------------------------
@@ -616,7 +616,8 @@ class LocalStore:
                 try:
                     if request.metadata_only:
                         return self._disk_info(self.persistence.manifest(key))
-                    return self._info(self.persistence.rehydrate(key), "disk")
+                    landed = self.persistence.rehydrate(key, artifact_id=artifact_id)
+                    return self._info(landed, "disk")
                 except NotFoundError:
                     raise missing from None  # not on disk either: the daemon's own answer
         if source not in ("remote",) and not latest:
@@ -763,6 +764,16 @@ class LocalStore:
         local = self._local_id(request.key)
         if local:  # its task first: it must not write files after they are removed
             self.persistence.stop_task(local, "deleted")
+        try:
+            return self._delete(request.key, cluster)
+        except ArtifactError:
+            art = self.local_artifact(local) if local else None
+            if art is not None and art.persist_policy and not art.durable:
+                self.persistence.resubmit(art)  # it stays: so does its persistence
+            raise
+
+    def _delete(self, key: str, cluster: ClusterTier | None) -> daemon_pb2.DeleteResponse:
+        request = daemon_pb2.DeleteRequest(key=key)
         if cluster is None:
             # Files first: when the storage is unreachable nothing is deleted (retry).
             removed = self.persistence.remove_files(request.key)
@@ -772,6 +783,11 @@ class LocalStore:
             except NotFoundError:
                 if not removed:  # only shared disk held it (evicted, or an earlier daemon's)
                     raise
+            # A read landing it from disk meanwhile must not bring it back.
+            self.persistence.settle(request.key)
+            with self._lock:
+                if self._leases.catalog.exists(request.key):
+                    self._apply(self._leases.delete(request.key))
             return daemon_pb2.DeleteResponse(deleted=True, versions=1)
         anywhere = True
         with cluster.sync_lock:  # no full report between the cluster's delete and ours
@@ -993,6 +1009,11 @@ class LocalStore:
     def release_hold(self, artifact_id: str) -> None:
         with self._lock:
             self._leases.index.unhold(artifact_id)
+
+    def hold_for_task(self, artifact_id: str) -> bool:
+        """Hold ``artifact_id`` for a persistence task; False when it is not here."""
+        with self._lock:
+            return self._leases.index.hold(artifact_id)
 
     def mark_durable(self, artifact_id: str) -> bool:
         """A complete copy of ``artifact_id`` is on shared disk: spill may evict it, and a

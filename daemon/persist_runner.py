@@ -65,6 +65,8 @@ logger = logging.getLogger("tensorcast_ray.daemon.persist")
 
 #: how long one PersistenceStatus call may wait for its task to end (callers loop)
 MAX_STATUS_WAIT_S = 10.0
+#: status calls that may wait at once (each holds one of the daemon's RPC threads)
+MAX_STATUS_WAITERS = 4
 
 
 def _code_and_message(exc: BaseException) -> tuple[str, str]:
@@ -94,10 +96,14 @@ class PersistRunner:
         self._cancels: dict[str, threading.Event] = {}
         self._running: dict[str, concurrent.futures.Future[None]] = {}
         self._rehydrating: dict[str, concurrent.futures.Future[Artifact]] = {}
+        self._flight_keys: dict[str, str] = {}  # rehydration in flight -> the key it reads
         self._pool = concurrent.futures.ThreadPoolExecutor(
             config.persist_tasks, thread_name_prefix="tc-persist"
         )
         self._closed = False
+        # Status calls that wait hold an RPC thread: only a few may wait at once (the rest
+        # answer at once, and their callers ask again a little later).
+        self._waiters = threading.BoundedSemaphore(MAX_STATUS_WAITERS)
 
     @property
     def configured(self) -> bool:
@@ -142,9 +148,13 @@ class PersistRunner:
                     self._persist_disk(task, artifact, policy.layout, cancel)
                 if task.plan.remote is not None and not cancel.is_set():
                     self._place_remote(task, artifact)
-            except ArtifactError as exc:
+            except AbortedError as exc:  # it left this node before the task could read it
                 with self._cond:
                     self._table.cancel(artifact.artifact_id, exc.message, _now_ms())
+            except ArtifactError as exc:
+                logger.warning("persistence task %s of %s: %s", task_id, artifact.key, exc)
+                with self._cond:
+                    self._table.crashed(task_id, exc.message, exc.status_code.name)
             except Exception:
                 logger.exception("persistence task %s of %s crashed", task_id, artifact.key)
                 with self._cond:
@@ -247,37 +257,53 @@ class PersistRunner:
                 self.metrics.record_persist_error("write", exc)
             with self._cond:
                 self._table.finish_disk(task.task_id, _code_and_message(exc))
+            exc.__traceback__ = None  # its frames hold views of the mappings closed below
             return
         finally:
-            del sources
+            sources.clear()
             _close(maps)
         self.metrics.persist_bytes.labels(direction="write").inc(manifest.total_bytes)
-        # Durable from here: spill may evict it, any node may rehydrate it.
-        self.store.mark_durable(artifact.artifact_id)
+        # Durable once the Global Store knows (retried until it answers): only then may spill
+        # evict the copy here, since the catalog must keep the version once every copy went.
         try:
-            self._publish_durable(artifact)
+            self._publish_durable(artifact, deadline)
         except NotFoundError:  # deleted while its files were written: they go too
-            logger.info("%s was deleted while it was persisted; removing its files", artifact.key)
-            self._remove_files_quietly(artifact.key)
-            with self._cond:
-                self._table.finish_disk(
-                    task.task_id, ("ABORTED", f"{artifact.key} was deleted while it was persisted")
-                )
+            self._deleted_meanwhile(task, artifact)
+            return
+        if not self.store.mark_durable(artifact.artifact_id):
+            self._deleted_meanwhile(task, artifact)  # a lone node's delete went first
             return
         with self._cond:
             self._table.finish_disk(task.task_id, None)
 
-    def _publish_durable(self, artifact: Artifact) -> None:
+    def _deleted_meanwhile(self, task: PersistTask, artifact: Artifact) -> None:
+        logger.info("%s was deleted while it was persisted; removing its files", artifact.key)
+        self._remove_files_quietly(artifact.key, artifact.artifact_id)
+        with self._cond:
+            self._table.finish_disk(
+                task.task_id, ("ABORTED", f"{artifact.key} was deleted while it was persisted")
+            )
+
+    def _publish_durable(self, artifact: Artifact, deadline: float) -> None:
+        """Tell the Global Store the artifact is durable, retrying while it is unreachable
+        (until the task's deadline); NotFoundError when it was deleted meanwhile."""
         cluster = self.store.cluster
         if cluster is None:
             return
-        try:
-            cluster.mark_durable(artifact)
-        except NotFoundError:
-            raise
-        except ArtifactError as exc:  # unreachable: the daemon's next full report says it
-            self.metrics.record_persist_error("commit", exc)
-            logger.warning("could not tell the Global Store %s is durable: %s", artifact.key, exc)
+        delay = 0.2
+        while True:
+            try:
+                cluster.mark_durable(artifact)
+                return
+            except NotFoundError:
+                raise
+            except ArtifactError as exc:
+                self.metrics.record_persist_error("commit", exc)
+                if not exc.retryable or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("Global Store: %s is durable, not told yet: %s", artifact.key, exc)
+                time.sleep(delay)  # a background thread, backing off while it is away
+                delay = min(delay * 2, 5.0)
 
     def _place_remote(self, task: PersistTask, artifact: Artifact) -> None:
         cluster = self.store.cluster
@@ -335,17 +361,25 @@ class PersistRunner:
         if freed.durable and freed.reason in FINAL_REASONS and self.root is not None:
             with self._cond:
                 if not self._closed:
-                    self._pool.submit(self._remove_files_quietly, freed.key)
+                    self._pool.submit(self._remove_files_quietly, freed.key, freed.artifact_id)
 
     def _cancel(self, artifact_id: str, why: str) -> None:
+        unqueued = None
         with self._cond:
             task = self._table.cancel(artifact_id, why, _now_ms())
             if task is not None:
                 event = self._cancels.get(task.task_id)
                 if event is not None:
                     event.set()
+                future = self._running.get(task.task_id)
+                if future is not None and future.cancel():  # never started: nothing to wait
+                    self._cancels.pop(task.task_id, None)
+                    self._running.pop(task.task_id, None)
+                    unqueued = task
                 self._update_gauges()
                 self._cond.notify_all()
+        if unqueued is not None:  # (the store's lock may be held here: it is reentrant)
+            self.store.release_hold(unqueued.artifact_id)
 
     def stop_task(self, artifact_id: str, reason: str, timeout_s: float = 10.0) -> None:
         """Stop ``artifact_id``'s task and wait (bounded) until its thread let go."""
@@ -364,13 +398,39 @@ class PersistRunner:
                     return
                 self._cond.wait(left)
 
-    def remove_files(self, key: str) -> bool:
+    def resubmit(self, artifact: Artifact) -> None:
+        """A delete that stopped this artifact's task failed afterwards: the artifact stays,
+        so its task runs again from the start (held again first)."""
+        with self._cond:
+            task = self._table.get(artifact.persist_task_id)
+            if task is None or not task.cancelled or artifact.persist_task_id in self._running:
+                return
+            self._table.forget(artifact.persist_task_id)
+        if self.store.hold_for_task(artifact.artifact_id):
+            try:
+                self.submit(artifact)
+            except ArtifactError:
+                self.store.release_hold(artifact.artifact_id)
+
+    def remove_files(self, key: str, artifact_id: str = "") -> bool:
         """Remove ``key``'s files under the persistence root; True if there were any (False
-        too when the config retains them). A storage failure raises (UNAVAILABLE when the
-        storage cannot be reached), saying the delete may be retried."""
+        too when the config retains them). With ``artifact_id``, files another artifact
+        committed under the same key are left alone. A storage failure raises (UNAVAILABLE
+        when the storage cannot be reached), saying the delete may be retried."""
         if self.root is None or self.config.persist_on_delete == "retain":
             return False
         try:
+            if artifact_id:
+                try:
+                    committed = _disk.read_manifest(
+                        self.root, key, storage_options=self.storage_options
+                    )
+                except NotFoundError:
+                    pass  # no manifest: an unfinished write's leftovers
+                else:
+                    if committed.artifact_id and committed.artifact_id != artifact_id:
+                        logger.info("%s on disk is another artifact now; left alone", key)
+                        return False
             return _disk.delete_artifact(self.root, key, storage_options=self.storage_options)
         except ArtifactError as exc:
             self.metrics.record_persist_error("delete", exc)
@@ -381,9 +441,9 @@ class PersistRunner:
                 exc.retryable,
             ) from exc
 
-    def _remove_files_quietly(self, key: str) -> None:
+    def _remove_files_quietly(self, key: str, artifact_id: str) -> None:
         try:
-            self.remove_files(key)
+            self.remove_files(key, artifact_id)
         except ArtifactError as exc:
             logger.warning("%s", exc.message)
 
@@ -393,20 +453,28 @@ class PersistRunner:
     ) -> dict[str, Any] | None:
         """A task's state (a dict; see PersistTask.to_dict), waiting up to ``wait_s`` for it to
         end; None when this daemon has no such task."""
-        deadline = time.monotonic() + min(max(wait_s, 0.0), MAX_STATUS_WAIT_S)
-        with self._cond:
-            while True:
-                task = (
-                    self._table.get(task_id) if task_id else self._table.for_artifact(artifact_id)
-                )
-                if task is None:
-                    return None
-                left = deadline - time.monotonic()
-                if task.state in TERMINAL_STATES or left <= 0:
-                    out = task.to_dict()
-                    out["node_id"] = self.store.node_id
-                    return out
-                self._cond.wait(left)
+        wait_s = min(max(wait_s, 0.0), MAX_STATUS_WAIT_S)
+        waiting = wait_s > 0 and self._waiters.acquire(blocking=False)
+        deadline = time.monotonic() + (wait_s if waiting else 0.0)
+        try:
+            with self._cond:
+                while True:
+                    task = (
+                        self._table.get(task_id)
+                        if task_id
+                        else self._table.for_artifact(artifact_id)
+                    )
+                    if task is None:
+                        return None
+                    left = deadline - time.monotonic()
+                    if task.state in TERMINAL_STATES or left <= 0:
+                        out = task.to_dict()
+                        out["node_id"] = self.store.node_id
+                        return out
+                    self._cond.wait(left)
+        finally:
+            if waiting:
+                self._waiters.release()
 
     def brief(self, task_id: str) -> tuple[str, str] | None:
         """(state, error or degraded reason) of a task this daemon knows, cheaply (a read's
@@ -503,6 +571,7 @@ class PersistRunner:
             leader = future is None
             if future is None:
                 future = self._rehydrating[flight] = concurrent.futures.Future()
+                self._flight_keys[flight] = key
         if not leader:
             return future.result()
         try:
@@ -516,6 +585,17 @@ class PersistRunner:
         finally:
             with self._cond:
                 self._rehydrating.pop(flight, None)
+                self._flight_keys.pop(flight, None)
+
+    def settle(self, key: str, timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for the rehydrations of ``key`` in flight (a delete waits, then
+        drops what they landed)."""
+        with self._cond:
+            futures = [
+                f for flight, f in self._rehydrating.items() if self._flight_keys.get(flight) == key
+            ]
+        if futures:
+            concurrent.futures.wait(futures, timeout=timeout_s)
 
     def _rehydrate(self, key: str, artifact_id: str, kind: str, extra: dict[str, Any]) -> Artifact:
         started = time.perf_counter()

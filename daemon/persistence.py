@@ -280,12 +280,20 @@ class PersistenceTable:
         self._end(task, "failed", now_ms)
         return task
 
-    def crashed(self, task_id: str, why: str) -> None:
-        """The task hit a bug: it fails INTERNAL (whatever its tiers asked for)."""
+    def crashed(self, task_id: str, why: str, code: str = "INTERNAL") -> None:
+        """The task could not run (a bug, or this node could not read the artifact): it
+        fails with ``code`` whatever its tiers asked for."""
         task = self._tasks[task_id]
         if not task.terminal:
             task.must_failed = True
-            task.last_error, task.last_error_code = why, "INTERNAL"
+            task.last_error, task.last_error_code = why, code
+
+    def forget(self, task_id: str) -> None:
+        """Drop an ended task (it is about to run again under the same id)."""
+        task = self._tasks.pop(task_id, None)
+        self._finished.pop(task_id, None)
+        if task is not None and self._by_artifact.get(task.artifact_id) == task_id:
+            del self._by_artifact[task.artifact_id]
 
     def finish(self, task_id: str, now_ms: int) -> PersistTask:
         """Every tier ended: decide the outcome (a cancelled task stays failed)."""

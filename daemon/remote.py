@@ -381,9 +381,10 @@ class ClusterTier:
                     return found
                 why = f"the daemon of node {writer[:12]} no longer remembers it (restarted)"
         if entry.get("durable") and self.store.persistence.configured:
-            return self.store.persistence.status_from_manifest(
-                self.store.persistence.manifest(str(entry["key"])), writer
-            )
+            manifest = self.store.persistence.manifest(str(entry["key"]))
+            if manifest.artifact_id == entry["artifact_id"]:
+                return self.store.persistence.status_from_manifest(manifest, writer)
+            why += f"; the files of {entry['key']} on shared disk hold another artifact"
         from tensorcast_ray._errors import UnavailableError as _Unavailable
 
         raise _Unavailable(

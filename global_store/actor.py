@@ -273,7 +273,7 @@ class GlobalStoreActor:
 
         return self._call("commit", token, run)
 
-    @ray.method(concurrency_group="control")
+    @ray.method(concurrency_group="journal")  # its journal write never holds up control calls
     def mark_durable(
         self,
         token: str,

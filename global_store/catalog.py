@@ -387,6 +387,9 @@ class ClusterCatalog:
             if entry is None:
                 name, version = parse_key(key)
                 other = self._names.get(name, {}).get(version)
+                if other is not None and _stale_record(other, int(raw.get("seq", 0))):
+                    self._drop(other)  # a journal record of a version deleted since
+                    other = None
                 if other is not None:
                     refused.append(artifact_id)
                     continue
@@ -410,11 +413,9 @@ class ClusterCatalog:
                 continue  # being written again under this id: its commit will say so
             reported.add(artifact_id)
             entry.replicas[node_id] = Replica(node_id, kind)  # the node's own word wins
-            if raw.get("durable"):  # its disk copy is complete: it outlives every copy
-                entry.durable = True
-                entry.persist_task_id = entry.persist_task_id or str(
-                    raw.get("persist_task_id", "")
-                )
+            if raw.get("durable") and not entry.durable:  # it outlives every copy now
+                entry.persist_task_id = entry.persist_task_id or str(raw.get("persist_task_id", ""))
+                self.mark_durable(artifact_id)
         for entry in list(self._by_artifact.values()):
             if entry.artifact_id not in reported and node_id in entry.replicas:
                 entry.replicas.pop(node_id)
@@ -444,6 +445,13 @@ class ClusterCatalog:
 
     def names(self) -> int:
         return len(self._names)
+
+
+def _stale_record(entry: Entry, reported_seq: int) -> bool:
+    """A journal-restored entry (durable, no copy anywhere) that a daemon's newer artifact
+    of the same key contradicts: its forget was lost (the Global Store died first), so the
+    later commit wins."""
+    return entry.durable and not entry.replicas and reported_seq > entry.seq
 
 
 def _check_id(what: str, value: object) -> None:

@@ -163,7 +163,7 @@ def create_global_store(
         options["lifetime"] = "detached"
     try:
         return (
-            ray.remote(concurrency_groups={"control": 4})(GlobalStoreActor)  # type: ignore[call-overload]
+            ray.remote(concurrency_groups={"control": 4, "journal": 4})(GlobalStoreActor)  # type: ignore[call-overload]
             .options(**options)
             .remote(config, namespace, version_override)
         )

@@ -60,6 +60,10 @@ def parse_explicit(key: str, verb: str) -> tuple[str, str]:
     return name, version
 
 
+#: landed copies rank below every local commit (whose numbers start at 1)
+_LANDED_BASE = 1 << 62
+
+
 @dataclass
 class _Version:
     artifact_id: str
@@ -86,11 +90,18 @@ class Catalog:
         self._names.setdefault(name, {})[version] = _Version(artifact_id, self._seq, False)
         self._by_artifact[artifact_id] = key
 
-    def commit(self, key: str) -> None:
+    def commit(self, key: str, *, landed_ms: int | None = None) -> None:
+        """Publish a reserved version. ``landed_ms``: it is a copy of a version written
+        elsewhere (another node, or read back from shared disk), created then: it ranks for
+        ``latest`` below every version written here, and among copies by creation time, so
+        landing an old version never makes it the newest."""
         name, version = parse_key(key, for_write=True)
         entry = self._names.get(name, {}).get(version)
         if entry is None:
             raise FailedPreconditionError(f"{key} was not reserved before commit")
+        if landed_ms is not None:
+            entry.seq, entry.committed = landed_ms - _LANDED_BASE, True
+            return
         self._seq += 1
         entry.seq, entry.committed = self._seq, True
 

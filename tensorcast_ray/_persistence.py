@@ -20,6 +20,7 @@ from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._errors import (
     ArtifactError,
     DeadlineExceededError,
+    InternalError,
     InvalidArgumentError,
     error_for_code,
 )
@@ -32,6 +33,8 @@ __all__ = ["PersistenceStatus", "ShardStatus", "persistence_status", "wait_persi
 
 #: how long one status call asks the daemon to wait for the task to end (it caps at 10 s)
 _POLL_WAIT_S = 10.0
+#: the shortest round of wait_persisted when the daemon answers without waiting
+_MIN_ROUND_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -169,15 +172,21 @@ def wait_persisted(
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         left = _POLL_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+        asked = time.monotonic()
         status = persistence_status(store, task_id, key, wait_s=min(left, _POLL_WAIT_S))
         if status.done:
             error = status.error()
             if status.state == "failed" or (error is not None and not status.durable):
-                raise error or DeadlineExceededError(f"persistence of {status.key} failed")
+                raise error or InternalError(f"persistence of {status.key} failed")
             return status
-        if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceededError(
-                f"persistence of {status.key} ({status.task_id}) is still {status.state} after "
-                f"{timeout} s ({status.progress:.0%} done); wait longer, or see "
-                "tc.persistence_status for its shards"
-            )
+        if deadline is None or time.monotonic() < deadline:
+            # The daemon answered before its wait (it lets only a few calls wait at once):
+            # pace the next question instead of spinning.
+            if time.monotonic() - asked < _MIN_ROUND_S:
+                time.sleep(min(_MIN_ROUND_S, max(0.0, left - (time.monotonic() - asked))))
+            continue
+        raise DeadlineExceededError(
+            f"persistence of {status.key} ({status.task_id}) is still {status.state} after "
+            f"{timeout} s ({status.progress:.0%} done); wait longer, or see "
+            "tc.persistence_status for its shards"
+        )

@@ -160,7 +160,8 @@ def test_without_persistence_must_fails_and_should_degrades(namespace: str, tmp_
         tc.put({"w": torch.ones(4)}, "h:v1", policy=tc.StorePolicy(profile="ha"))
     disk = tc.store(tc.StoreOptions(get=tc.GetArtifactOptions(source="disk")))
     with pytest.raises(tc.FailedPreconditionError, match="persist_url"):
-        disk.get("s:v1")
+        disk.get("elsewhere:v1")  # not on this node, and no disk to read it from
+    assert same(disk.get("s:v1"), {"w": torch.ones(4)})  # on this node: its copy serves
 
 
 def test_ha_on_a_lone_node_persists_and_degrades_the_remote_tier(
@@ -387,13 +388,13 @@ def test_delete_stops_a_task_in_flight(namespace: str, tmp_path: Path, s3_proxy:
         "the task to start",
     )
     # The task stops first; with the storage unreachable its files cannot go, so nothing
-    # is deleted (a clear, retryable error) ...
+    # is deleted (a clear, retryable error) and the task runs again ...
     no_retry = tc.store(tc.StoreOptions(retry_overrides={"delete": tc.RetryPolicy(5.0, 1)}))
     with pytest.raises(tc.UnavailableError, match=r"retry tc\.delete"):
         no_retry.delete("d:v1")
-    status = tc.persistence_status(put.persistence_task_id)
-    assert status.state == "failed" and status.last_error_code == "ABORTED"
     assert tc.exists("d:v1")
+    status = tc.persistence_status(put.persistence_task_id)
+    assert status.state in ("pending", "running") and status.last_error_code != "ABORTED"
     # ... and once it is back the delete goes through, files and all.
     proxy.up()
     assert tc.delete("d:v1")

@@ -322,7 +322,8 @@ def test_read_sources(cluster: Any, ns: str) -> None:
     assert on_node(1, ns, read, "remote") == ""
     assert _bytes_in(ns, nodes[1]) >= MiB
     assert on_node(1, ns, read, "local_only") == ""  # the replica is now local
-    err = on_node(1, ns, read, "disk")
+    assert on_node(1, ns, read, "disk") == ""  # a disk read of a copy here: that copy
+    err = on_node(2, ns, read, "disk")  # none here, and these daemons have no persist_url
     assert err.startswith("FailedPreconditionError") and "persistence" in err
 
 

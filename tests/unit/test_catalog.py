@@ -207,3 +207,20 @@ def test_list_keys_prefix_sorted_committed_only() -> None:
     assert cat.list_keys("a:") == ["a:v1", "a:v2"]
     assert cat.list_keys("zzz") == []
     assert len(cat) == 5
+
+
+def test_a_landed_copy_never_becomes_the_newest() -> None:
+    """A copy landed here (pulled from another node, read back from shared disk) ranks for
+    latest below every version written here, and among copies by creation time."""
+    from tensorcast_ray._catalog import Catalog
+
+    cat = Catalog()
+    cat.reserve("m:v2", "b")
+    cat.commit("m:v2")
+    cat.reserve("m:v1", "a")
+    cat.commit("m:v1", landed_ms=1_000)  # v1 read back from disk after v2 was written
+    assert cat.resolve("m:latest") == ("m:v2", "b")
+    cat.remove_key("m:v2")
+    cat.reserve("m:v0", "z")
+    cat.commit("m:v0", landed_ms=500)
+    assert cat.resolve("m:latest") == ("m:v1", "a")  # the newer of the two copies

@@ -703,3 +703,31 @@ def test_a_reported_durable_copy_makes_its_entry_outlive_every_copy() -> None:
     lost = cat.drop_node(A)
     assert lost == ["m:v1"]
     assert cat.resolve("d:v1").replicas == {}
+
+
+def test_a_newer_reported_artifact_wins_over_a_stale_journal_record() -> None:
+    """A deleted version whose journal record was not forgotten (the Global Store died
+    first) comes back at restart; a daemon reporting a newer artifact under that key wins."""
+    cat = ClusterCatalog()
+    cat.restore(
+        [
+            {
+                "key": "k:v1",
+                "artifact_id": "old",
+                "node_id": A,
+                "seq": 3,
+                "nbytes": 1,
+                "tensors": 1,
+                "kind": "put",
+                "created_ms": 0,
+                "persist_task_id": "",
+            }
+        ]
+    )
+    assert cat.resolve("k:v1").artifact_id == "old"
+    assert cat.sync_node(B, [{"artifact_id": "new", "key": "k:v1", "seq": 7, "nbytes": 2}]) == []
+    assert cat.resolve("k:v1").artifact_id == "new"
+    assert cat.take_dropped_durable() == ["old"] and cat.durable_count() == 0
+    # An older report loses to the record.
+    cat.restore([{"key": "j:v1", "artifact_id": "rec", "node_id": A, "seq": 9}])
+    assert cat.sync_node(B, [{"artifact_id": "x", "key": "j:v1", "seq": 2}]) == ["x"]

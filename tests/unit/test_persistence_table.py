@@ -161,3 +161,15 @@ def test_spill_evicts_only_durable_entries() -> None:
     assert index.mark_durable("disk")
     decision = index.admit(spill, 3)
     assert decision.admitted and decision.evict == ("disk",)
+
+
+def test_a_spill_entry_is_evicted_by_nobody_until_durable() -> None:
+    """Spill is the entry's own term: a plain (evict) put's pressure may not take a spill
+    artifact whose disk copy is not complete either."""
+    index = LocalIndex(100)
+    index.admit(AdmitRequest("spilly", 60, "should", "best_effort", None, "spill"), 0)
+    plain = AdmitRequest("plain", 60, "should", "best_effort", None, "evict")
+    assert not index.admit(plain, 1).admitted
+    index.mark_durable("spilly")
+    decision = index.admit(plain, 2)
+    assert decision.admitted and decision.evict == ("spilly",)
