@@ -71,7 +71,7 @@ from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
 from tensorcast_ray._layout import Columns, place
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
-from tensorcast_ray._shm import remove_segments, round_up
+from tensorcast_ray._shm import close_maps, remove_segments, round_up
 from tensorcast_ray._transport.shm import ShmTransport
 
 if TYPE_CHECKING:
@@ -977,7 +977,7 @@ class LocalStore:
                     maps.append(b"")
                     views.append(memoryview(b""))
         except BaseException:
-            _close_maps(maps)
+            close_maps(maps)
             raise
         sources = []
         for i, name in enumerate(cols.names):
@@ -1175,7 +1175,7 @@ class LocalStore:
         return landing
 
     def publish_landing(self, landing: Landing) -> Artifact:
-        _close_maps(landing.maps)
+        close_maps(landing.maps)
         with self._lock:
             slot, generation = self._epochs.alloc()
             artifact = self._leases.commit_write(landing.write_id, slot, generation, self._now_ms())
@@ -1185,7 +1185,7 @@ class LocalStore:
         return artifact
 
     def abort_landing(self, landing: Landing) -> None:
-        _close_maps(landing.maps)
+        close_maps(landing.maps)
         with self._lock:
             actions = self._leases.abort_write(landing.write_id)
             actions.aborted.clear()  # a copy's reservation is this node's alone
@@ -1361,15 +1361,6 @@ class LocalStore:
                     [a.to_record() for a in leases.artifacts.values()],
                     [b.to_record() for b in leases.buffers.values()],
                 )
-
-
-def _close_maps(maps: list[Any]) -> None:
-    for m in maps:
-        try:
-            m.close()
-        except (AttributeError, BufferError):
-            pass
-    maps.clear()
 
 
 def _no_task(key: str) -> str:

@@ -53,6 +53,7 @@ from tensorcast_ray._errors import (
 )
 from tensorcast_ray._layout import Columns, place
 from tensorcast_ray._policy import ResolvedPolicy
+from tensorcast_ray._shm import close_maps
 
 if TYPE_CHECKING:
     from tensorcast_ray.daemon.leases import Artifact, Freed
@@ -261,7 +262,7 @@ class PersistRunner:
             return
         finally:
             sources.clear()
-            _close(maps)
+            close_maps(maps)
         self.metrics.persist_bytes.labels(direction="write").inc(manifest.total_bytes)
         # Durable once the Global Store knows (retried until it answers): only then may spill
         # evict the copy here, since the catalog must keep the version once every copy went.
@@ -704,15 +705,6 @@ def _loads(raw: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise FailedPreconditionError("a stored persistence policy is not a JSON object")
     return data
-
-
-def _close(maps: list[Any]) -> None:
-    for m in maps:
-        try:
-            m.close()
-        except (AttributeError, BufferError):
-            pass
-    maps.clear()
 
 
 def _error_of(error: tuple[str, str]) -> ArtifactError:

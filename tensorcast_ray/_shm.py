@@ -54,6 +54,7 @@ __all__ = [
     "PAGE_BYTES",
     "Segment",
     "SegmentPool",
+    "close_maps",
     "list_segments",
     "map_segment",
     "new_segment_name",
@@ -467,3 +468,15 @@ class SegmentPool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def close_maps(maps: list[object]) -> None:
+    """Close every mapping in ``maps`` (placeholders without ``close`` are skipped) and empty
+    the list. A mapping whose buffer is still exported stays open until its last view goes
+    (the kernel frees it then), so BufferError is not a failure here."""
+    for m in maps:
+        try:
+            m.close()  # type: ignore[attr-defined]
+        except (AttributeError, BufferError):
+            pass
+    maps.clear()
