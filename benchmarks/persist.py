@@ -17,7 +17,9 @@ state_dict, then measures in one run:
 (b) time to durable: from the start of a durable ``tc.put`` to ``tc.wait_persisted``
     returning success, vs ``safetensors.torch.save_file`` + fsync of the same tensors to the
     same local disk (target: ours no slower, ratio save ÷ ours >= 1.0; our writer fsyncs its
-    shards and manifest too);
+    shards and manifest too); each run also splits ours by the task's own times (created,
+    started, finished): the put, the wait before the task started, its run, and the time
+    until ``wait_persisted`` was told;
 (c) rehydration: a durable ``overflow_policy="spill"`` put, persisted, is evicted from memory
     by a spill put of half its size (the daemon's capacity has no room for both; a spill put
     is durable too), the filler is persisted and deleted, and ``tc.get`` reads the version
@@ -133,13 +135,29 @@ class Bench:
 
         def ours(i: int) -> float:
             key = f"bench-ttd:v{i}"
+            wall0 = time.time()
             start = time.perf_counter()
             put = tc.put(self.sd, key, policy=self.durable)
             returned = time.perf_counter() - start
             status = tc.wait_persisted(key, timeout=600)
             took = time.perf_counter() - start
             assert status.state == "success" and status.durable, status
-            phases.append({"put s": returned, "total s": took, "shards": len(status.shards)})
+            # The task's own clock (the daemon's, the same host): when it was queued, started
+            # and finished, so the time splits into put / queued / writing / told.
+            created = status.created_unix_ms / 1000 - wall0
+            started = status.started_unix_ms / 1000 - wall0
+            finished = status.finished_unix_ms / 1000 - wall0
+            phases.append(
+                {
+                    "put s": returned,
+                    "total s": took,
+                    "shards": len(status.shards),
+                    "task queued at s": created,
+                    "task started at s": started,
+                    "task ran s": finished - started,
+                    "told after s": took - finished,
+                }
+            )
             assert put.persistence_task_id == status.task_id
             tc.delete(key)
             return took
@@ -325,6 +343,12 @@ def print_case(case: str, res: dict[str, Any], flush: bool = False) -> None:
         lines.append(f"  with touching every page of the result: {res['ratio with touch']:.2f}x")
     runs = {k: [round(x, 3) for x in v] for k, v in res["runs"].items() if k != "ours phases"}
     lines.append(f"  every run: {runs}")
+    for p in res["runs"].get("ours phases", []):
+        lines.append(
+            "  phases: put {put s:.3f}, task queued at {task queued at s:.3f}, started at "
+            "{task started at s:.3f}, ran {task ran s:.3f}, told {told after s:.3f} later; "
+            "total {total s:.3f} s".format(**p)
+        )
     print(f"({case})\n" + "\n".join(lines), flush=flush)
 
 

@@ -8,10 +8,12 @@ One read of an artifact or checkpoint goes like this:
    parts of one file are coalesced into one ranged read (fewer round trips on object
    stores) through a per-worker buffer of at most ``min(4 MiB, max_buffer_bytes)``.
 3. ``parallelism`` worker threads run the reads.  Local files are read with ``readinto``
-   directly into the destination (no intermediate buffer at all); other file systems
-   with ranged ``read`` calls of at most one part (fsspec ``cache_type="none"``).
-4. Each part is checksummed as it lands; a target's checksum is the CRC-combine of its
-   parts, checked against the expected one (``DataLossError`` on mismatch).
+   directly into the destination (no intermediate buffer at all), 2 MiB at a time; other
+   file systems with ranged ``read`` calls of at most one part (fsspec
+   ``cache_type="none"``).
+4. Each part is checksummed as it lands (local files: each 2 MiB right after it landed,
+   while it is in cache); a target's checksum is the CRC-combine of its parts, checked
+   against the expected one (``DataLossError`` on mismatch).
 
 Memory in flight is therefore ``parallelism * max_buffer_bytes`` at most, whatever the size.
 """
@@ -35,6 +37,7 @@ __all__ = ["Progress", "ReadTarget", "check_deadline", "check_tuning", "read_tar
 
 _SMALL = 1 << 20  # parts below this are coalesced with their neighbours...
 _RUN_CAP = 4 << 20  # ...into ranged reads of at most this (and max_buffer_bytes)
+_PIECE = 2 << 20  # local reads land, and are checksummed, this much at a time
 
 
 def check_tuning(max_buffer_bytes: int, parallelism: int) -> None:
@@ -132,13 +135,21 @@ def _open(fs: fsspec.AbstractFileSystem, path: str, part_bytes: int) -> Any:
         return fs.open(path, "rb")
 
 
-def _fill(f: Any, dest: memoryview, label: str) -> None:
-    pos = 0
+def _fill(
+    f: Any, dest: memoryview, label: str, algo: Checksum | None = None, piece: int = _PIECE
+) -> int:
+    """Read exactly ``dest.nbytes`` into ``dest``; returns their checksum (0 without
+    ``algo``), taken ``piece`` bytes at a time right after each lands (still in cache)."""
+    pos = crc = 0
     while pos < dest.nbytes:
-        got = f.readinto(dest[pos:])
+        end = min(dest.nbytes, pos + piece)
+        got = f.readinto(dest[pos:end])
         if not got:
             raise DataLossError(f"{label}: the file ends early (truncated); re-export the artifact")
+        if algo is not None:
+            crc = algo.update(crc, dest[pos : pos + got])
         pos += got
+    return crc
 
 
 def read_targets(
@@ -180,14 +191,19 @@ def read_targets(
             f = handle(targets[job[0].target].path)
             f.seek(job[0].offset)
             if len(job) == 1:
-                _fill(f, job[0].dest, label)
+                # Local files: land and checksum in cache-sized pieces; remote ones in one
+                # ranged read of the part (a request per piece would cost round trips).
+                piece = _PIECE if is_local(fs) else max(job[0].dest.nbytes, 1)
+                crc = _fill(f, job[0].dest, label, algo, piece)
+                if algo is not None:
+                    part_crcs[job[0].target][job[0].index] = crc
             else:
                 total = sum(p.dest.nbytes for p in job)
                 buf = getattr(local, "buf", None)
                 if buf is None or len(buf) < total:
                     buf = local.buf = bytearray(total)
                 view = memoryview(buf)[:total]
-                _fill(f, view, label)
+                _fill(f, view, label, None, max(total, 1))  # one ranged read
                 pos = 0
                 for p in job:
                     p.dest[:] = view[pos : pos + p.dest.nbytes]
@@ -197,7 +213,7 @@ def read_targets(
         except OSError as exc:
             raise map_os_error(exc, f"reading {label}") from exc
         for p in job:
-            if algo is not None:
+            if algo is not None and len(job) > 1:
                 part_crcs[p.target][p.index] = algo.of(p.dest)
             progress.add(p.dest.nbytes)
 

@@ -72,6 +72,14 @@ __all__ = ["SHARD_STATES", "ShardEvent", "TensorSource", "delete_artifact", "wri
 T = TypeVar("T")
 
 _MIN_UPLOAD_BLOCK = 5 << 20  # S3's smallest multipart part
+#: Bytes checksummed and then written at a time.  Checksum first: when the source is a fresh
+#: mapping of shared memory (the daemon's persistence task), the checksum's reads fault its
+#: pages in from user space, where the kernel maps 16 pages a fault, instead of one page at a
+#: time inside ``write``: 1 GiB from a tmpfs mapping took 0.98-1.05 s (0.9 s system time)
+#: written first, 0.68-0.85 s (0.35 s) checksummed first, as from private memory.  Small
+#: enough that the write then reads the bytes from cache (1 GiB in 2 MiB bits: crc32c takes
+#: 0.046 s against 0.07 s in 64 MiB ones), large enough that syscalls cost nothing.
+CRC_PIECE = 2 << 20
 
 #: The states a :class:`ShardEvent` reports, in the order a shard goes through them.
 SHARD_STATES = ("pending", "running", "retrying", "success", "failed")
@@ -296,8 +304,10 @@ def _write_shard(
             for pos in range(0, view.nbytes, chunk):
                 check()
                 piece = view[pos : pos + chunk]
-                _write_all(f, piece)
-                crc = algo.update(crc, piece)
+                for sub in range(0, piece.nbytes, CRC_PIECE):
+                    bit = piece[sub : sub + CRC_PIECE]
+                    crc = algo.update(crc, bit)  # first: see CRC_PIECE
+                    _write_all(f, bit)
                 on_chunk(piece.nbytes)
             crcs.append(crc)
             shard_crc = algo.combine(shard_crc, crc, view.nbytes)

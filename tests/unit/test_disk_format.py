@@ -32,7 +32,7 @@ from tensorcast_ray._disk import (
     scan_checkpoint,
     write_artifact,
 )
-from tensorcast_ray._disk._checksum import Checksum, checksum_for
+from tensorcast_ray._disk._checksum import Checksum, checksum_for, default_checksum
 from tensorcast_ray._dtypes import ITEMSIZE, SAFETENSORS_NAME, torch_dtype
 from tensorcast_ray._errors import (
     AlreadyExistsError,
@@ -340,6 +340,64 @@ def test_checksum_combine_matches_whole_crc() -> None:
     c = Checksum("crc32c", crc32c, 0x82F63B78)
     assert c.of(b"123456789") == 0xE3069283  # the standard check value
     assert c.combine(c.of(a[:100]), c.of(b[:50]), 50) == c.of(a[:100] + b[:50])
+
+
+def test_crc32c_is_the_default_and_checksums_memoryviews_without_copies() -> None:
+    crc32c = pytest.importorskip("crc32c")
+    if not crc32c.hardware_based:
+        pytest.skip("crc32c has no CPU support here: new exports use zlib's crc32")
+    algo = default_checksum()
+    assert algo.name == "crc32c"
+    assert algo.of(b"123456789") == 0xE3069283  # the standard check value
+    data = bytearray(os.urandom(100_000))
+    view = memoryview(data)  # writable, as shared memory is: taken as it is
+    assert algo.of(view) == crc32c.crc32c(bytes(data))
+    assert algo.update(algo.of(view[:40_000]), view[40_000:]) == algo.of(view)
+    assert algo.combine(algo.of(view[:123]), algo.of(view[123:]), len(view) - 123) == algo.of(view)
+    assert algo.of(memoryview(bytes(0))) == 0
+
+
+def test_new_exports_name_crc32c_and_verify(root: str) -> None:
+    pytest.importorskip("crc32c")
+    t = random_tensor("float32", (64, 33), 3)
+    m = write_artifact(root, "c:1", [source("a", t)])
+    assert m.checksum_algorithm == default_checksum().name
+    assert same(read_all(root, "c:1")["a"], t)
+
+
+def test_zlib_crc32_exports_still_verify(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exports made before crc32c was a dependency name "crc32": they read, verify, catch
+    corruption and re-export idempotently, whatever the default is now."""
+    ts = {f"w{i}": random_tensor("bfloat16", (300, 7), i) for i in range(3)}
+    with monkeypatch.context() as m:
+        m.setattr(_writer, "default_checksum", lambda: checksum_for("crc32"))
+        old = write_artifact(root, "z:1", [source(k, v) for k, v in ts.items()])
+    assert old.checksum_algorithm == "crc32"
+    assert read_manifest(root, "z:1").checksum_algorithm == "crc32"
+    assert int(old.tensors[0].checksum, 16) == zlib.crc32(as_bytes(ts["w0"]))
+    got = read_all(root, "z:1")
+    assert all(same(got[k], v) for k, v in ts.items())
+    again = write_artifact(root, "z:1", [source(k, v) for k, v in ts.items()])  # idempotent
+    assert again.checksum_algorithm == "crc32" and again.created_at == old.created_at
+    (path,) = shard_paths(root, "z:1")
+    fs, p = fsspec.core.url_to_fs(f"{root.split('://')[0]}://{path}")
+    raw = bytearray(fs.cat_file(p))
+    raw[-5] ^= 0xFF
+    fs.pipe_file(p, bytes(raw))
+    with pytest.raises(DataLossError, match="checksum mismatch"):
+        read_all(root, "z:1")
+
+
+def test_crc32c_export_without_the_library_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tensorcast_ray._disk import _checksum
+    from tensorcast_ray._errors import FailedPreconditionError
+
+    monkeypatch.setattr(_checksum, "_crc32c_module", lambda: None)
+    assert default_checksum().name == "crc32"
+    with pytest.raises(FailedPreconditionError, match="pip install crc32c"):
+        checksum_for("crc32c")
 
 
 # --- atomic commit --------------------------------------------------------------------------
