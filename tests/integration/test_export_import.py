@@ -240,10 +240,11 @@ def test_export_and_import_are_store_methods_under_its_options(
     tc.init(namespace=namespace, global_store_mode="none")
     ts = {"w": torch.arange(64, dtype=torch.float32)}
     tc.put(ts, "opts:v1")
-    # The store's read options apply to the artifact export reads.
+    # The store's read options apply to the artifact export reads: a disk read of a version
+    # not on this node needs persistence, which this daemon has not.
     disk_only = tc.store(tc.StoreOptions(get=tc.GetArtifactOptions(source="disk")))
     with pytest.raises(tc.FailedPreconditionError, match="source='disk'"):
-        disk_only.export("opts:v1", str(tmp_path / "a"))
+        disk_only.export("elsewhere:v1", str(tmp_path / "a"))
     path = tc.store().export("opts:v1", str(tmp_path / "a"))
     # The store's retry overrides apply: a storage hiccup on the first scan is retried by
     # default, and not by a store allowed one attempt.
