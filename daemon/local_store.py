@@ -29,6 +29,7 @@ Segments are never reused, so mapped bytes never change under a reader.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -71,7 +72,7 @@ from tensorcast_ray._gc import OWNER_SUFFIX, pid_alive
 from tensorcast_ray._layout import Columns, place
 from tensorcast_ray._policy import ResolvedPolicy, resolve_policy
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, daemon_pb2
-from tensorcast_ray._shm import close_maps, remove_segments, round_up
+from tensorcast_ray._shm import close_maps, map_segment, remove_segments, round_up
 from tensorcast_ray._transport.shm import ShmTransport
 
 if TYPE_CHECKING:
@@ -970,7 +971,10 @@ class LocalStore:
             views = []
             for seg in artifact.segments:
                 if seg[1]:
-                    region = self._shm.map_for_read(seg)
+                    # Page tables filled at map time: the writer streams every byte, and
+                    # faulting them one page at a time costs more (measured: 0.65 vs 0.8 s
+                    # for a 1 GiB write).
+                    region = map_segment(self.shm_dir, seg[0], seg[1], writable=False)
                     maps.append(region)
                     views.append(memoryview(region))
                 else:
@@ -1160,19 +1164,46 @@ class LocalStore:
                 raise outcome.error
         landing = Landing(write_id, artifact.artifact_id, [])
         trims: list[SegmentRef] = []
+        sizes = [int(size) for _, size in meta["segments"]]
+        placed = False
         try:
-            for _, size in meta["segments"]:
-                seg = _fit(self._take(size), size, trims) if size else ("", 0)
-                landing.segments.append(seg)
+            taken = self._take_all(sizes)
+            landing.segments = [
+                _fit(seg, size, trims) if size else ("", 0)
+                for seg, size in zip(taken, sizes, strict=True)
+            ]
             with self._lock:
-                if not self._leases.place_segments(write_id, landing.segments, trims):
-                    raise UnavailableError(f"the landing of {artifact.key} was aborted")
+                placed = self._leases.place_segments(write_id, landing.segments, trims)
+            if not placed:
+                raise UnavailableError(f"the landing of {artifact.key} was aborted")
             for seg in landing.segments:
                 landing.maps.append(self._shm.map_for_write(seg) if seg[1] else b"")
         except BaseException:
+            if not placed:  # the table never saw them: they are ours to free
+                self._unlink([seg for seg in landing.segments if seg[1]])
             self.abort_landing(landing)
             raise
         return landing
+
+    def _take_all(self, sizes: Sequence[int]) -> list[SegmentRef]:
+        """Segments for ``sizes`` (0: none), in order. Beyond the pool's ready reserve each
+        is created with its pages allocated, mostly the kernel clearing them: two at a time,
+        that takes about half as long on this kind of host."""
+        if sum(1 for size in sizes if size) < 2:
+            return [self._take(size) if size else ("", 0) for size in sizes]
+        out: list[SegmentRef] = [("", 0)] * len(sizes)
+
+        def one(i: int) -> None:
+            out[i] = self._take(sizes[i])
+
+        with concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tc-land") as pool:
+            futures = [pool.submit(one, i) for i, size in enumerate(sizes) if size]
+            concurrent.futures.wait(futures)
+        failed = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failed is not None:
+            self._unlink([seg for seg in out if seg[1]])
+            raise failed
+        return out
 
     def publish_landing(self, landing: Landing) -> Artifact:
         close_maps(landing.maps)
