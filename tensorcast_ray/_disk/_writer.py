@@ -694,6 +694,7 @@ def write_artifact(
     )
     body = manifest.to_json()
     manifest_doing = f"committing the manifest of {where}"
+    _check_published(fs, directory, shards, where)
 
     def commit() -> None:
         ctl.check(manifest_doing)
@@ -708,6 +709,34 @@ def write_artifact(
             raise AbortedError(f"export of {key} was cancelled") from None
         raise ctl.stop_error() from None
     return manifest
+
+
+def _check_published(
+    fs: fsspec.AbstractFileSystem, directory: str, shards: Sequence[ManifestShard], where: str
+) -> None:
+    """Before the manifest commits: every shard file is there, at its size. A file removed
+    meanwhile (a delete of the key racing this export) would otherwise leave a committed
+    manifest over missing bytes; the export fails ABORTED instead (not retried: the caller
+    decides), and nothing is committed."""
+    try:
+        fs.invalidate_cache(directory)
+        for shard in shards:
+            path = join(directory, shard.file)
+            try:
+                size = fs.size(path)
+            except FileNotFoundError:
+                size = None
+            if size != shard.size:
+                raise AbortedError(
+                    f"{where}: shard {shard.file} is {'gone' if size is None else 'altered'} "
+                    "before the manifest was committed (the key was deleted or written "
+                    "meanwhile); nothing was committed",
+                    retryable=False,
+                )
+    except ArtifactError:
+        raise
+    except Exception as exc:
+        raise map_os_error(exc, f"checking the shards of {where}") from exc
 
 
 def _remove_written(fs: fsspec.AbstractFileSystem, directory: str, files: Sequence[str]) -> None:

@@ -964,3 +964,25 @@ def test_the_deadline_bounds_retries(monkeypatch: pytest.MonkeyPatch) -> None:
         )
     assert time.monotonic() - start < 1.0
     assert 2 <= faults.opens["shard-00000-of-00001.safetensors"] < 50
+
+
+def test_a_shard_removed_before_the_manifest_commits_fails_the_export(tmp_path: Path) -> None:
+    """A delete of the key racing an export (its shard files removed after they were written)
+    must not leave a committed manifest over missing bytes: ABORTED, nothing committed."""
+    from tensorcast_ray._errors import AbortedError
+
+    root = f"file://{tmp_path}/root"
+    ts = [source(f"t{i}", random_tensor("float32", (256,), seed=i)) for i in range(3)]
+    directory = artifact_path(root, "race:v1").removeprefix("file://")
+
+    def remove_first_shard(event: object) -> None:
+        if getattr(event, "state", "") == "success" and getattr(event, "index", -1) == 2:
+            os.unlink(os.path.join(directory, sorted(os.listdir(directory))[0]))
+
+    with pytest.raises(AbortedError, match="before the manifest was committed") as err:
+        write_artifact(
+            root, "race:v1", ts, plan=[[0], [1], [2]], parallelism=1, on_shard=remove_first_shard
+        )
+    assert not err.value.retryable
+    with pytest.raises(NotFoundError):
+        read_manifest(root, "race:v1")
