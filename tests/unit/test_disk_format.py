@@ -930,10 +930,13 @@ def test_cancel_mid_write_leaves_no_files_and_no_manifest(root: str, parallelism
             cancel=cancel,
         )
     last = {e.index: e for e in events}
-    assert set(last) == {0, 1, 2, 3} and last[2].state == last[3].state == "failed"
-    assert all(isinstance(last[s].error, AbortedError) for s in (2, 3))
+    assert set(last) == {0, 1, 2, 3} and last[2].state == "failed"
+    assert isinstance(last[2].error, AbortedError)
     if parallelism == 1:
+        assert last[3].state == "failed" and isinstance(last[3].error, AbortedError)
         assert [e.index for e in events if e.state == "success"] == [0, 1]
+    # In parallel, shard 3 may finish before the cancel reaches it: published or not, no
+    # file of the export is left (the published ones are removed) and nothing commits.
     fs, base = fsspec.core.url_to_fs(artifact_path(root, "c:1"))
     assert not fs.exists(base) or fs.ls(base, detail=False) == []
     with pytest.raises(NotFoundError):
