@@ -29,6 +29,7 @@ from tensorcast_ray._errors import (
     PermissionDeniedError,
     UnavailableError,
 )
+from tests.helpers import wait_for
 
 
 def rec(i: int = 0, **kw: Any) -> dict[str, Any]:
@@ -376,13 +377,6 @@ def write(gs: Any, key: str, aid: str, **kw: Any) -> dict[str, Any]:
 def files(gs: Any) -> list[str]:
     d = Path(gs.journal._dir)
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
-
-
-def wait_for(cond: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_restarted_global_store_recovers_durable_keys_from_its_journal(shell: Any) -> None:
