@@ -56,6 +56,7 @@ from tensorcast_ray.daemon.leases import (
 from tensorcast_ray.daemon.local_index import AdmitRequest
 from tensorcast_ray.daemon.metrics import DaemonMetrics
 from tensorcast_ray.daemon.persist_runner import PersistRunner
+from tensorcast_ray.daemon.weights import WeightSync
 
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._config import DaemonConfig
@@ -151,6 +152,8 @@ class LocalStore:
         self._cluster: ClusterTier | None = None
         # Persistence tasks and reads back from shared disk (daemon/persist_runner.py).
         self.persistence = PersistRunner(self, config, metrics)
+        # Weight sync's waits and reader holds (daemon/weights.py).
+        self.weights = WeightSync(self)
         with self._lock:
             self._leases.persistence = self.persistence.configured
             for art in self._leases.artifacts.values():
@@ -168,6 +171,16 @@ class LocalStore:
         with self._lock:
             self._cluster = cluster
             self._leases.clustered = cluster is not None
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The state lock (for the daemon's other halves: weights, persistence)."""
+        return self._lock
+
+    def resolve_local(self, key: str) -> tuple[str, str]:
+        """``(concrete key, artifact id)`` in this node's catalog; ``latest`` allowed."""
+        with self._lock:
+            return self._leases.catalog.resolve(key)
 
     @property
     def node_id(self) -> str:
@@ -421,6 +434,7 @@ class LocalStore:
             if self._journal is not None:
                 self._journal.add_artifact(artifact.to_record())
             self._update_gauges(leases=artifact.kind == "register")
+        self.weights.committed(artifact.key)
         if artifact.persist_policy:
             self._start_persistence(artifact)
         return _result(artifact)
@@ -503,8 +517,10 @@ class LocalStore:
         cluster = self.cluster
         if cluster is None:
             artifact = self._register(request, artifact_id, sid, policy, tensors, len(cols))
-            if artifact.artifact_id == artifact_id and artifact.persist_policy:
-                self._start_persistence(artifact)
+            if artifact.artifact_id == artifact_id:
+                self.weights.committed(artifact.key)
+                if artifact.persist_policy:
+                    self._start_persistence(artifact)
             return _result(artifact)
         cluster.reserve(request.key, artifact_id, request.request_id)
         with cluster.sync_lock:  # the local publish and the cluster's commit, in one report
@@ -527,6 +543,7 @@ class LocalStore:
             else:  # the first attempt's artifact answers: this attempt's reservation goes
                 cluster.abort([(request.key, artifact_id)])
                 return _result(artifact)
+        self.weights.committed(artifact.key)
         if artifact.persist_policy:
             self._start_persistence(artifact)
         return _result(artifact)
@@ -766,16 +783,25 @@ class LocalStore:
         if local:  # its task first: it must not write files after they are removed
             self.persistence.stop_task(local, "deleted")
         try:
-            return self._delete(request.key, cluster)
+            return self._delete(request.key, cluster, request.unless_held)
         except ArtifactError:
             art = self.local_artifact(local) if local else None
             if art is not None and art.persist_policy and not art.durable:
                 self.persistence.resubmit(art)  # it stays: so does its persistence
             raise
 
-    def _delete(self, key: str, cluster: ClusterTier | None) -> daemon_pb2.DeleteResponse:
+    def _delete(
+        self, key: str, cluster: ClusterTier | None, unless_held: bool = False
+    ) -> daemon_pb2.DeleteResponse:
         request = daemon_pb2.DeleteRequest(key=key)
         if cluster is None:
+            if unless_held:
+                with self._lock:
+                    try:
+                        self.weights.held(self._leases.catalog.resolve(key)[1])
+                    except NotFoundError:
+                        pass  # only shared disk may hold it: no reader holds that
+
             # Files first: when the storage is unreachable nothing is deleted (retry).
             removed = self.persistence.remove_files(request.key)
             try:
@@ -793,7 +819,8 @@ class LocalStore:
         anywhere = True
         with cluster.sync_lock:  # no full report between the cluster's delete and ours
             try:
-                cluster.delete(request.key)  # every other node drops its copy (and task) first
+                # every other node drops its copy (and task) first
+                cluster.delete(request.key, unless_held)
             except NotFoundError:
                 with self._lock:
                     anywhere = self._leases.catalog.exists(request.key)
@@ -951,11 +978,31 @@ class LocalStore:
             )
         parse_key(request.key)
         nodes: Sequence[str] | str = "all" if request.all_nodes else list(request.nodes)
+        if request.subscribers:
+            nodes = self.weights.subscriber_nodes(parse_key(request.key)[0])
+            if not nodes:  # no subscriber on another node: nothing to send
+                return daemon_pb2.ReplicateResponse(key=request.key)
         results = cluster.replicate(request.key, nodes, request.transport or "auto")
         return daemon_pb2.ReplicateResponse(
             key=request.key,
             results=[daemon_pb2.ReplicaResult(**r) for r in results.values()],
         )
+
+    # ---- weight sync (daemon/weights.py) ---------------------------------------------------
+    def rpc_WaitLatest(
+        self, request: daemon_pb2.WaitLatestRequest, session_id: str
+    ) -> daemon_pb2.WaitLatestResponse:
+        return self.weights.wait_latest(request, session_id)
+
+    def rpc_HoldVersion(
+        self, request: daemon_pb2.HoldVersionRequest, session_id: str
+    ) -> daemon_pb2.HoldVersionResponse:
+        return self.weights.hold(request, self._lease_owner(request.session_id, session_id))
+
+    def rpc_ReleaseHold(
+        self, request: daemon_pb2.ReleaseHoldRequest, session_id: str
+    ) -> daemon_pb2.ReleaseHoldResponse:
+        return self.weights.release(request, self._lease_owner(request.session_id, session_id))
 
     # ---- persistence's hooks (daemon/persist_runner.py) ---------------------------------
     def persist_sources(self, artifact: Artifact) -> tuple[list[TensorSource], list[Any]]:
@@ -1293,10 +1340,12 @@ class LocalStore:
             )
 
     def end_session(self, session_id: str) -> None:
-        """The producer went away: end its leases, abort its unfinished writes."""
+        """The producer went away: end its leases, abort its unfinished writes, release its
+        reader holds."""
         with self._lock:
             self._apply(self._leases.end_session(session_id))
             self._update_gauges(leases=True)
+        self.weights.end_session(session_id)
 
     def tick(self) -> None:
         """Periodic: trim segments, expire TTLs, end leases whose producer process is gone, and
@@ -1369,6 +1418,7 @@ class LocalStore:
 
     def close(self, *, unlink: bool = True) -> None:
         """Stop the pool; with ``unlink`` free every segment (a clean stop, not a crash)."""
+        self.weights.close()
         self.persistence.close(0.0)
         self._shm.close()
         with self._lock:

@@ -412,8 +412,32 @@ class ClusterTier:
     def list_artifacts(self, prefix: str = "") -> list[dict[str, Any]]:
         return self._gs_call("list_artifacts", prefix)
 
-    def delete(self, key: str) -> dict[str, Any]:
-        return self._gs_call("delete", key, self.node_id)
+    def delete(self, key: str, unless_held: bool = False) -> dict[str, Any]:
+        return self._gs_call("delete", key, self.node_id, unless_held)
+
+    # ---- weight sync (daemon/weights.py) ---------------------------------------------------
+    def wait_commits(self, names: list[str], after_seq: int, wait_s: float) -> dict[str, Any]:
+        """Held on the Global Store until a version commits after ``after_seq``."""
+        return self._gs_call(
+            "wait_commits",
+            self.node_id,
+            names,
+            after_seq,
+            wait_s,
+            timeout=wait_s + self.config.global_store_timeout_s,
+        )
+
+    def subscriber_nodes(self, name: str) -> list[str]:
+        return list(self._gs_call("subscriber_nodes", name))
+
+    def hold(self, key: str, owner: str, ttl_s: float) -> dict[str, Any]:
+        return self._gs_call("hold", key, owner, ttl_s)
+
+    def release_hold(self, hold_id: str) -> bool:
+        return bool(self._gs_call("release_hold", hold_id))
+
+    def release_holds(self, owner: str) -> None:
+        self._gs_send("release_holds", owner)
 
     # ---- other daemons ------------------------------------------------------------------
     def daemon(self, node_id: str, *, start: bool = False) -> Any:

@@ -36,6 +36,8 @@ from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "tensorcast_ray.v1.StoreDaemon"
+#: WaitLatest calls held at once per daemon (more wait for a thread: a subscriber each)
+WAIT_THREADS = 64
 
 
 class DaemonServer:
@@ -56,6 +58,10 @@ class DaemonServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             16, thread_name_prefix="tc-daemon-rpc"
         )
+        # WaitLatest calls are held open (weight sync subscribers): threads of their own.
+        self._waits = concurrent.futures.ThreadPoolExecutor(
+            WAIT_THREADS, thread_name_prefix="tc-daemon-wait"
+        )
         self._aio = AioServerThread("tc-daemon-grpc")
         self._local: LocalChannelServer | None = None
         self._stop = threading.Event()
@@ -72,6 +78,7 @@ class DaemonServer:
                 METHODS,
                 lambda name, req: self.service.handle(name, req, ""),
                 self._executor,
+                {"WaitLatest": self._waits},
             ),
             grpc.method_handlers_generic_handler(
                 SERVICE_NAME,
@@ -145,8 +152,10 @@ class DaemonServer:
         self._stop.set()
         if self._local is not None:
             self._local.close()
+        self.service.store.weights.close()  # held WaitLatest calls answer now
         self._aio.stop()
         self.service.metrics.close()
+        self._waits.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

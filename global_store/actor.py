@@ -45,13 +45,19 @@ from tensorcast_ray.global_store.metrics import GlobalStoreMetrics
 from tensorcast_ray._actors import daemon_name, get_actor, message_to_dict
 from tensorcast_ray._auth import namespace_token, unauthenticated_error
 from tensorcast_ray._config import DEFAULT_GLOBAL_STORE_METRICS_PORT, GlobalStoreConfig
-from tensorcast_ray._errors import InvalidArgumentError, NotFoundError, UnavailableError
+from tensorcast_ray._errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from tensorcast_ray._grpc_server import (
     AioServerThread,
     bind_error,
     bind_preferring,
     unary_handlers,
 )
+from tensorcast_ray._holds import HoldTable
 from tensorcast_ray._proto.tensorcast_ray.v1 import common_pb2, global_store_pb2
 from tensorcast_ray._version import PROTOCOL_VERSION, __version__
 
@@ -79,8 +85,15 @@ _CATALOG_METHODS = (
     "heartbeat",
     "sync_node",
     "leave",
+    "wait_commits",
+    "subscriber_nodes",
+    "hold",
+    "release_hold",
+    "release_holds",
 )
 _NODE_POLL_S = 1.0
+_WAIT_COMMITS_MAX_S = 10.0  # one wait_commits call waits at most this long (daemons loop)
+_SUBSCRIBER_TTL_S = 60.0  # a node watched or held a name this recently: it subscribes
 _REBUILD_TIMEOUT_S = 30.0
 _FANOUT_TIMEOUT_S = 10.0
 _MAX_TOMBSTONES = 100_000
@@ -123,6 +136,12 @@ class GlobalStoreActor:
         # refused, so a node that missed the delete cannot bring it back.
         self._deleted: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        # Woken by every commit: the daemons' watchers (wait_commits) wait on it.
+        self._commit_cond = threading.Condition(self._lock)
+        # Reader holds (tensorcast_ray.weights): a delete unless_held passes a held version by.
+        self.holds = HoldTable()
+        # name -> {node id: when its daemon last watched or held it} (subscriber_nodes)
+        self._watchers: dict[str, dict[str, float]] = {}
         self._started = time.monotonic()
         # Until the daemons alive at start have reported, an unknown key may only be unknown
         # because its report is still on the way.
@@ -269,6 +288,7 @@ class GlobalStoreActor:
                 created_ms=int(write.get("created_ms", 0)),
                 persist_task_id=str(write.get("persist_task_id", "") or ""),
             )
+            self._commit_cond.notify_all()
             return entry.to_dict()
 
         return self._call("commit", token, run)
@@ -521,11 +541,16 @@ class GlobalStoreActor:
         return self._call("list_artifacts", token, run)
 
     @ray.method(concurrency_group="control")
-    def delete(self, token: str, key: str, node_id: str) -> dict[str, Any]:
+    def delete(
+        self, token: str, key: str, node_id: str, unless_held: bool = False
+    ) -> dict[str, Any]:
         """Delete ``key`` cluster-wide: every other node holding it drops its copy before this
-        returns (the caller, ``node_id``, drops its own)."""
+        returns (the caller, ``node_id``, drops its own). ``unless_held``: FAILED_PRECONDITION
+        while a reader holds the version (weights garbage collection)."""
 
         def run() -> Any:
+            if unless_held:
+                self._refuse_held(key)
             entry = self.catalog.delete(key)
             self._tombstone([entry.artifact_id])
             return entry
@@ -615,6 +640,7 @@ class GlobalStoreActor:
         """A daemon stops cleanly: forget its copies now (returns the keys lost with it)."""
 
         def run() -> list[str]:
+            self.holds.release_prefix(f"{node_id}/")
             lost = self.catalog.drop_node(node_id)
             self._daemons.pop(node_id, None)
             self._handles.pop(node_id, None)
@@ -628,6 +654,88 @@ class GlobalStoreActor:
                 "daemon of node %s stopped; %d version(s) lived only there", node_id, len(lost)
             )
         return lost
+
+    # ---- weight sync: watchers and reader holds ------------------------------------------
+    @ray.method(concurrency_group="watch")
+    def wait_commits(
+        self, token: str, node_id: str, names: list[str], after_seq: int, wait_s: float
+    ) -> dict[str, Any]:
+        """[a daemon's watcher] Wait until a version commits after ``after_seq`` (or
+        ``wait_s`` passes, at most 10 s): answers this instance's id, the last commit's
+        number and the names committed since (``names: None`` — the log does not reach back
+        that far, or ``after_seq < 0``: resolve what you watch). ``names`` are the names the
+        node watches: they make it a subscriber node (``subscriber_nodes``)."""
+        with self.metrics.observe_rpc("wait_commits"):
+            self._check_token(token)
+            deadline = time.monotonic() + max(0.0, min(float(wait_s), _WAIT_COMMITS_MAX_S))
+            with self._commit_cond:
+                now = time.monotonic()
+                for name in names:
+                    self._watchers.setdefault(str(name), {})[node_id] = now
+                while True:
+                    changed = None if after_seq < 0 else self.catalog.committed_since(after_seq)
+                    remaining = deadline - time.monotonic()
+                    if changed is None or changed or remaining <= 0 or self._stop.is_set():
+                        return {
+                            "instance_id": self.instance_id,
+                            "seq": self.catalog.seq,
+                            "names": None if changed is None else sorted(changed),
+                        }
+                    self._commit_cond.wait(remaining)
+
+    @ray.method(concurrency_group="control")
+    def subscriber_nodes(self, token: str, name: str) -> list[str]:
+        """Alive nodes whose daemon watched or held ``name`` in the last minute."""
+
+        def run() -> list[str]:
+            cutoff = time.monotonic() - _SUBSCRIBER_TTL_S
+            seen = self._watchers.get(name, {})
+            for node in [n for n, t in seen.items() if t < cutoff]:
+                del seen[node]
+            if not seen:
+                self._watchers.pop(name, None)
+            return sorted(n for n in seen if n in self._daemons)
+
+        return self._call("subscriber_nodes", token, run)
+
+    @ray.method(concurrency_group="control")
+    def hold(self, token: str, key: str, owner: str, ttl_s: float) -> dict[str, Any]:
+        """Resolve ``key`` (``latest`` allowed) and hold that version for ``owner``
+        (``"<node id>/<session>"``) until released or ``ttl_s`` passes."""
+
+        def run() -> dict[str, Any]:
+            if key.endswith(":latest"):
+                self._require_rebuilt(f"resolving {key}")
+            try:
+                entry = self.catalog.resolve(key)
+            except NotFoundError:
+                self._unknown_while_rebuilding(key)
+                raise
+            hold_id = self.holds.take(entry.artifact_id, owner, float(ttl_s), time.monotonic())
+            node = owner.partition("/")[0]
+            self._watchers.setdefault(entry.key.partition(":")[0], {})[node] = time.monotonic()
+            return {**entry.to_dict(), "hold_id": hold_id}
+
+        return self._call("hold", token, run)
+
+    @ray.method(concurrency_group="control")
+    def release_hold(self, token: str, hold_id: str) -> bool:
+        return bool(self._call("release_hold", token, lambda: self.holds.release(hold_id)))
+
+    @ray.method(concurrency_group="control")
+    def release_holds(self, token: str, owner: str) -> int:
+        """Every hold of ``owner`` (a session that ended)."""
+        return int(self._call("release_holds", token, lambda: self.holds.release_owner(owner)))
+
+    def _refuse_held(self, key: str) -> None:
+        """Under the lock."""
+        entry = self.catalog.resolve(key)
+        held = self.holds.count(entry.artifact_id, time.monotonic())
+        if held:
+            raise FailedPreconditionError(
+                f"{entry.key} is held by {held} reader(s) copying it; it is deleted once they "
+                "finish (retry later, or delete it without unless_held)"
+            )
 
     def _tombstone(self, artifact_ids: list[str]) -> None:
         for artifact_id in artifact_ids:
@@ -718,6 +826,7 @@ class GlobalStoreActor:
             with self._lock:
                 gone = (self.catalog.nodes() | set(self._daemons)) - alive
                 for node in gone:
+                    self.holds.release_prefix(f"{node}/")
                     lost = self.catalog.drop_node(node)
                     self._daemons.pop(node, None)
                     self._pending_drops.pop(node, None)
@@ -763,6 +872,8 @@ class GlobalStoreActor:
     @ray.method(concurrency_group="control")
     def stop(self) -> None:
         self._stop.set()
+        with self._commit_cond:  # the watchers' calls answer now
+            self._commit_cond.notify_all()
         self._aio.stop()
         self.metrics.close()
         self._journal_io.shutdown(wait=False)

@@ -26,7 +26,7 @@ clock: every event carries its ``now_ms``.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = ["REPLICA_KINDS", "ClusterCatalog", "Entry", "Replica"]
 
 REPLICA_KINDS = ("original", "replica", "cache")
 _MAX_LOST = 10_000  # lost versions remembered for their error message
+_MAX_LOG = 4096  # commits kept for watchers (WaitLatest)
 
 
 @dataclass
@@ -113,6 +114,10 @@ class ClusterCatalog:
         self._lost: OrderedDict[str, str] = OrderedDict()  # key -> the node it was lost with
         self._durable = 0  # durable committed entries held
         self._dropped_durable: list[str] = []  # artifact ids; drained by take_dropped_durable
+        # The last commits, (seq, name), for watchers (WaitLatest): a watcher that asks for
+        # the names committed after a seq older than the log's floor must look again itself.
+        self._log: deque[tuple[int, str]] = deque()
+        self._log_floor = 0
 
     # ---- writes ------------------------------------------------------------------------
     def reserve(
@@ -181,6 +186,7 @@ class ClusterCatalog:
         if not entry.committed:
             self._seq += 1
             entry.committed, entry.seq = True, self._seq
+            self._log_commit(self._seq, key)
             entry.nbytes, entry.tensors, entry.kind, entry.created_ms = (
                 nbytes,
                 tensors,
@@ -191,6 +197,23 @@ class ClusterCatalog:
         if persist_task_id and not entry.persist_task_id:
             entry.persist_task_id = persist_task_id
         return entry
+
+    def _log_commit(self, seq: int, key: str) -> None:
+        if len(self._log) >= _MAX_LOG:
+            self._log_floor = self._log.popleft()[0]
+        self._log.append((seq, parse_key(key)[0]))
+
+    @property
+    def seq(self) -> int:
+        """The number of the last commit (0: none yet)."""
+        return self._seq
+
+    def committed_since(self, after_seq: int) -> set[str] | None:
+        """The names with a version committed after ``after_seq``; None when the log no
+        longer reaches back that far (the caller then resolves what it watches itself)."""
+        if after_seq < self._log_floor:
+            return None
+        return {name for seq, name in self._log if seq > after_seq}
 
     def mark_durable(self, artifact_id: str) -> Entry:
         """A complete copy of ``artifact_id`` is on shared disk: it stays in the catalog

@@ -8,6 +8,7 @@
 Importing this package imports neither torch nor ray; both load on first use.
 """
 
+from tensorcast_ray import weights
 from tensorcast_ray._api import (
     artifact,
     delete,
@@ -111,4 +112,5 @@ __all__ = [
     "shutdown",
     "store",
     "wait_persisted",
+    "weights",
 ]

@@ -47,6 +47,10 @@ def _int64_fields(message: Any, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+#: the Global Store's threads: catalog calls, journal writes, the daemons' held watches
+_GS_GROUPS = {"control": 4, "journal": 4, "watch": 32}
+
+
 def daemon_name(node_id: str) -> str:
     return f"daemon:{node_id}"
 
@@ -163,7 +167,7 @@ def create_global_store(
         options["lifetime"] = "detached"
     try:
         return (
-            ray.remote(concurrency_groups={"control": 4, "journal": 4})(GlobalStoreActor)  # type: ignore[call-overload]
+            ray.remote(concurrency_groups=_GS_GROUPS)(GlobalStoreActor)  # type: ignore[call-overload]
             .options(**options)
             .remote(config, namespace, version_override)
         )

@@ -81,9 +81,11 @@ def exists(key: str) -> bool:
     return default_store().exists(key)
 
 
-def delete(key: str) -> bool:
-    """Delete one version; readers keep what they hold, new readers get NOT_FOUND."""
-    return default_store().delete(key)
+def delete(key: str, *, unless_held: bool = False) -> bool:
+    """Delete one version; readers keep what they hold, new readers get NOT_FOUND.
+    ``unless_held``: FAILED_PRECONDITION (nothing deleted) while a ``tc.weights`` subscriber
+    holds the version to copy it."""
+    return default_store().delete(key, unless_held=unless_held)
 
 
 def list_keys(prefix: str = "") -> list[str]:
@@ -102,7 +104,9 @@ def empty_like(tensor: torch.Tensor) -> torch.Tensor:
 def replicate(
     key: str, nodes: str | Sequence[str] = "all", transport: str = "auto"
 ) -> dict[str, ReplicaResult]:
-    """Put a kept copy of ``key`` on each target node (``"all"``: every alive node).
+    """Put a kept copy of ``key`` on each target node (``"all"``: every alive node;
+    ``"subscribers"``: the other nodes where a ``tc.weights.Subscriber`` of its name waited or
+    read in the last minute).
 
     The bytes travel along a chain (source → t1 → t2 …, shard by shard), so the source
     sends them about once whatever the number of targets. ``transport``: ``"object_store"``

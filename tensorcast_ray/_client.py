@@ -199,6 +199,20 @@ class DaemonClient:
                 raise
         return self._grpc_call(method, request, timeout)
 
+    def start_call(self, method: str, request: Message, timeout: float) -> Any:
+        """A gRPC call that runs beside this process's other calls (the local socket carries
+        one at a time): for calls the daemon holds open (WaitLatest). Returns a
+        ``grpc.Future``; ``result()`` raises grpc.RpcError (map it with from_grpc_error),
+        ``cancel()`` ends the wait on this side."""
+        if os.getpid() != self.pid:
+            raise FailedPreconditionError(
+                "this tensorcast client was created before fork(); call tensorcast_ray.init() "
+                "in the child process"
+            )
+        if self._channel is None:
+            raise UnavailableError(f"the connection to the daemon at {self.address} is closed")
+        return self._callables[method].future(request, timeout=timeout, metadata=self._metadata)
+
     def _grpc_call(self, method: str, request: Message, timeout: float | None) -> Any:
         try:
             return self._callables[method](request, timeout=timeout, metadata=self._metadata)

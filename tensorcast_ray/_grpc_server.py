@@ -121,14 +121,18 @@ def unary_handlers(
     methods: Mapping[str, tuple[int, type[Message], type[Message]]],
     call: Callable[[str, Any], Any],
     executor: concurrent.futures.Executor,
+    executors: Mapping[str, concurrent.futures.Executor] | None = None,
 ) -> grpc.GenericRpcHandler:
-    """gRPC handlers that run ``call(method, request)`` in ``executor``; errors become statuses."""
+    """gRPC handlers that run ``call(method, request)`` in ``executor`` (or the one
+    ``executors`` names for the method: calls held open run apart); errors become statuses."""
 
     def make(name: str) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]:
+        pool = (executors or {}).get(name, executor)
+
         async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             loop = asyncio.get_running_loop()
             try:
-                return await loop.run_in_executor(executor, call, name, request)
+                return await loop.run_in_executor(pool, call, name, request)
             except Exception as exc:
                 await abort_with(context, handler_error(exc, name))
 

@@ -71,6 +71,8 @@ VERBS: tuple[str, ...] = (
     "import",
     "replicate",
     "persistence_status",
+    "wait_for",
+    "hold",
 )
 
 #: Codes the loop retries (when the error also says ``retryable=True``).
@@ -146,6 +148,10 @@ DEFAULT_RETRY_POLICIES: Mapping[str, RetryPolicy] = MappingProxyType(
         "replicate": RetryPolicy(600.0, 2, 1.0),
         # One status call may wait up to 10 s for its task (wait_persisted loops over it).
         "persistence_status": RetryPolicy(30.0, 3),
+        # One held WaitLatest call (up to 10 s); Subscriber.wait_for loops to its own timeout.
+        "wait_for": RetryPolicy(40.0, 4),
+        # Reader holds around a Subscriber.pull / weights.reading (metadata only).
+        "hold": RetryPolicy(15.0, 3),
     }
 )
 

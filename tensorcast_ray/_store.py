@@ -464,9 +464,12 @@ class Store:
                 )
             request = daemon_pb2.ReplicateRequest(key=key, transport=transport)
             if isinstance(nodes, str):
-                if nodes != "all":
-                    raise InvalidArgumentError(f"nodes={nodes!r}; pass 'all' or a list of node ids")
-                request.all_nodes = True
+                if nodes not in ("all", "subscribers"):
+                    raise InvalidArgumentError(
+                        f"nodes={nodes!r}; pass 'all', 'subscribers' or a list of node ids"
+                    )
+                request.all_nodes = nodes == "all"
+                request.subscribers = nodes == "subscribers"
             else:
                 node_list = list(nodes)
                 if not node_list or not all(isinstance(n, str) and n for n in node_list):
@@ -503,11 +506,12 @@ class Store:
                 self._retrier.call("exists", lambda t: self._call("Exists", request, t)).exists
             )
 
-    def delete(self, key: str) -> bool:
-        """Delete one version. Readers keep the tensors they hold; new readers get NOT_FOUND."""
+    def delete(self, key: str, *, unless_held: bool = False) -> bool:
+        """Delete one version. Readers keep the tensors they hold; new readers get NOT_FOUND.
+        ``unless_held``: FAILED_PRECONDITION while a subscriber holds it (``tc.weights``)."""
         with self._verb("delete"):
             parse_key(key)
-            request = daemon_pb2.DeleteRequest(key=key)
+            request = daemon_pb2.DeleteRequest(key=key, unless_held=unless_held)
             return bool(
                 self._retrier.call("delete", lambda t: self._call("Delete", request, t)).deleted
             )

@@ -419,16 +419,18 @@ class ReadRangesResponse(_message.Message):
     def __init__(self, buffer_id: _Optional[str] = ..., segment: _Optional[_Union[_common_pb2.SegmentRef, _Mapping]] = ..., shm_dir: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class ReplicateRequest(_message.Message):
-    __slots__ = ("key", "nodes", "all_nodes", "transport")
+    __slots__ = ("key", "nodes", "all_nodes", "transport", "subscribers")
     KEY_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     ALL_NODES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBERS_FIELD_NUMBER: _ClassVar[int]
     key: str
     nodes: _containers.RepeatedScalarFieldContainer[str]
     all_nodes: bool
     transport: str
-    def __init__(self, key: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., all_nodes: _Optional[bool] = ..., transport: _Optional[str] = ...) -> None: ...
+    subscribers: bool
+    def __init__(self, key: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., all_nodes: _Optional[bool] = ..., transport: _Optional[str] = ..., subscribers: _Optional[bool] = ...) -> None: ...
 
 class ReplicaResult(_message.Message):
     __slots__ = ("node_id", "status", "transport", "reason")
@@ -463,10 +465,12 @@ class ExistsResponse(_message.Message):
     def __init__(self, exists: _Optional[bool] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("key",)
+    __slots__ = ("key", "unless_held")
     KEY_FIELD_NUMBER: _ClassVar[int]
+    UNLESS_HELD_FIELD_NUMBER: _ClassVar[int]
     key: str
-    def __init__(self, key: _Optional[str] = ...) -> None: ...
+    unless_held: bool
+    def __init__(self, key: _Optional[str] = ..., unless_held: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted", "versions")
@@ -553,3 +557,57 @@ class PersistenceStatusResponse(_message.Message):
     finished_unix_ms: int
     shards: _containers.RepeatedCompositeFieldContainer[PersistenceShard]
     def __init__(self, task_id: _Optional[str] = ..., key: _Optional[str] = ..., artifact_id: _Optional[str] = ..., state: _Optional[str] = ..., progress: _Optional[float] = ..., degraded_reason: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_code: _Optional[str] = ..., durable: _Optional[bool] = ..., nbytes: _Optional[int] = ..., node_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., started_unix_ms: _Optional[int] = ..., finished_unix_ms: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[PersistenceShard, _Mapping]]] = ...) -> None: ...
+
+class WaitLatestRequest(_message.Message):
+    __slots__ = ("name", "after_key", "wait_s", "session_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AFTER_KEY_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    after_key: str
+    wait_s: float
+    session_id: str
+    def __init__(self, name: _Optional[str] = ..., after_key: _Optional[str] = ..., wait_s: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class WaitLatestResponse(_message.Message):
+    __slots__ = ("key", "changed")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    changed: bool
+    def __init__(self, key: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class HoldVersionRequest(_message.Message):
+    __slots__ = ("key", "ttl_s", "session_id")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    ttl_s: float
+    session_id: str
+    def __init__(self, key: _Optional[str] = ..., ttl_s: _Optional[float] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class HoldVersionResponse(_message.Message):
+    __slots__ = ("hold_id", "key", "artifact_id")
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_ID_FIELD_NUMBER: _ClassVar[int]
+    hold_id: str
+    key: str
+    artifact_id: str
+    def __init__(self, hold_id: _Optional[str] = ..., key: _Optional[str] = ..., artifact_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseHoldRequest(_message.Message):
+    __slots__ = ("hold_id", "session_id")
+    HOLD_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    hold_id: str
+    session_id: str
+    def __init__(self, hold_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseHoldResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

@@ -130,6 +130,21 @@ class StoreDaemonStub:
                 request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusRequest.SerializeToString,
                 response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusResponse.FromString,
                 _registered_method=True)
+        self.WaitLatest = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/WaitLatest',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.WaitLatestRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.WaitLatestResponse.FromString,
+                _registered_method=True)
+        self.HoldVersion = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/HoldVersion',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.HoldVersionRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.HoldVersionResponse.FromString,
+                _registered_method=True)
+        self.ReleaseHold = channel.unary_unary(
+                '/tensorcast_ray.v1.StoreDaemon/ReleaseHold',
+                request_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseHoldRequest.SerializeToString,
+                response_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseHoldResponse.FromString,
+                _registered_method=True)
 
 
 class StoreDaemonServicer:
@@ -258,6 +273,29 @@ class StoreDaemonServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitLatest(self, request, context):
+        """Weight sync (tensorcast_ray.weights). Held open until name:latest is a version other
+        than after_key, or wait_s passes: woken by the commit (on this node, or anywhere in the
+        cluster through the Global Store), never polled. Served on its own threads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldVersion(self, request, context):
+        """Hold a version against a Delete(unless_held) while a reader copies it: latest resolved
+        and held at once. Ends at ReleaseHold, at its ttl, or when the holding session ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseHold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreDaemonServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -355,6 +393,21 @@ def add_StoreDaemonServicer_to_server(servicer, server):
                     servicer.PersistenceStatus,
                     request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusRequest.FromString,
                     response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusResponse.SerializeToString,
+            ),
+            'WaitLatest': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitLatest,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.WaitLatestRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.WaitLatestResponse.SerializeToString,
+            ),
+            'HoldVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldVersion,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.HoldVersionRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.HoldVersionResponse.SerializeToString,
+            ),
+            'ReleaseHold': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseHold,
+                    request_deserializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseHoldRequest.FromString,
+                    response_serializer=tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseHoldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -870,6 +923,87 @@ class StoreDaemon:
             '/tensorcast_ray.v1.StoreDaemon/PersistenceStatus',
             tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusRequest.SerializeToString,
             tensorcast__ray_dot_v1_dot_daemon__pb2.PersistenceStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitLatest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/WaitLatest',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.WaitLatestRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.WaitLatestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/HoldVersion',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.HoldVersionRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.HoldVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseHold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorcast_ray.v1.StoreDaemon/ReleaseHold',
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseHoldRequest.SerializeToString,
+            tensorcast__ray_dot_v1_dot_daemon__pb2.ReleaseHoldResponse.FromString,
             options,
             channel_credentials,
             insecure,
