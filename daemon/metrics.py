@@ -149,6 +149,13 @@ class DaemonMetrics(MetricsRegistry):
         )
         self.artifacts = g("tc_daemon_artifacts", "Artifacts with a replica on this node.")
         self.clients = g("tc_daemon_clients", "SDK processes connected to this daemon.")
+        self.weight_waiters = g(
+            "tc_daemon_weight_waiters", "WaitLatest calls held open now (weight subscribers)."
+        )
+        self.reader_holds = g(
+            "tc_daemon_reader_holds",
+            "Reader holds open on this lone daemon (in a cluster the Global Store keeps them).",
+        )
         self.leases = g(
             "tc_daemon_leases", "Live leases (mappings, CUDA IPC handles) on this node."
         )

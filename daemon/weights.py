@@ -168,6 +168,7 @@ class WeightSync:
             raise InvalidArgumentError(f"wait_s must be >= 0, got {wait_s!r}")
         deadline = time.monotonic() + min(wait_s, MAX_WAIT_S)
         gen = self.watch.enter(name)
+        self.store.metrics.weight_waiters.inc()
         try:
             self._ensure_watcher()
             while True:
@@ -180,6 +181,7 @@ class WeightSync:
                 self.watch.wait_change(name, gen, remaining)
                 gen = self.watch.generation(name)
         finally:
+            self.store.metrics.weight_waiters.dec()
             self.watch.leave(name)
 
     def _latest(self, name: str) -> str:
@@ -240,6 +242,7 @@ class WeightSync:
             with self.store.lock:
                 key, artifact_id = self.store.resolve_local(request.key)
                 hold_id = self.holds.take(artifact_id, sid, ttl, time.monotonic())
+                self.store.metrics.reader_holds.set(len(self.holds))
             return daemon_pb2.HoldVersionResponse(hold_id=hold_id, key=key, artifact_id=artifact_id)
         owner = f"{cluster.node_id}/{sid}"
         with self._lock:
@@ -258,6 +261,7 @@ class WeightSync:
         if cluster is None:
             with self.store.lock:
                 released = self.holds.release(request.hold_id)
+                self.store.metrics.reader_holds.set(len(self.holds))
         else:
             released = cluster.release_hold(request.hold_id)
         return daemon_pb2.ReleaseHoldResponse(released=released)
@@ -277,6 +281,7 @@ class WeightSync:
         if cluster is None:
             with self.store.lock:
                 self.holds.release_owner(sid)
+                self.store.metrics.reader_holds.set(len(self.holds))
             return
         owner = f"{cluster.node_id}/{sid}"
         with self._lock:

@@ -142,6 +142,7 @@ class GlobalStoreActor:
         self.holds = HoldTable()
         # name -> {node id: when its daemon last watched or held it} (subscriber_nodes)
         self._watchers: dict[str, dict[str, float]] = {}
+        self._watching = 0  # wait_commits calls held now
         self._started = time.monotonic()
         # Until the daemons alive at start have reported, an unknown key may only be unknown
         # because its report is still on the way.
@@ -238,6 +239,7 @@ class GlobalStoreActor:
         self.metrics.catalog_keys.set(self.catalog.names())
         self.metrics.catalog_artifacts.set(len(self.catalog))
         self.metrics.durable_artifacts.set(self.catalog.durable_count())
+        self.metrics.reader_holds.set(len(self.holds))
 
     def _require_rebuilt(self, what: str) -> None:
         """Answers that depend on every daemon's report wait for the rebuild: a write could
@@ -672,16 +674,26 @@ class GlobalStoreActor:
                 now = time.monotonic()
                 for name in names:
                     self._watchers.setdefault(str(name), {})[node_id] = now
-                while True:
-                    changed = None if after_seq < 0 else self.catalog.committed_since(after_seq)
-                    remaining = deadline - time.monotonic()
-                    if changed is None or changed or remaining <= 0 or self._stop.is_set():
-                        return {
-                            "instance_id": self.instance_id,
-                            "seq": self.catalog.seq,
-                            "names": None if changed is None else sorted(changed),
-                        }
-                    self._commit_cond.wait(remaining)
+                self._watching += 1
+                self.metrics.watchers.set(self._watching)
+                try:
+                    return self._commits_after(after_seq, deadline)
+                finally:
+                    self._watching -= 1
+                    self.metrics.watchers.set(self._watching)
+
+    def _commits_after(self, after_seq: int, deadline: float) -> dict[str, Any]:
+        """Under ``_commit_cond``."""
+        while True:
+            changed = None if after_seq < 0 else self.catalog.committed_since(after_seq)
+            remaining = deadline - time.monotonic()
+            if changed is None or changed or remaining <= 0 or self._stop.is_set():
+                return {
+                    "instance_id": self.instance_id,
+                    "seq": self.catalog.seq,
+                    "names": None if changed is None else sorted(changed),
+                }
+            self._commit_cond.wait(remaining)
 
     @ray.method(concurrency_group="control")
     def subscriber_nodes(self, token: str, name: str) -> list[str]:

@@ -52,6 +52,12 @@ class GlobalStoreMetrics(MetricsRegistry):
             "Global Store calls that failed, by method and status code.",
             ["method", "code"],
         )
+        self.reader_holds = self._gauge(
+            "tc_global_store_reader_holds", "Reader holds open (weight subscribers copying)."
+        )
+        self.watchers = self._gauge(
+            "tc_global_store_watchers", "Daemons holding a wait_commits call open now."
+        )
         self.durable_artifacts = self._gauge(
             "tc_global_store_durable_artifacts",
             "Artifact versions in the catalog with a complete copy on shared disk.",

@@ -106,11 +106,29 @@ class SdkMetrics(MetricsRegistry):
         self.data_path = c(
             "tc_store_data_path", "Requests by the data path that served them.", ["path"]
         )
+        # Weight sync (tensorcast_ray.weights).
+        self.weights_publish = h(
+            "tc_weights_publish_seconds",
+            "Publisher.publish: the write, replication to subscriber nodes and collection.",
+        )
+        self.weights_pull = h(
+            "tc_weights_pull_seconds", "Subscriber.pull: hold, read and copy into the target."
+        )
+        self.weights_lag = h(
+            "tc_weights_update_lag_seconds",
+            "From a version's commit to a subscriber's pull of it finishing (wall clocks).",
+        )
+        self.weights_gc = c(
+            "tc_weights_gc_versions",
+            "Old versions the publisher's collection deleted, or passed by (held by a reader).",
+            ["outcome"],
+        )
         self._preinit(self.operation_latency, verb=VERBS)
         self._preinit(self.operation_errors, verb=VERBS, status=ERROR_STATUSES)
         self._preinit(self.operation_retries, verb=VERBS)
         self._preinit(self.region_backed_fallback, reason=REGION_BACKED_FALLBACK_REASONS)
         self._preinit(self.data_path, path=DATA_PATHS)
+        self._preinit(self.weights_gc, outcome=("deleted", "held"))
 
     @staticmethod
     def _check_verb(verb: str) -> None:

@@ -123,15 +123,25 @@ def reading(
     version lives on another node). ``name:latest`` is resolved and held in one step. While
     inside, a publisher's garbage collection does not delete the version; the hold ends on
     exit (or after ``ttl_s`` if this process dies)."""
+    with _reading(key, ttl_s, store) as (concrete, _, tensors):
+        yield concrete, tensors
+
+
+@contextlib.contextmanager
+def _reading(
+    key: str, ttl_s: float, store: Store | None
+) -> Iterator[tuple[str, Any, dict[str, torch.Tensor]]]:
+    """:func:`reading`, also yielding the Artifact."""
     st = store if store is not None else _default_store()
     parse_key(key)
     if isinstance(ttl_s, bool) or not (isinstance(ttl_s, (int, float)) and ttl_s > 0):
         raise InvalidArgumentError(f"ttl_s must be a number of seconds > 0, got {ttl_s!r}")
     request = daemon_pb2.HoldVersionRequest(key=key, ttl_s=float(ttl_s))
-    held = st._retrier.call("hold", lambda t: st._call_in_session("HoldVersion", request, t))
+    with st._verb("hold"):
+        held = st._retrier.call("hold", lambda t: st._call_in_session("HoldVersion", request, t))
     try:
-        tensors = st.artifact(artifact_id=held.artifact_id).tensor_dict()
-        yield held.key, tensors
+        art = st.artifact(artifact_id=held.artifact_id)
+        yield held.key, art, art.tensor_dict()
     finally:
         _release(st, held.hold_id)
 
@@ -195,6 +205,15 @@ class Publisher:
     def publish(self, state_dict: Mapping[str, Any], version: int | str | None = None) -> str:
         """Write the next version (or ``version``), replicate it to subscriber nodes, collect
         old versions; returns its key. Integer versions must increase."""
+        from tensorcast_ray._metrics import get_sdk_metrics
+
+        start = time.perf_counter()
+        key = self._publish(state_dict, version)
+        self.gc()
+        get_sdk_metrics().weights_publish.observe(time.perf_counter() - start)
+        return key
+
+    def _publish(self, state_dict: Mapping[str, Any], version: int | str | None) -> str:
         from tensorcast_ray._write import _buffer_refs
 
         with self._lock:
@@ -230,7 +249,6 @@ class Publisher:
                 self._last = number
                 self._published.append(key)
             self._replicate(key)
-        self.gc()
         return key
 
     def _replicate(self, key: str) -> None:
@@ -255,13 +273,18 @@ class Publisher:
         keys deleted. Held ones stay listed and are tried again at the next call."""
         with self._lock:
             candidates = gc_candidates(self._published, self.keep_last)
+        from tensorcast_ray._metrics import get_sdk_metrics
+
+        counter = get_sdk_metrics().weights_gc
         deleted: list[str] = []
         for key in candidates:
             try:
                 self._store.delete(key, unless_held=True)
+                counter.labels(outcome="deleted").inc()
             except NotFoundError:
                 pass  # deleted by someone else: forget it
             except FailedPreconditionError:
+                counter.labels(outcome="held").inc()
                 continue  # a subscriber is copying it
             except ArtifactError as exc:
                 logger.warning("deleting old version %s failed: %s", key, exc.message)
@@ -342,7 +365,8 @@ class Subscriber:
         subscriber returned or pulled; none yet: any version) is committed anywhere in the
         cluster, and return its key — at once if one is already there. DEADLINE_EXCEEDED
         after ``timeout`` seconds (None: no limit)."""
-        return self._wait(newer_than, timeout, None)
+        with self._store._verb("wait_for"):
+            return self._wait(newer_than, timeout, None)
 
     def _wait(self, newer_than: str | None, timeout: float | None, cancel: _Cancel | None) -> str:
         if timeout is not None and (
@@ -409,13 +433,15 @@ class Subscriber:
         and dtype is checked before anything is copied (INVALID_ARGUMENT naming the tensor).
         Returns the key pulled."""
         from tensorcast_ray._artifact import _copy_into_targets, _validate_targets
+        from tensorcast_ray._metrics import get_sdk_metrics
 
+        start = time.perf_counter()
         targets = _targets_of(into)
         if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
             raise InvalidArgumentError("names must be a list of tensor names")
         if rename is not None and not (isinstance(rename, Mapping) or callable(rename)):
             raise InvalidArgumentError("rename must be a mapping or a callable")
-        with self.reading(key) as (concrete, tensors):
+        with _reading(self._key(key), self.hold_ttl_s, self._store) as (concrete, art, tensors):
             chosen = list(tensors) if names is None else list(names)
             missing = [n for n in chosen if n not in tensors]
             if missing:
@@ -436,6 +462,11 @@ class Subscriber:
             expected = {n: _spec(tensors[n]) for n in chosen}
             _validate_targets(concrete, by_source, expected)
             _copy_into_targets(by_source, [(n, tensors[n]) for n in chosen])
+            committed_ms = int(art._entry.info.created_unix_ms)
+        metrics = get_sdk_metrics()
+        metrics.weights_pull.observe(time.perf_counter() - start)
+        if committed_ms:
+            metrics.weights_lag.observe(max(0.0, time.time() - committed_ms / 1000))
         self.seen = concrete
         return concrete
 
