@@ -209,9 +209,9 @@ class WeightSync:
         """One held ``wait_commits`` call at a time while any name here is watched."""
         after, instance, failing = -1, "", False
         while not self._stop.is_set():
-            names = self.watch.interested()
             cluster = self.store.cluster
-            with self._lock:
+            with self._lock:  # a waiter enters before it looks for a watcher (under the lock)
+                names = self.watch.interested()
                 if not names or cluster is None:
                     self._watcher = None  # the next waiter starts a new one
                     return

@@ -526,6 +526,11 @@ class UpdateHandle:
             except _Cancelled:
                 return
             except ArtifactError as exc:  # the daemon away for longer than a retry covers
+                from tensorcast_ray import _bootstrap
+
+                if not _bootstrap.is_initialized():  # tc.shutdown(): nothing to follow
+                    logger.info("on_update of %s ends: tensorcast was shut down", self._sub.name)
+                    return
                 logger.warning("on_update of %s: %s", self._sub.name, exc.message)
                 if self._cancel.stopped.wait(backoff):
                     return
