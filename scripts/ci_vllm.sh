@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
-VENV=.venv-vllm
+VENV="${TC_VLLM_VENV:-.venv-vllm}"  # another folder: TC_VLLM_VENV=/path
 
 install() {
     echo "== vLLM: install ($VENV)"
