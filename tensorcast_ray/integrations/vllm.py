@@ -551,6 +551,7 @@ class LLMClient:
     def __init__(self, llm: Any, *, reset_prefix_cache: bool = True) -> None:
         self.llm = llm
         self.reset_cache = reset_prefix_cache
+        self.last_reset: bool | None = None  # whether the last reset succeeded
 
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -581,6 +582,7 @@ class LLMClient:
             logger.warning(
                 "tensorcast: the prefix cache was not reset (requests still hold KV blocks)"
             )
+        self.last_reset = done
         return done
 
     def update(self, key: str, weight_version: str | None = None) -> None:
@@ -597,6 +599,8 @@ class AsyncLLMClient:
     def __init__(self, engine: Any, *, reset_prefix_cache: bool = True) -> None:
         self.engine = engine
         self.reset_cache = reset_prefix_cache
+        self.last_reset: bool | None = None  # whether the last reset succeeded
+        self.last_reset_preempted = False  # whether it had to preempt kept requests
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -628,9 +632,14 @@ class AsyncLLMClient:
         """Drop the prefix cache. Requests kept across the update
         (``pause_generation(mode="keep")``) that still hold KV blocks are preempted: they
         recompute their KV with the new weights when generation resumes."""
-        if await self.engine.reset_prefix_cache():
-            return True
-        return bool(await self.engine.reset_prefix_cache(reset_running_requests=True))
+        done = bool(await self.engine.reset_prefix_cache())
+        self.last_reset_preempted = not done
+        if not done:
+            done = bool(await self.engine.reset_prefix_cache(reset_running_requests=True))
+        if not done:
+            logger.warning("tensorcast: the prefix cache was not reset")
+        self.last_reset = done
+        return done
 
     async def update(self, key: str, weight_version: str | None = None) -> None:
         await self.start_weight_update()

@@ -190,7 +190,7 @@ class AsyncEngine:
         return str(await self.engine.get_weight_version())
 
     async def update_in_flight(
-        self, prompt: list[int], max_tokens: int, key: str
+        self, prompt: list[int], max_tokens: int, key: str, clear_cache: bool = True
     ) -> dict[str, Any]:
         """Start a request; once it has produced tokens, pause with ``mode="keep"``,
         update to ``key``, resume; the request's tokens and weight-version spans."""
@@ -216,14 +216,18 @@ class AsyncEngine:
 
         task = asyncio.ensure_future(consume())
         await asyncio.wait_for(started.wait(), 120)
-        await self.engine.pause_generation(mode="keep")
+        await self.engine.pause_generation(mode="keep", clear_cache=clear_cache)
         paused = await self.engine.is_paused()
+        self.client.last_reset = None
         await self.client.update(key)
+        reset, preempted = self.client.last_reset, self.client.last_reset_preempted
         await self.engine.resume_generation()
         final = await asyncio.wait_for(task, 120)
         done = final.outputs[0]
         return {
             "paused": paused,
+            "reset": reset,
+            "preempted": preempted,
             "tokens": list(done.token_ids),
             "spans": [(s.version, s.start, s.end) for s in done.weight_versions or []],
         }

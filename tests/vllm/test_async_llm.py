@@ -45,15 +45,27 @@ def pub(vllm_ns: str) -> Iterator[Any]:
     publisher.close()
 
 
-def test_update_while_a_request_is_in_flight(engine: Any, pub: Any, tiny_llama: Any) -> None:
+@pytest.mark.parametrize("clear_cache", [True, False])
+def test_update_while_a_request_is_in_flight(
+    engine: Any, pub: Any, tiny_llama: Any, clear_cache: bool
+) -> None:
+    before = pub.publish(tiny_llama.w1)
+    assert ray.get(engine.update.remote(before), timeout=120) == before
     first = ray.get(engine.generate.remote(PROMPTS), timeout=120)
     key = pub.publish(tiny_llama.w2)
     max_tokens = 240
-    got = ray.get(engine.update_in_flight.remote(PROMPTS[0][:8], max_tokens, key), timeout=300)
+    got = ray.get(
+        engine.update_in_flight.remote(PROMPTS[0][:8], max_tokens, key, clear_cache),
+        timeout=300,
+    )
     assert got["paused"]
+    # pause(clear_cache=True) preempted the kept request already; with False it still holds
+    # KV blocks of the old weights, and the client preempts it to reset the cache.
+    assert got["reset"] is True
+    assert got["preempted"] is (not clear_cache)
     assert len(got["tokens"]) == max_tokens
     spans = got["spans"]
-    assert [s[0] for s in spans] == ["default", key], spans
+    assert [s[0] for s in spans] == [before, key], spans
     assert spans[0][1] == 0 and spans[0][2] == spans[1][1] and spans[1][2] == max_tokens
     assert 0 < spans[0][2] < max_tokens
     assert ray.get(engine.weight_version.remote()) == key
