@@ -779,6 +779,12 @@ class LocalStore:
         first), then its files on shared disk (persist_on_delete: remove)."""
         parse_key(request.key)
         cluster = self.cluster
+        if request.unless_held:  # before its task stops: a held version stays as it is
+            if cluster is None:
+                with self._lock:
+                    self._refuse_held_locally(request.key)
+            else:
+                cluster.check_unheld(request.key)
         local = self._local_id(request.key)
         if local:  # its task first: it must not write files after they are removed
             self.persistence.stop_task(local, "deleted")
@@ -794,14 +800,18 @@ class LocalStore:
         self, key: str, cluster: ClusterTier | None, unless_held: bool = False
     ) -> daemon_pb2.DeleteResponse:
         request = daemon_pb2.DeleteRequest(key=key)
-        if cluster is None:
-            if unless_held:
+        if cluster is None and unless_held:
+            # Checked and marked at once: no reader may take a hold while it goes.
+            with self._lock:
+                doomed = self._refuse_held_locally(key)
+                if doomed:
+                    self.weights.deleting.add(doomed)
+            try:
+                return self._delete(key, None)
+            finally:
                 with self._lock:
-                    try:
-                        self.weights.held(self._leases.catalog.resolve(key)[1])
-                    except NotFoundError:
-                        pass  # only shared disk may hold it: no reader holds that
-
+                    self.weights.deleting.discard(doomed)
+        if cluster is None:
             # Files first: when the storage is unreachable nothing is deleted (retry).
             removed = self.persistence.remove_files(request.key)
             try:
@@ -835,6 +845,16 @@ class LocalStore:
         if not anywhere and not removed:
             raise NotFoundError(f"{request.key} does not exist (never written, or deleted)")
         return daemon_pb2.DeleteResponse(deleted=True, versions=1)
+
+    def _refuse_held_locally(self, key: str) -> str:
+        """[lone node, under the lock] FAILED_PRECONDITION while a reader holds ``key``'s
+        version; returns its artifact id ("" when only shared disk may hold it)."""
+        try:
+            artifact_id = self._leases.catalog.resolve(key)[1]
+        except NotFoundError:
+            return ""
+        self.weights.held(artifact_id)
+        return artifact_id
 
     def _local_id(self, key: str) -> str:
         with self._lock:

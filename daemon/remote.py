@@ -416,16 +416,24 @@ class ClusterTier:
         return self._gs_call("delete", key, self.node_id, unless_held)
 
     # ---- weight sync (daemon/weights.py) ---------------------------------------------------
-    def wait_commits(self, names: list[str], after_seq: int, wait_s: float) -> dict[str, Any]:
-        """Held on the Global Store until a version commits after ``after_seq``."""
+    def wait_commits(
+        self, names: list[str], after_seq: int, instance_id: str, wait_s: float
+    ) -> dict[str, Any]:
+        """Held on the Global Store until a version commits after ``after_seq`` (a number of
+        its instance ``instance_id``)."""
         return self._gs_call(
             "wait_commits",
             self.node_id,
             names,
             after_seq,
             wait_s,
+            instance_id,
             timeout=wait_s + self.config.global_store_timeout_s,
         )
+
+    def check_unheld(self, key: str) -> None:
+        """FAILED_PRECONDITION while a reader holds ``key``'s version (before a delete)."""
+        self._gs_call("check_unheld", key)
 
     def subscriber_nodes(self, name: str) -> list[str]:
         return list(self._gs_call("subscriber_nodes", name))

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 from tensorcast_ray._catalog import parse_key
 from tensorcast_ray._errors import (
-    ArtifactError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from tensorcast_ray._holds import HoldTable
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
@@ -146,6 +146,11 @@ class WeightSync:
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._stop = threading.Event()
+        # name -> (its change counter, when, the key latest named): one Global Store call
+        # answers every waiter of the name the same change woke
+        self._resolved: dict[str, tuple[int, float, str]] = {}
+        # artifact ids a lone daemon is deleting (unless_held): no new hold on them
+        self.deleting: set[str] = set()
 
     # ---- commits --------------------------------------------------------------------------
     def committed(self, key: str) -> None:
@@ -172,7 +177,16 @@ class WeightSync:
         try:
             self._ensure_watcher()
             while True:
-                key = self._latest(name)
+                try:
+                    key = self._latest(name)
+                except UnavailableError:
+                    # The Global Store restarting (it rebuilds for up to 30 s): a wait waits
+                    # it out, waking each second to look again; a look (wait_s 0) fails.
+                    if time.monotonic() >= deadline or self.watch.closed:
+                        raise
+                    self.watch.wait_change(name, gen, min(1.0, deadline - time.monotonic()))
+                    gen = self.watch.generation(name)
+                    continue
                 if key and key != request.after_key:
                     return daemon_pb2.WaitLatestResponse(key=key, changed=True)
                 remaining = deadline - time.monotonic()
@@ -185,12 +199,29 @@ class WeightSync:
             self.watch.leave(name)
 
     def _latest(self, name: str) -> str:
-        """The key ``name:latest`` names now ("" when no version exists)."""
+        """The key ``name:latest`` names now ("" when no version exists). In a cluster a
+        version written on this node counts once it committed here too (the cluster's commit
+        comes first: a reader woken between the two would find no copy yet), and one answer
+        serves every waiter of the name woken by the same change (one Global Store call per
+        name per commit, not one per waiter)."""
         cluster = self.store.cluster
         try:
             if cluster is None:
                 return self.store.resolve_local(f"{name}:latest")[0]
-            return str(cluster.resolve(key=f"{name}:latest")["key"])
+            gen = self.watch.generation(name)
+            with self._lock:
+                cached = self._resolved.get(name)
+            if cached is not None and cached[0] == gen and time.monotonic() - cached[1] < 1.0:
+                return cached[2]
+            entry = cluster.resolve(key=f"{name}:latest")
+            key = str(entry["key"])
+            if entry.get("node_id") == cluster.node_id and not self.store.local_artifact(
+                str(entry["artifact_id"])
+            ):
+                return ""  # written here, not committed here yet: committed() wakes us
+            with self._lock:
+                self._resolved[name] = (gen, time.monotonic(), key)
+            return key
         except NotFoundError:
             return ""
 
@@ -207,28 +238,36 @@ class WeightSync:
 
     def _watch_cluster(self) -> None:
         """One held ``wait_commits`` call at a time while any name here is watched."""
+        try:
+            self._watch_loop()
+        finally:
+            with self._lock:
+                if self._watcher is threading.current_thread():
+                    self._watcher = None  # whatever ended it, the next waiter starts one
+
+    def _watch_loop(self) -> None:
         after, instance, failing = -1, "", False
         while not self._stop.is_set():
             cluster = self.store.cluster
             with self._lock:  # a waiter enters before it looks for a watcher (under the lock)
                 names = self.watch.interested()
                 if not names or cluster is None:
-                    self._watcher = None  # the next waiter starts a new one
                     return
             try:
-                answer = cluster.wait_commits(names, after, _GS_WAIT_S)
-            except ArtifactError as exc:
+                answer = cluster.wait_commits(names, after, instance, _GS_WAIT_S)
+                seq, new_instance = int(answer["seq"]), str(answer["instance_id"])
+                changed = answer["names"]
+            except Exception as exc:  # the Global Store away (or a malformed answer)
                 if not failing:
-                    logger.warning("watching commits on the Global Store: %s", exc.message)
+                    logger.warning("watching commits on the Global Store: %s", exc)
                 failing, after = True, -1  # a fresh look once it answers again
                 self._stop.wait(_GS_RETRY_S)
                 continue
-            failing = False
-            if answer["names"] is None or answer["instance_id"] != instance:
-                self.watch.bump_all()  # a restart, or the log moved past us: look again
-            elif answer["names"]:
-                self.watch.bump(answer["names"])
-            after, instance = int(answer["seq"]), str(answer["instance_id"])
+            if failing or changed is None or new_instance != instance:
+                self.watch.bump_all()  # back, restarted, or the log moved past us: look again
+            elif changed:
+                self.watch.bump(changed)
+            failing, after, instance = False, seq, new_instance
 
     # ---- holds ------------------------------------------------------------------------------
     def hold(
@@ -239,8 +278,11 @@ class WeightSync:
         cluster = self.store.cluster
         self.watch.touch(parse_key(request.key)[0])
         if cluster is None:
+            self._on_this_node(request.key)
             with self.store.lock:
                 key, artifact_id = self.store.resolve_local(request.key)
+                if artifact_id in self.deleting:
+                    raise NotFoundError(f"{key} is being deleted")
                 hold_id = self.holds.take(artifact_id, sid, ttl, time.monotonic())
                 self.store.metrics.reader_holds.set(len(self.holds))
             return daemon_pb2.HoldVersionResponse(hold_id=hold_id, key=key, artifact_id=artifact_id)
@@ -253,6 +295,16 @@ class WeightSync:
             key=str(entry["key"]),
             artifact_id=str(entry["artifact_id"]),
         )
+
+    def _on_this_node(self, key: str) -> None:
+        """[lone node] A version evicted to shared disk (or written by an earlier daemon) is
+        read back into memory first, as a Lookup would; NOT_FOUND when it is nowhere."""
+        try:
+            self.store.resolve_local(key)
+        except NotFoundError:
+            if not self.store.persistence.configured:
+                raise
+            self.store.persistence.rehydrate(key)
 
     def release(
         self, request: daemon_pb2.ReleaseHoldRequest, sid: str

@@ -90,6 +90,7 @@ _CATALOG_METHODS = (
     "hold",
     "release_hold",
     "release_holds",
+    "check_unheld",
 )
 _NODE_POLL_S = 1.0
 _WAIT_COMMITS_MAX_S = 10.0  # one wait_commits call waits at most this long (daemons loop)
@@ -660,12 +661,19 @@ class GlobalStoreActor:
     # ---- weight sync: watchers and reader holds ------------------------------------------
     @ray.method(concurrency_group="watch")
     def wait_commits(
-        self, token: str, node_id: str, names: list[str], after_seq: int, wait_s: float
+        self,
+        token: str,
+        node_id: str,
+        names: list[str],
+        after_seq: int,
+        wait_s: float,
+        instance_id: str = "",
     ) -> dict[str, Any]:
         """[a daemon's watcher] Wait until a version commits after ``after_seq`` (or
         ``wait_s`` passes, at most 10 s): answers this instance's id, the last commit's
         number and the names committed since (``names: None`` — the log does not reach back
-        that far, or ``after_seq < 0``: resolve what you watch). ``names`` are the names the
+        that far, ``after_seq < 0``, or ``instance_id`` — the instance that numbered
+        ``after_seq`` — is not this one: resolve what you watch). ``names`` are the names the
         node watches: they make it a subscriber node (``subscriber_nodes``)."""
         with self.metrics.observe_rpc("wait_commits"):
             self._check_token(token)
@@ -676,6 +684,8 @@ class GlobalStoreActor:
                     self._watchers.setdefault(str(name), {})[node_id] = now
                 self._watching += 1
                 self.metrics.watchers.set(self._watching)
+                if instance_id and instance_id != self.instance_id:
+                    after_seq = -1  # numbered by an earlier instance: look again at once
                 try:
                     return self._commits_after(after_seq, deadline)
                 finally:
@@ -729,6 +739,12 @@ class GlobalStoreActor:
             return {**entry.to_dict(), "hold_id": hold_id}
 
         return self._call("hold", token, run)
+
+    @ray.method(concurrency_group="control")
+    def check_unheld(self, token: str, key: str) -> None:
+        """FAILED_PRECONDITION while a reader holds ``key``'s version (a delete unless_held
+        asks first, before it stops the version's persistence task)."""
+        self._call("check_unheld", token, lambda: self._refuse_held(key))
 
     @ray.method(concurrency_group="control")
     def release_hold(self, token: str, hold_id: str) -> bool:

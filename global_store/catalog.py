@@ -213,7 +213,12 @@ class ClusterCatalog:
         longer reaches back that far (the caller then resolves what it watches itself)."""
         if after_seq < self._log_floor:
             return None
-        return {name for seq, name in self._log if seq > after_seq}
+        names: set[str] = set()
+        for seq, name in reversed(self._log):  # newest first: stop at the first one seen
+            if seq <= after_seq:
+                break
+            names.add(name)
+        return names
 
     def mark_durable(self, artifact_id: str) -> Entry:
         """A complete copy of ``artifact_id`` is on shared disk: it stays in the catalog

@@ -150,8 +150,9 @@ DEFAULT_RETRY_POLICIES: Mapping[str, RetryPolicy] = MappingProxyType(
         "persistence_status": RetryPolicy(30.0, 3),
         # One held WaitLatest call (up to 10 s); Subscriber.wait_for loops to its own timeout.
         "wait_for": RetryPolicy(40.0, 4),
-        # Reader holds around a Subscriber.pull / weights.reading (metadata only).
-        "hold": RetryPolicy(15.0, 3),
+        # Reader holds around a Subscriber.pull / weights.reading (metadata only); rides out
+        # a Global Store restart (it rebuilds its catalog for up to 30 s).
+        "hold": RetryPolicy(60.0, 8, 0.5),
     }
 )
 

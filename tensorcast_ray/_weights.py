@@ -36,6 +36,7 @@ from tensorcast_ray._errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from tensorcast_ray._policy import StorePolicy
 from tensorcast_ray._proto.tensorcast_ray.v1 import daemon_pb2
@@ -194,7 +195,15 @@ class Publisher:
         self._published: list[str] = [k for _, k in numbered]
         self._last: int | None = numbered[-1][0] if numbered else None
         self._lock = threading.Lock()
+        self._buffers: dict[str, set[str]] = {}  # registered version -> its tc.empty buffers
         self.last_replication: dict[str, Any] = {}
+
+    def _live_buffers(self) -> set[str]:
+        """The tc.empty buffers behind versions this publisher registered and still keeps."""
+        live = set(self._published)  # named versions are never collected: always kept
+        for key in [k for k in self._buffers if k not in live and _int_version(k) is not None]:
+            del self._buffers[key]
+        return set().union(*self._buffers.values()) if self._buffers else set()
 
     @property
     def versions(self) -> list[str]:
@@ -240,9 +249,20 @@ class Publisher:
                 raise InvalidArgumentError(
                     f"publish takes a mapping of name to tensor, got {type(state_dict).__name__}"
                 )
-            zero_copy = bool(state_dict) and _buffer_refs(self._store, state_dict) is not None
-            if zero_copy:
+            refs = _buffer_refs(self._store, state_dict) if state_dict else None
+            buffers = set(refs[0]) if refs is not None else set()
+            if buffers and buffers & self._live_buffers():
+                # Those buffers back a version still kept: registering them again would make
+                # two versions one memory (readers of the older would see the newer's bytes).
+                logger.warning(
+                    "publish %s: its tc.empty buffers back an earlier version still kept; "
+                    "copying it (publish each step from fresh buffers for zero-copy)",
+                    key,
+                )
+                buffers = set()
+            if buffers:
                 self._store.register(state_dict, key, policy=self.policy)
+                self._buffers[key] = buffers
             else:
                 self._store.put(state_dict, key, policy=self.policy)
             if number is not None:
@@ -368,7 +388,15 @@ class Subscriber:
         with self._store._verb("wait_for"):
             return self._wait(newer_than, timeout, None)
 
-    def _wait(self, newer_than: str | None, timeout: float | None, cancel: _Cancel | None) -> str:
+    def _wait(
+        self,
+        newer_than: str | None,
+        timeout: float | None,
+        cancel: _Cancel | None,
+        track: bool = True,
+    ) -> str:
+        """``track``: remember the version returned in ``seen`` (an UpdateHandle keeps its
+        own, so it never moves what ``wait_for`` returns next)."""
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
         ):
@@ -381,9 +409,16 @@ class Subscriber:
         after = than or ""
         while True:
             remaining = _WAIT_CALL_S if deadline is None else deadline - time.monotonic()
-            key, _ = self._wait_call(after, max(0.0, min(remaining, _WAIT_CALL_S)), cancel)
+            try:
+                key, _ = self._wait_call(after, max(0.0, min(remaining, _WAIT_CALL_S)), cancel)
+            except UnavailableError:
+                # The daemon or Global Store away past a call's retries: a wait waits on.
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                key = ""
             if key and is_newer(key, than):
-                self.seen = key
+                if track:
+                    self.seen = key
                 return key
             if key:
                 after = key  # latest moved back (a delete): wait past what it names now
@@ -402,7 +437,7 @@ class Subscriber:
         Exceptions from the callback are logged; the handle's ``close()`` stops it."""
         if not callable(callback):
             raise InvalidArgumentError("callback must be callable, taking the new key")
-        start = None if include_current else (self.latest() or "")
+        start = "" if include_current else (self.latest() or "")
         return UpdateHandle(self, callback, start)
 
     def reading(
@@ -450,6 +485,14 @@ class Subscriber:
                     f"tensors, e.g. {list(tensors)[:5]}"
                 )
             mapped = {n: _renamed(n, rename) for n in chosen}
+            if len(set(mapped.values())) < len(mapped):
+                seen_t: dict[str, str] = {}
+                for n, t in mapped.items():
+                    if t in seen_t:
+                        raise InvalidArgumentError(
+                            f"rename maps both {seen_t[t]!r} and {n!r} to target {t!r}"
+                        )
+                    seen_t[t] = n
             absent = [t for t in mapped.values() if t not in targets]
             if absent:
                 raise InvalidArgumentError(
@@ -458,10 +501,10 @@ class Subscriber:
                 )
             if names is None:
                 _check_covered(concrete, targets, set(mapped.values()))
-            by_source = {n: targets[t] for n, t in mapped.items()}
-            expected = {n: _spec(tensors[n]) for n in chosen}
-            _validate_targets(concrete, by_source, expected)
-            _copy_into_targets(by_source, [(n, tensors[n]) for n in chosen])
+            chosen_targets = {t: targets[t] for t in mapped.values()}
+            expected = {mapped[n]: _spec(tensors[n]) for n in chosen}
+            _validate_targets(concrete, chosen_targets, expected)
+            _copy_into_targets(chosen_targets, [(mapped[n], tensors[n]) for n in chosen])
             committed_ms = int(art._entry.info.created_unix_ms)
         metrics = get_sdk_metrics()
         metrics.weights_pull.observe(time.perf_counter() - start)
@@ -507,7 +550,7 @@ class UpdateHandle:
     """A running :meth:`Subscriber.on_update`; ``close()`` stops it (and waits for a callback
     in progress, unless called from inside it)."""
 
-    def __init__(self, sub: Subscriber, callback: Callable[[str], Any], start: str | None) -> None:
+    def __init__(self, sub: Subscriber, callback: Callable[[str], Any], start: str) -> None:
         self._sub = sub
         self._callback = callback
         self._last = start
@@ -522,7 +565,7 @@ class UpdateHandle:
         backoff = 0.5
         while not self._cancel.closed:
             try:
-                key = self._sub._wait(self._last, None, self._cancel)
+                key = self._sub._wait(self._last, None, self._cancel, track=False)
             except _Cancelled:
                 return
             except ArtifactError as exc:  # the daemon away for longer than a retry covers
@@ -566,8 +609,16 @@ def _targets_of(into: Any) -> dict[str, Any]:
     import torch
 
     if isinstance(into, torch.nn.Module):
-        return dict(into.state_dict(keep_vars=True))
+        # Tensors only: a module's extra state (get_extra_state) is not weights.
+        return {
+            k: v for k, v in into.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)
+        }
     if isinstance(into, Mapping):
+        bad = [k for k, v in into.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise InvalidArgumentError(
+                f"target {bad[0]!r} is a {type(into[bad[0]]).__name__}, not a torch.Tensor"
+            )
         return dict(into)
     raise InvalidArgumentError(
         f"pull copies into a torch.nn.Module or a dict of tensors, got {type(into).__name__}"

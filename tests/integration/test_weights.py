@@ -47,19 +47,20 @@ def _sd(seed: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in _model(seed).state_dict().items()}
 
 
-def _wait_rpcs() -> float:
+def _daemon_metric(name: str, **labels: str) -> float:
+    """One sample of this node's daemon metrics, scraped over HTTP (0 when absent)."""
     address = _bootstrap.current().client.hello.metrics_address
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
         text = r.read().decode()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if (
-                s.name == "tc_daemon_rpc_total"
-                and s.labels.get("method") == "WaitLatest"
-                and s.labels.get("code") == "OK"
-            ):
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return 0.0
+
+
+def _wait_rpcs() -> float:
+    return _daemon_metric("tc_daemon_rpc_total", method="WaitLatest", code="OK")
 
 
 @ray.remote(num_cpus=0, max_concurrency=2)
@@ -98,7 +99,7 @@ def test_wait_for_wakes_at_a_publish_in_another_process_with_one_held_call(
             target=lambda: woke.append((sub.wait_for(timeout=60), time.monotonic()))
         )
         t.start()
-        wait_for(lambda: _wait_rpcs() - before >= 1, 10, "the wait to be held")
+        wait_for(lambda: _daemon_metric("tc_daemon_weight_waiters") == 1, 10, "the wait to be held")
         key, published_at = ray.get(other.publish.remote("pol", 1))
         t.join(60)
         assert woke and woke[0][0] == key == "pol:1"
@@ -270,3 +271,55 @@ def test_publish_of_tc_empty_tensors_registers_them_without_a_copy(namespace: st
     assert all(got[k].equal(sd[k]) for k in sd)
     plain = tc.weights.Publisher("p").publish(_sd(1))
     assert tc.artifact(plain).info().kind == "put"
+
+
+def test_pull_edge_cases_and_update_handles_keep_their_own_place(namespace: str) -> None:
+    _init(namespace)
+    pub = tc.weights.Publisher("e", keep_last=10)
+    sub = tc.weights.Subscriber("e")
+    k1 = pub.publish(_sd(1))
+
+    class WithExtra(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = _model(0)
+
+        def get_extra_state(self) -> dict[str, int]:
+            return {"step": 3}
+
+        def set_extra_state(self, state: Any) -> None:
+            pass
+
+    extra = WithExtra()
+    assert sub.pull(extra, rename=lambda n: f"inner.{n}") == k1  # extra state is not weights
+    assert extra.inner[0].weight.equal(_sd(1)["0.weight"])
+    with pytest.raises(tc.InvalidArgumentError, match="maps both"):
+        sub.pull({"w": torch.empty(32, 16)}, names=["0.weight", "2.weight"], rename=lambda n: "w")
+    with pytest.raises(tc.InvalidArgumentError, match=r"not a torch\.Tensor"):
+        sub.pull({"0.weight": [1.0]}, names=["0.weight"])
+    # A subscriber that pulled the current version still gets it from include_current, and a
+    # handle moving on does not move what wait_for returns next.
+    got: list[str] = []
+    with sub.on_update(got.append, include_current=True):
+        wait_for(lambda: got == [k1], 10, "the current version")
+        k2 = pub.publish(_sd(2))
+        wait_for(lambda: got == [k1, k2], 10, "the next version")
+    assert sub.seen == k1 and sub.wait_for(timeout=5) == k2
+
+
+def test_republished_tc_empty_buffers_are_copied_not_aliased(namespace: str) -> None:
+    _init(namespace)
+    pub = tc.weights.Publisher("r", keep_last=2)
+    buf = {k: tc.empty(v.shape, dtype=v.dtype) for k, v in _sd(1).items()}
+    for k, v in _sd(1).items():
+        buf[k].copy_(v)
+    k1 = pub.publish(buf)
+    assert tc.artifact(k1).info().kind == "register"
+    for k, v in _sd(2).items():  # the trainer writes the same buffers for the next step
+        buf[k].copy_(v)
+    k2 = pub.publish(buf)
+    # k1 is still kept, so k2 is a copy: k1 must not change under its readers later.
+    assert tc.artifact(k2).info().kind == "put"
+    for k, v in _sd(3).items():
+        buf[k].copy_(v)
+    assert tc.get(k2)["0.weight"].equal(_sd(2)["0.weight"])

@@ -252,11 +252,15 @@ def test_publish_replicates_to_subscriber_nodes_and_a_node_keeps_one_copy(
         info = ray.get(pub.info.remote(key2))
         assert info["replicas"] == sorted(nodes)
         assert info["kinds"][nodes[1]] == info["kinds"][nodes[2]] == "replica"
-        # Two subscribers on node 1 read it: no second copy on that node.
-        used_before = ray.get(b1.daemon_usage.remote())
-        assert ray.get([b1.pull.remote(key2), b2.pull.remote(key2)]) == [(key2, True)] * 2
-        assert ray.get(b2.daemon_usage.remote()) == used_before
-        assert ray.get(b1.info.remote(key2))["replicas"] == sorted(nodes)
+        # Two subscribers on node 1 reading a version that is not there yet, at once, land
+        # one copy: node 1 grows by what node 2 grows with one reader.
+        key3, _, _ = ray.get(pub.publish.remote(103, 2, False), timeout=120)
+        before = ray.get([b1.daemon_usage.remote(), c.daemon_usage.remote()])
+        pulls = [b1.pull.remote(key3), b2.pull.remote(key3), c.pull.remote(key3)]
+        assert ray.get(pulls, timeout=120) == [(key3, True)] * 3
+        after = ray.get([b1.daemon_usage.remote(), c.daemon_usage.remote()])
+        assert after[0] - before[0] == after[1] - before[1] > 0
+        assert ray.get(b1.info.remote(key3))["replicas"] == sorted(nodes)
     finally:
         _close(pub, b1, b2, c)
 

@@ -164,3 +164,75 @@ def test_close_wakes_every_waiter() -> None:
     watch.close()
     t.join(30)
     assert out == [True] and watch.closed
+
+
+# ---- the daemon's cluster watcher, against a scripted Global Store ---------------------------
+class _ScriptedCluster:
+    """Answers wait_commits from a queue (an exception is raised); records each call."""
+
+    node_id = "node-a"
+
+    def __init__(self) -> None:
+        import queue
+
+        self.answers: queue.Queue[object] = queue.Queue()
+        self.calls: list[tuple[list[str], int, str]] = []
+
+    def wait_commits(
+        self, names: list[str], after: int, instance: str, wait_s: float
+    ) -> dict[str, object]:
+        self.calls.append((list(names), after, instance))
+        item = self.answers.get(timeout=30)
+        if isinstance(item, BaseException):
+            raise item
+        assert isinstance(item, dict)
+        return item
+
+
+class _Store:
+    def __init__(self, cluster: _ScriptedCluster) -> None:
+        self.cluster = cluster
+
+
+def test_the_watcher_wakes_on_changes_resyncs_on_restarts_and_failures_and_exits_idle() -> None:
+    from tests.helpers import wait_for
+
+    clock = Clock()
+    cluster = _ScriptedCluster()
+    sync = daemon_weights.WeightSync(_Store(cluster))  # type: ignore[arg-type]
+    sync.watch = LatestWatch(clock=clock)
+    sync.watch.enter("p")
+    sync._ensure_watcher()
+    first = sync._watcher
+    assert first is not None
+
+    def answer(item: object, gen: int, calls: int) -> None:
+        cluster.answers.put(item)
+        wait_for(lambda: len(cluster.calls) >= calls, 10, f"call {calls}")
+        wait_for(lambda: sync.watch.generation("p") == gen, 10, f"generation {gen}")
+
+    answer({"instance_id": "i1", "seq": 5, "names": None}, 1, 2)  # first look: everything
+    assert cluster.calls[0] == (["p"], -1, "")
+    assert cluster.calls[1] == (["p"], 5, "i1")
+    answer({"instance_id": "i1", "seq": 6, "names": ["q"]}, 1, 3)  # another name: not p
+    answer({"instance_id": "i1", "seq": 7, "names": ["p"]}, 2, 4)
+    assert cluster.calls[3][1:] == (7, "i1")
+    answer({"instance_id": "i2", "seq": 1, "names": []}, 3, 5)  # a new Global Store instance
+    answer(RuntimeError("malformed answer"), 3, 6)  # the watcher survives, then looks afresh
+    assert cluster.calls[5][1] == -1
+    answer({"instance_id": "i2", "seq": 2, "names": []}, 4, 7)
+    # No interest left: the watcher ends after its call, and the next waiter starts another.
+    sync.watch.leave("p")
+    clock.t += daemon_weights.INTEREST_S + 1
+    cluster.answers.put({"instance_id": "i2", "seq": 2, "names": []})
+    wait_for(lambda: sync._watcher is None, 10, "the idle watcher to end")
+    first.join(10)
+    assert not first.is_alive()
+    sync.watch.enter("p")
+    sync._ensure_watcher()
+    second = sync._watcher
+    assert second is not None and second is not first
+    sync.close()
+    cluster.answers.put({"instance_id": "i2", "seq": 2, "names": []})
+    second.join(10)
+    assert not second.is_alive() and sync._watcher is None
