@@ -28,8 +28,8 @@ differs; each engine checks it applied the step's value):
 
 The sync time of a step is from the trainer starting (``publish`` / ``ray.put`` /
 ``safetensors.save``) to the last engine done applying (one host: the processes share a
-clock). The engines subscribe a few seconds before the first publish of a name (as rollout
-engines do: a node counts as a subscriber once its daemon's watcher told the Global Store).
+clock). The engines subscribe (``Subscriber.latest``) before the first publish of a name, as
+rollout engines do: their daemon tells the Global Store at once that the node subscribes.
 The first step of a size is reported apart (cold: fresh segments, first pulls); the others
 give median and min. Then node vs engine scaling at ``--scale-mib`` (default: the smallest
 size): the same sync with 1 node x 1 engine, 1 node x 2, 2 nodes x 1, 2 nodes x 2 (each on
@@ -95,8 +95,8 @@ SIZES_MIB = (256, 1024)
 QUICK_SIZES_MIB = (32, 64)
 STEPS = 5
 QUICK_STEPS = 3
-#: how long after subscribing the engines' nodes count as subscribers (a watcher's cycle)
-SUBSCRIBE_S = 6.0
+#: a pause between subscribing and the first publish (0: a daemon announces its node at once)
+SUBSCRIBE_S = 0.0
 KEEP_LAST = 1  # the newest version only (RAM: a 1 GiB version on 3 nodes is 3 GiB)
 #: RAM left free beyond a path's copies: Ray kills workers above 95 % of the host's RAM
 HEADROOM = 2 << 30
@@ -452,12 +452,11 @@ class Run:
     def tc_steps(
         self, name: str, engines: list[int], steps: int, settle_s: float = SUBSCRIBE_S
     ) -> list[dict[str, Any]]:
-        # The engines subscribe first, as rollout engines do long before the first publish: a
-        # daemon's watcher tells the Global Store the names it watches when its held
-        # wait_commits call (up to 5 s) comes round, and only then is the node a subscriber
-        # that publish replicates to.
+        # The engines subscribe first, as rollout engines do before the first publish: their
+        # daemon tells the Global Store the node subscribes, so publish replicates there.
         ray.get([self.engines[i].subscribe.remote(name) for i in engines])
-        time.sleep(settle_s)
+        if settle_s:
+            time.sleep(settle_s)
         out, key = [], None
         for _ in range(steps):
             r = self.tc_sync(name, engines, key)

@@ -438,6 +438,10 @@ class ClusterTier:
     def subscriber_nodes(self, name: str) -> list[str]:
         return list(self._gs_call("subscriber_nodes", name))
 
+    def subscribe(self, name: str) -> None:
+        """This node watches ``name`` from now on (its watcher's calls keep saying so)."""
+        self._gs_call("subscribe", self.node_id, name)
+
     def hold(self, key: str, owner: str, ttl_s: float) -> dict[str, Any]:
         return self._gs_call("hold", key, owner, ttl_s)
 
@@ -728,6 +732,8 @@ class ClusterTier:
         """Tell the Global Store this node now holds a copy. A version deleted while its copy
         was landing is dropped here at once (the delete could not reach a copy it did not
         know of) and the read fails NOT_FOUND, as it would have a moment later."""
+        with self._cond:  # a chain's next node waiting in open_transfer may take it now
+            self._cond.notify_all()
         try:
             self._gs_call("add_replica", artifact_id, self.node_id, kind)
         except NotFoundError as exc:

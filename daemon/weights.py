@@ -151,6 +151,8 @@ class WeightSync:
         self._resolved: dict[str, tuple[int, float, str]] = {}
         # artifact ids a lone daemon is deleting (unless_held): no new hold on them
         self.deleting: set[str] = set()
+        # names the Global Store was told this node subscribes to (while the watcher runs)
+        self._announced: set[str] = set()
 
     # ---- commits --------------------------------------------------------------------------
     def committed(self, key: str) -> None:
@@ -176,6 +178,7 @@ class WeightSync:
         self.store.metrics.weight_waiters.inc()
         try:
             self._ensure_watcher()
+            self._announce(name)
             while True:
                 try:
                     key = self._latest(name)
@@ -225,6 +228,22 @@ class WeightSync:
         except NotFoundError:
             return ""
 
+    def _announce(self, name: str) -> None:
+        """A name newly watched here: the Global Store learns at once that this node
+        subscribes (a publish right now replicates here), not at the watcher's next call."""
+        cluster = self.store.cluster
+        if cluster is None:
+            return
+        with self._lock:
+            if name in self._announced:
+                return
+        try:
+            cluster.subscribe(name)
+        except UnavailableError:
+            return  # the watcher's next call says it
+        with self._lock:
+            self._announced.add(name)
+
     def _ensure_watcher(self) -> None:
         if self.store.cluster is None:
             return
@@ -244,6 +263,7 @@ class WeightSync:
             with self._lock:
                 if self._watcher is threading.current_thread():
                     self._watcher = None  # whatever ended it, the next waiter starts one
+                self._announced.clear()  # its calls no longer keep them fresh
 
     def _watch_loop(self) -> None:
         after, instance, failing = -1, "", False

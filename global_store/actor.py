@@ -86,6 +86,7 @@ _CATALOG_METHODS = (
     "sync_node",
     "leave",
     "wait_commits",
+    "subscribe",
     "subscriber_nodes",
     "hold",
     "release_hold",
@@ -704,6 +705,16 @@ class GlobalStoreActor:
                     "names": None if changed is None else sorted(changed),
                 }
             self._commit_cond.wait(remaining)
+
+    @ray.method(concurrency_group="control")
+    def subscribe(self, token: str, node_id: str, name: str) -> None:
+        """``node_id`` has a subscriber of ``name`` from now on (its daemon's first waiter
+        says so at once; its watcher's calls then keep it fresh)."""
+
+        def run() -> None:
+            self._watchers.setdefault(name, {})[node_id] = time.monotonic()
+
+        self._call("subscribe", token, run)
 
     @ray.method(concurrency_group="control")
     def subscriber_nodes(self, token: str, name: str) -> list[str]:
