@@ -67,6 +67,9 @@ class Peer:
     def gc(self) -> list[str]:
         return self.pub.gc()
 
+    def replicate_to_subscribers(self, key: str) -> dict[str, str]:
+        return {n: r.status for n, r in self.tc.replicate(key, nodes="subscribers").items()}
+
     def latest(self) -> str | None:
         return self.sub.latest()
 
@@ -287,3 +290,21 @@ def test_gc_keeps_a_version_held_on_another_node_until_released(cluster: Any, ns
         assert ray.get(b.exists.remote(k3)) is False and ray.get(b.exists.remote(k4)) is True
     finally:
         _close(pub, b)
+
+
+def test_a_node_subscribes_at_once_while_its_watcher_already_runs(cluster: Any, ns: str) -> None:
+    pub = _peer(ns, "fresh", 0)
+    busy, late = _peer(ns, "busy", 1), _peer(ns, "fresh", 1)
+    try:
+        nodes = node_ids(cluster)
+        key, _, _ = ray.get(pub.publish.remote(101, 2, False), timeout=120)  # nobody subscribes
+        held = busy.wait.remote(None, 30.0)  # node 1's watcher runs, watching "busy" only
+        wait_for(lambda: ray.get(busy.waiters.remote()) == 1, 30, "the busy subscriber to wait")
+        assert ray.get(late.latest.remote()) == key  # node 1 now watches "fresh" too
+        # No commit since: the watcher's held call (naming "busy" only) has not come round.
+        results = ray.get(pub.replicate_to_subscribers.remote(key), timeout=120)
+        assert results == {nodes[1]: "ready"}
+        assert ray.get(late.info.remote(key))["kinds"][nodes[1]] == "replica"
+        del held  # ends with its actor below
+    finally:
+        _close(pub, busy, late)
