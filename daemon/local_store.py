@@ -182,6 +182,12 @@ class LocalStore:
         with self._lock:
             return self._leases.catalog.resolve(key)
 
+    def committing(self, artifact_id: str) -> bool:
+        """A write of ``artifact_id`` on this node that has not committed here yet (the
+        cluster's commit comes first)."""
+        with self._lock:
+            return any(p.artifact.artifact_id == artifact_id for p in self._leases.pending.values())
+
     @property
     def node_id(self) -> str:
         cluster = self._cluster

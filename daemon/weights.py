@@ -218,7 +218,7 @@ class WeightSync:
                 return cached[2]
             entry = cluster.resolve(key=f"{name}:latest")
             key = str(entry["key"])
-            if entry.get("node_id") == cluster.node_id and not self.store.local_artifact(
+            if entry.get("node_id") == cluster.node_id and self.store.committing(
                 str(entry["artifact_id"])
             ):
                 return ""  # written here, not committed here yet: committed() wakes us
