@@ -526,6 +526,27 @@ def report(results: dict[str, Any]) -> None:
     print(f"\nleftovers in /dev/shm: {results['leftovers'] or 'none'}")
 
 
+def teardown(actors: Any, namespace: str, cluster: Any, temp_dir: str) -> None:
+    """Close the benchmark's actors, stop the namespace's daemons (their shared memory
+    freed), then Ray and the simulated cluster; remove the temp dir."""
+    if ray.is_initialized():
+        for actor in actors:
+            try:
+                ray.get(actor.close.remote(), timeout=60)
+            except Exception:
+                pass
+            ray.kill(actor)
+        stop_namespace(namespace)
+        try:
+            wait_for(lambda: not shm_leftovers(namespace), 30, "the daemons' shm to go")
+        except RuntimeError:
+            pass
+        ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -577,23 +598,7 @@ def main() -> None:
     except Exception as exc:  # report what was measured, then fail
         results["error"] = f"{type(exc).__name__}: {exc}"[:2000]
     finally:
-        if ray.is_initialized():
-            if run is not None:
-                for actor in run.actors():
-                    try:
-                        ray.get(actor.close.remote(), timeout=60)
-                    except Exception:
-                        pass
-                    ray.kill(actor)
-            stop_namespace(namespace)
-            try:
-                wait_for(lambda: not shm_leftovers(namespace), 30, "the daemons' shm to go")
-            except RuntimeError:
-                pass
-            ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        teardown(run.actors() if run is not None else [], namespace, cluster, temp_dir)
     results["leftovers"] = shm_leftovers(namespace)
     results["wall_s"] = time.perf_counter() - started
     report(results)

@@ -55,7 +55,6 @@ import ctypes
 import gc
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -81,8 +80,8 @@ from cluster import (
     daemon,
     delta,
     shm_leftovers,
-    stop_namespace,
     stored_bytes,
+    teardown,
     transfer_bytes,
     wait_for,
 )
@@ -762,23 +761,7 @@ def session(
     except Exception as exc:  # report what was measured, then fail
         results["error"] = f"{'/'.join(paths)}: {type(exc).__name__}: {exc}"[:2000]
     finally:
-        if ray.is_initialized():
-            if run is not None:
-                for actor in run.actors():
-                    try:
-                        ray.get(actor.close.remote(), timeout=60)
-                    except Exception:
-                        pass
-                    ray.kill(actor)
-            stop_namespace(namespace)
-            try:
-                wait_for(lambda: not shm_leftovers(namespace), 30, "the daemons' shm to go")
-            except RuntimeError:
-                pass
-            ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        teardown(run.actors() if run is not None else [], namespace, cluster, temp_dir)
     results["leftovers"] += shm_leftovers(namespace)
 
 
