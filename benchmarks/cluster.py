@@ -188,8 +188,8 @@ class Bench:
 
 
 # ---- the cluster and its daemons ------------------------------------------------------------
-def start_cluster(temp_dir: str, object_store_bytes: int) -> Any:
-    """The head (node 0) and ``NODES - 1`` added nodes, each ``object_store_bytes`` of
+def start_cluster(temp_dir: str, object_store_bytes: int, nodes: int = NODES) -> Any:
+    """The head (node 0) and ``nodes - 1`` added nodes, each ``object_store_bytes`` of
     object store (they share this host's RAM with the daemons' shared memory)."""
     from ray.cluster_utils import Cluster
 
@@ -204,7 +204,7 @@ def start_cluster(temp_dir: str, object_store_bytes: int) -> Any:
             "temp_dir": temp_dir,
         },
     )
-    for i in range(1, NODES):
+    for i in range(1, nodes):
         cluster.add_node(
             num_cpus=2, resources={f"tc_node_{i}": 1}, object_store_memory=object_store_bytes
         )

@@ -75,7 +75,6 @@ import torch
 
 # benchmarks/ is on sys.path when run as a script; driver-side helpers only
 from cluster import (
-    FAST_HEALTH,
     available_bytes,
     daemon,
     delta,
@@ -84,6 +83,9 @@ from cluster import (
     teardown,
     transfer_bytes,
     wait_for,
+)
+from cluster import (
+    start_cluster as start_nodes,
 )
 
 MiB = 1 << 20
@@ -344,26 +346,8 @@ class Engine:
 
 # ---- the cluster --------------------------------------------------------------------------
 def start_cluster(temp_dir: str, object_store_bytes: int) -> Any:
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "resources": {"tc_node_0": 1},
-            "object_store_memory": object_store_bytes,
-            "_system_config": FAST_HEALTH,
-            "include_dashboard": False,
-            "temp_dir": temp_dir,
-        },
-    )
-    for i in range(1, NODES):
-        cluster.add_node(
-            num_cpus=2, resources={f"tc_node_{i}": 1}, object_store_memory=object_store_bytes
-        )
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    return cluster
+    """The trainer's node and the engines' nodes (benchmarks/cluster.py starts them)."""
+    return start_nodes(temp_dir, object_store_bytes, NODES)
 
 
 def on(cls: Any, node: int) -> Any:
