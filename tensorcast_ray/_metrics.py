@@ -123,12 +123,23 @@ class SdkMetrics(MetricsRegistry):
             "Old versions the publisher's collection deleted, or passed by (held by a reader).",
             ["outcome"],
         )
+        # Ray Serve (tensorcast_ray.integrations.serve).
+        self.serve_swaps = c(
+            "tc_serve_swaps",
+            "SharedWeights swaps to a new version, or loads of one that failed.",
+            ["outcome"],
+        )
+        self.serve_swap = h(
+            "tc_serve_swap_seconds",
+            "SharedWeights: from a new version's notification to it serving (map and build).",
+        )
         self._preinit(self.operation_latency, verb=VERBS)
         self._preinit(self.operation_errors, verb=VERBS, status=ERROR_STATUSES)
         self._preinit(self.operation_retries, verb=VERBS)
         self._preinit(self.region_backed_fallback, reason=REGION_BACKED_FALLBACK_REASONS)
         self._preinit(self.data_path, path=DATA_PATHS)
         self._preinit(self.weights_gc, outcome=("deleted", "held"))
+        self._preinit(self.serve_swaps, outcome=("swapped", "failed"))
 
     @staticmethod
     def _check_verb(verb: str) -> None:

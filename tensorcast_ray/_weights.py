@@ -134,17 +134,23 @@ def _reading(
 ) -> Iterator[tuple[str, Any, dict[str, torch.Tensor]]]:
     """:func:`reading`, also yielding the Artifact."""
     st = store if store is not None else _default_store()
-    parse_key(key)
-    if isinstance(ttl_s, bool) or not (isinstance(ttl_s, (int, float)) and ttl_s > 0):
-        raise InvalidArgumentError(f"ttl_s must be a number of seconds > 0, got {ttl_s!r}")
-    request = daemon_pb2.HoldVersionRequest(key=key, ttl_s=float(ttl_s))
-    with st._verb("hold"):
-        held = st._retrier.call("hold", lambda t: st._call_in_session("HoldVersion", request, t))
+    held = _hold(st, key, ttl_s)
     try:
         art = st.artifact(artifact_id=held.artifact_id)
         yield held.key, art, art.tensor_dict()
     finally:
         _release(st, held.hold_id)
+
+
+def _hold(st: Store, key: str, ttl_s: float) -> daemon_pb2.HoldVersionResponse:
+    """Take a reader hold on ``key`` (``name:latest`` resolved in the same step): its
+    concrete ``key``, ``artifact_id`` and ``hold_id`` (for :func:`_release`)."""
+    parse_key(key)
+    if isinstance(ttl_s, bool) or not (isinstance(ttl_s, (int, float)) and ttl_s > 0):
+        raise InvalidArgumentError(f"ttl_s must be a number of seconds > 0, got {ttl_s!r}")
+    request = daemon_pb2.HoldVersionRequest(key=key, ttl_s=float(ttl_s))
+    with st._verb("hold"):
+        return st._retrier.call("hold", lambda t: st._call_in_session("HoldVersion", request, t))
 
 
 def _release(st: Store, hold_id: str) -> None:
