@@ -300,7 +300,7 @@ class SharedWeights:
                     held.users += 1
                     self._retire(loaded)
                     return held
-                loaded.retired = loaded is not self._current
+                loaded.retired = True  # never current: released when its last request ends
                 self._entries[want] = loaded
                 loaded.users += 1
                 return loaded
