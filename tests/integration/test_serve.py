@@ -1,7 +1,8 @@
 """Ray Serve with shared weights (tensorcast_ray.integrations.serve), against a real Serve app
 on a real local Ray: an HTTP ingress deployment that pins a version and calls a 4-replica
 model deployment through a ``DeploymentHandle`` (model composition). The replicas add no
-private copy of a 256 MiB model (USS measured in each replica after a forward pass); every
+private copy of a 256 MiB model (anonymous memory measured in each replica after a forward
+pass, and every replica's parameters mapped from the same shared-memory files); every
 response comes from exactly one version while three new versions are published under a
 client's request loop, the versions a client sees only increase, and no request fails;
 scaling the model deployment down and up leaks no hold and no shared memory.
@@ -28,7 +29,7 @@ import torch
 
 import tensorcast_ray as tc
 from tensorcast_ray import _bootstrap
-from tests.helpers import leftovers, stop_namespace, wait_for
+from tests.helpers import leftovers, shm_prefix, stop_namespace, wait_for
 
 serve = pytest.importorskip("ray.serve", reason="ray[serve] (the serve extra) is not installed")
 
@@ -52,11 +53,26 @@ def _state_dict(version: int) -> dict[str, torch.Tensor]:
     return {f"{i}.weight": torch.full((WIDTH, WIDTH), version / WIDTH) for i in range(LAYERS)}
 
 
-def _memory() -> dict[str, int]:
-    import psutil
+def _anon_bytes() -> int:
+    """This process's anonymous memory: a private copy of the weights would land here, a mapping
+    of the shared copy does not. (USS would also count shared pages that only this process has
+    touched so far, so it depends on which replica reads first.)"""
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Anonymous line in /proc/self/smaps_rollup")
 
-    full = psutil.Process().memory_full_info()
-    return {"uss": int(full.uss)}
+
+def _backing_files(addrs: list[int]) -> list[str]:
+    """The file mapped at each address in this process ("" for anonymous memory)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((lo, hi, fields[5] if len(fields) > 5 else ""))
+    return [next((path for lo, hi, path in spans if lo <= a < hi), "") for a in addrs]
 
 
 @serve.deployment(num_replicas=4, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
@@ -65,7 +81,7 @@ class Model:
         from tensorcast_ray.integrations.serve import SharedWeights, module_builder
 
         tc.init(namespace=namespace, global_store_mode="none")
-        self.before = _memory()
+        self.before = _anon_bytes()
         self.weights = SharedWeights(NAME, build=module_builder(_make))
 
     async def __call__(self, version: str | None = None) -> dict[str, Any]:
@@ -88,7 +104,13 @@ class Model:
     def info(self) -> dict[str, Any]:
         with self.weights.use() as w, torch.no_grad():
             w.model(torch.ones(1, WIDTH))  # touch every page of every weight
-        return {"pid": os.getpid(), "before": self.before, "now": _memory(), **self.weights.info()}
+            files = _backing_files([p.data_ptr() for p in w.model.parameters()])
+        return {
+            "pid": os.getpid(),
+            "anon_growth": _anon_bytes() - self.before,
+            "files": files,
+            **self.weights.info(),
+        }
 
     def __del__(self) -> None:
         weights = getattr(self, "weights", None)
@@ -196,14 +218,16 @@ def test_four_replicas_share_one_copy(app: dict[str, Any]) -> None:
     assert status == 200 and _check_one_version(body, header) == 1
     infos = _replica_infos(4)
     assert len(infos) == 4
-    growth = {pid: i["now"]["uss"] - i["before"]["uss"] for pid, i in infos.items()}
-    # a private copy would add 256 MiB to each; the shared mapping adds none of it
-    for pid, grew in growth.items():
+    # a private copy would add 256 MiB of anonymous memory to each; the shared mapping adds none
+    for pid, info in infos.items():
+        grew = info["anon_growth"]
         assert grew < MODEL_BYTES // 8, f"replica {pid} grew {grew >> 20} MiB of private memory"
     assert all(i["key"] == f"{NAME}:1" for i in infos.values())
-    # one copy on the node: the version's segments, once (not one per replica)
-    art = tc.artifact(f"{NAME}:1")
-    assert art.nbytes == MODEL_BYTES
+    # one copy on the node: every replica's parameters live in the same shared-memory files
+    files = {tuple(i["files"]) for i in infos.values()}
+    assert len(files) == 1, files
+    (mapped,) = files
+    assert all(f.startswith(f"/dev/shm/{shm_prefix(app['ns'])}") for f in mapped), mapped
 
 
 def test_hot_swap_under_load_one_version_per_response(app: dict[str, Any]) -> None:
