@@ -1174,11 +1174,9 @@ class LocalStore:
             art = self._leases.artifacts.get(artifact_id)
             if art is None:
                 return None
-            if art.buffers:
-                raise FailedPreconditionError(
-                    f"{art.key} is a register of tc.empty buffers; copying it to another "
-                    "node is not supported yet (put a copy instead)"
-                )
+            # A register of tc.empty buffers moves like any version: its segments are the
+            # buffers (sized to them), its table places the tensors in them, and a landed copy
+            # is a put of its own on that node (its lifetime still follows this lease).
             return {
                 "key": art.key,
                 "artifact_id": art.artifact_id,

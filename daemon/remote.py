@@ -292,7 +292,7 @@ class ClusterTier:
             except Exception as exc:
                 err = map_exception(exc)
                 if err.status_code.name == "FAILED_PRECONDITION":
-                    raise err from exc  # e.g. a register of tc.empty buffers: no copy moves
+                    raise err from exc  # the node refuses to describe it: no other will do better
                 errors.append(f"{node[:12]}: {err.message}")
                 continue
             if meta is not None:

@@ -113,8 +113,8 @@ class TensorcastTransportMetadata(TensorTransportMetadata):
     node_id: str = ""
     #: the tensorcast namespace the producer wrote in; a reader not yet initialized joins it
     namespace: str = ""
-    #: the tensors lie in the producer's ``tc.empty`` buffers (no copy was made); such a
-    #: version is readable on the producer's node only (see docs/ray-transport.md)
+    #: the tensors lie in the producer's ``tc.empty`` buffers (no copy was made): readers on
+    #: its node map them; another node's daemon pulls a copy once (see docs/ray-transport.md)
     zero_copy: bool = False
 
 
@@ -472,16 +472,6 @@ class TensorcastTransport(TensorTransportManager):
                 "the actor that returned them exited (its register lease ended) or called "
                 f"tc.shutdown(), or the object was freed ({exc.message})"
             ) from exc
-        except FailedPreconditionError as exc:
-            if meta.zero_copy and _here() != meta.node_id:
-                raise FailedPreconditionError(
-                    f"RDT object {obj_id} was returned zero-copy from tc.empty buffers on node "
-                    f"{meta.node_id[:12]}, and such tensors are readable on that node only "
-                    "(the store does not copy a register of tc.empty buffers to other nodes "
-                    "yet); return ordinary tensors (one copy into the store) to read them "
-                    f"across nodes ({exc.message})"
-                ) from exc
-            raise
         return [got[str(i)] for i in range(count)]
 
     def abort_transport(self, obj_id: str, communicator_metadata: CommunicatorMetadata) -> None:
@@ -489,12 +479,3 @@ class TensorcastTransport(TensorTransportManager):
         logger.info(
             "RDT object %s: Ray aborted its transfer (the read ends by its deadline)", obj_id
         )
-
-
-def _here() -> str:
-    try:
-        import ray
-
-        return str(ray.get_runtime_context().get_node_id())
-    except Exception:  # pragma: no cover - outside Ray the node is unknown
-        return ""

@@ -376,6 +376,95 @@ def test_replicate_bad_requests(cluster: Any, ns: str) -> None:
     assert "not alive" in unknown_node["f" * 56]["reason"]
 
 
+# ---- a register of tc.empty buffers ---------------------------------------------------------
+def test_a_register_of_tc_empty_buffers_moves_like_a_put_and_ends_with_its_producer(
+    cluster: Any, ns: str
+) -> None:
+    """A zero-copy register (its bytes in the producer's ``tc.empty`` buffers, one tensor a
+    slice of a larger buffer) is read, viewed and replicated on other nodes from the buffers'
+    bytes, moving them once per node; when the producer exits, its buffers and every copy go."""
+    import ray
+
+    nodes = node_ids(cluster)
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class Producer:
+        def __init__(self, namespace: str) -> None:
+            import tensorcast_ray as tc
+
+            tc.init(namespace=namespace, daemon_config_path=DAEMON_CONFIG)
+            self.tc = tc
+
+        def register(self, key: str) -> dict[str, Any]:
+            import torch
+
+            sd = {}
+            for i in range(6):
+                t = self.tc.empty((MiB // 4,), torch.float32)  # 1 MiB each
+                t.copy_(torch.arange(t.numel(), dtype=torch.float32) * (i + 1))
+                sd[f"layer{i}.weight"] = t
+            big = self.tc.empty((2, MiB // 4), torch.float32)
+            big[0].fill_(3.0)
+            big[1].fill_(-1.0)
+            sd["head.weight"] = big[1]  # a slice: only its bytes belong to the version
+            result = self.tc.register(sd, key=key)
+            self.sd = sd  # the producer keeps its buffers
+            return {
+                "nbytes": result.nbytes,
+                "sums": {k: float(v.double().sum()) for k, v in sd.items()},
+            }
+
+    producer = Producer.options(resources={"tc_node_0": 0.01}).remote(ns)
+    try:
+        written = ray.get(producer.register.remote("emp:1"), timeout=120)
+        assert written["nbytes"] == 7 * MiB
+
+        def read(tc: Any) -> dict[str, Any]:
+            from tensorcast_ray._read_cache import in_read_only_mapping
+
+            art = tc.artifact("emp:1")
+            tensors = art.tensor_dict()
+            served_by = art.info().served_by  # by this read (the next one finds a copy here)
+            head = tc.get("emp:1", names=["head.weight"])["head.weight"]
+            return {
+                "sums": {k: float(v.double().sum()) for k, v in tensors.items()},
+                "head": float(head.double().sum()),
+                "zero_copy": all(in_read_only_mapping(t) for t in tensors.values()),
+                "served_by": served_by,
+            }
+
+        far = on_node(1, ns, read)
+        assert far["sums"] == written["sums"] and far["head"] == -float(MiB // 4)
+        assert far["served_by"] == "object_store" and far["zero_copy"]
+        # the buffers' bytes, once: the slice's whole buffer (8 MiB in all) and no more
+        assert 7 * MiB <= _bytes_in(ns, nodes[1]) <= 8 * MiB + MiB
+        again = on_node(1, ns, read)
+        assert again["sums"] == written["sums"] and again["served_by"] == "local"
+
+        def replicate(tc: Any) -> dict[str, Any]:
+            return {n: vars(r) for n, r in tc.replicate("emp:1", [nodes[2]]).items()}
+
+        result = on_node(0, ns, replicate)[nodes[2]]
+        assert result["status"] == "ready", result
+        there = on_node(2, ns, read)
+        assert there["sums"] == written["sums"] and there["served_by"] == "local"
+    finally:
+        ray.kill(producer)
+
+    # The producer's lease ends with it: the version and its copy on every node go.
+    def gone(tc: Any) -> list[Any]:
+        return [tc.exists("emp:1"), _error(lambda: tc.get("emp:1"))]
+
+    def no_artifacts(node: str) -> bool:
+        return int(ray.get(_daemon(ns, node).status.remote(), timeout=30)["artifacts"]) == 0
+
+    for node in nodes:
+        wait_for(lambda node=node: no_artifacts(node), 60, f"node {node[:12]} to drop emp:1")
+    for i in range(3):
+        exists, err = on_node(i, ns, gone)
+        assert exists is False and err.startswith("NotFoundError"), (i, err)
+
+
 # ---- delete ---------------------------------------------------------------------------------
 def test_delete_removes_every_replica_and_keeps_held_tensors(cluster: Any, ns: str) -> None:
     import ray

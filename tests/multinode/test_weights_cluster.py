@@ -53,13 +53,16 @@ class Peer:
         return ray.get_runtime_context().get_node_id()
 
     def publish(
-        self, seed: int, keep_last: int = 2, replicate: bool = True
+        self, seed: int, keep_last: int = 2, replicate: bool = True, zero_copy: bool = False
     ) -> tuple[str, float, dict[str, Any]]:
-        """Returns the key, when publish started (before the commit) and where it went."""
+        """Returns the key, when publish started (before the commit) and where it went.
+        ``zero_copy``: the tensors are written into fresh ``tc.empty`` buffers first."""
         if self.pub is None:
             self.pub = self.tc.weights.Publisher(self.name, keep_last=keep_last)
         self.pub.replicate = replicate
         sd = {k: v.detach().clone() for k, v in _model(seed).state_dict().items()}
+        if zero_copy:
+            sd = {k: self.tc.empty_like(v).copy_(v) for k, v in sd.items()}
         started = time.time()
         key = self.pub.publish(sd)
         return key, started, dict(self.pub.last_replication)
@@ -116,7 +119,7 @@ class Peer:
 
     def info(self, key: str) -> dict[str, Any]:
         info = self.tc.artifact(key).info()
-        return {"replicas": sorted(info.replicas), "kinds": info.replica_kinds}
+        return {"replicas": sorted(info.replicas), "kinds": info.replica_kinds, "kind": info.kind}
 
     def exists(self, key: str) -> bool:
         return self.tc.exists(key)
@@ -266,6 +269,23 @@ def test_publish_replicates_to_subscriber_nodes_and_a_node_keeps_one_copy(
         assert ray.get(b1.info.remote(key3))["replicas"] == sorted(nodes)
     finally:
         _close(pub, b1, b2, c)
+
+
+def test_a_zero_copy_publish_reaches_subscriber_nodes(cluster: Any, ns: str) -> None:
+    """A version published from ``tc.empty`` buffers (registered, no copy on its node) is
+    replicated to the subscriber nodes like any other, and pulled bit-exact there."""
+    pub, b, c = _peer(ns, "zc", 0), _peer(ns, "zc", 1), _peer(ns, "zc", 2)
+    try:
+        nodes = node_ids(cluster)
+        assert ray.get([b.latest.remote(), c.latest.remote()]) == [None, None]  # they subscribe
+        key, _, rep = ray.get(pub.publish.remote(101, 2, True, True), timeout=120)
+        assert rep["nodes"] == sorted(nodes[1:]) and rep["failed"] == {}, rep
+        info = ray.get(pub.info.remote(key))
+        assert info["kind"] == "register", info  # the publisher's own buffers, no copy
+        assert info["replicas"] == sorted(nodes)
+        assert ray.get([b.pull.remote(key), c.pull.remote(key)], timeout=120) == [(key, True)] * 2
+    finally:
+        _close(pub, b, c)
 
 
 def test_gc_keeps_a_version_held_on_another_node_until_released(cluster: Any, ns: str) -> None:
