@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import re
 import shutil
@@ -51,6 +50,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray
 import torch
+from _timing import finish  # benchmarks/ is on sys.path when run as a script
 
 from tensorcast_ray._shm import segment_prefix
 
@@ -547,22 +547,41 @@ def teardown(actors: Any, namespace: str, cluster: Any, temp_dir: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def add_run_args(parser: Any, sizes_mib: tuple[int, ...], *, repeat: int, quick: str) -> None:
+    """The options the cluster-tier benchmarks share: sizes, repeats, --quick (``quick``
+    says what it runs), --json and the daemons' read transport."""
+    parser.add_argument(
+        "--sizes-mib", default=",".join(map(str, sizes_mib)), help="state_dict sizes, MiB"
     )
     parser.add_argument(
-        "--sizes-mib", default=",".join(map(str, SIZES_MIB)), help="state_dict sizes, MiB"
+        "--repeat", type=int, default=repeat, help="runs of each figure (best kept)"
     )
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each figure (best kept)")
-    parser.add_argument("--quick", action="store_true", help="64 and 256 MiB, 1 run each")
+    parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
     parser.add_argument(
         "--read-transport",
         choices=("object_store", "collective"),
         default="object_store",
-        help="the daemons' read_transport: how a read pulls another node's copy",
+        help="the daemons' read_transport: how a reader's daemon pulls another node's copy",
     )
+
+
+def daemon_config(temp_dir: str, read_transport: str) -> str | None:
+    """A daemon config file under ``temp_dir`` setting ``read_transport`` (None: the
+    default, object_store, needs none)."""
+    if read_transport == "object_store":
+        return None
+    path = os.path.join(temp_dir, "daemon.yaml")
+    with open(path, "w") as f:
+        f.write(f"read_transport: {read_transport}\n")
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_args(parser, SIZES_MIB, repeat=2, quick="64 and 256 MiB, 1 run each")
     args = parser.parse_args()
     sizes = QUICK_SIZES_MIB if args.quick else tuple(int(s) for s in args.sizes_mib.split(","))
     repeat = 1 if args.quick else args.repeat
@@ -576,11 +595,7 @@ def main() -> None:
         "read_transport": args.read_transport,
         "sizes": [],
     }
-    config_path = None
-    if args.read_transport != "object_store":
-        config_path = os.path.join(temp_dir, "daemon.yaml")
-        with open(config_path, "w") as f:
-            f.write(f"read_transport: {args.read_transport}\n")
+    config_path = daemon_config(temp_dir, args.read_transport)
     cluster = None
     run: Run | None = None
     started = time.perf_counter()
@@ -603,12 +618,7 @@ def main() -> None:
     results["wall_s"] = time.perf_counter() - started
     report(results)
     print(f"wall time {results['wall_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"numbers written to {args.json}")
-    if "error" in results:
-        raise SystemExit(f"the run failed: {results['error']}")
+    finish(results, args.json)
 
 
 if __name__ == "__main__":

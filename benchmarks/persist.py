@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -53,6 +52,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch
+from _timing import finish  # benchmarks/ is on sys.path when run as a script
 from safetensors.torch import load_file, save_file
 
 MiB = 1 << 20
@@ -374,12 +374,7 @@ def main() -> None:
     print(f"persist_url {res['persist_url']}; wall time {res['wall_s']:.0f} s")
     if res["leftovers"]:
         res.setdefault("error", f"shared memory left behind: {res['leftovers']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"numbers written to {args.json}")
-    if "error" in res:
-        raise SystemExit(f"the run failed: {res['error']}")
+    finish(res, args.json)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -58,7 +57,15 @@ import cluster  # benchmarks/ is on sys.path when run as a script
 import ray
 import ray.cloudpickle
 import torch
-from cluster import shm_leftovers, start_cluster, teardown, wait_for
+from _timing import finish
+from cluster import (
+    add_run_args,
+    daemon_config,
+    shm_leftovers,
+    start_cluster,
+    teardown,
+    wait_for,
+)
 
 from tensorcast_ray.integrations import ray_transport
 
@@ -244,18 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--sizes-mib", default=",".join(map(str, SIZES_MIB)), help="state_dict sizes, MiB"
-    )
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each figure (best kept)")
-    parser.add_argument("--quick", action="store_true", help="256 MiB only, best of 2")
-    parser.add_argument("--json", metavar="PATH", help="also write every number to PATH")
-    parser.add_argument(
-        "--read-transport",
-        choices=("object_store", "collective"),
-        default="object_store",
-        help="the daemons' read_transport: how a reader's daemon pulls another node's copy",
-    )
+    add_run_args(parser, SIZES_MIB, repeat=3, quick="256 MiB only, best of 2")
     args = parser.parse_args()
     sizes = QUICK_SIZES_MIB if args.quick else tuple(int(s) for s in args.sizes_mib.split(","))
     repeat = 2 if args.quick else args.repeat
@@ -269,11 +265,7 @@ def main() -> None:
         "read_transport": args.read_transport,
         "sizes": [],
     }
-    config_path = None
-    if args.read_transport != "object_store":
-        config_path = os.path.join(temp_dir, "daemon.yaml")
-        with open(config_path, "w") as f:
-            f.write(f"read_transport: {args.read_transport}\n")
+    config_path = daemon_config(temp_dir, args.read_transport)
     ray_cluster = None
     run: Run | None = None
     started = time.perf_counter()
@@ -296,12 +288,7 @@ def main() -> None:
     results["wall_s"] = time.perf_counter() - started
     report(results)
     print(f"wall time {results['wall_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"numbers written to {args.json}")
-    if "error" in results:
-        raise SystemExit(f"the run failed: {results['error']}")
+    finish(results, args.json)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import statistics
 import subprocess
@@ -74,6 +73,7 @@ import ray
 import torch
 
 # benchmarks/ is on sys.path when run as a script; driver-side helpers only
+from _timing import finish
 from cluster import (
     available_bytes,
     daemon,
@@ -801,12 +801,7 @@ def main() -> None:
     print(f"wall time {results['wall_s']:.0f} s")
     if args.rlhf and "error" not in results:
         results["rlhf"] = rlhf(args.rlhf_timeout, steps)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"numbers written to {args.json}")
-    if "error" in results:
-        raise SystemExit(f"the run failed: {results['error']}")
+    finish(results, args.json)
 
 
 if __name__ == "__main__":
