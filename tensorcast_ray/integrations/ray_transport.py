@@ -109,13 +109,8 @@ class TensorcastTransportMetadata(TensorTransportMetadata):
 
     key: str = ""
     artifact_id: str = ""
-    #: the Ray node of the producer (whose daemon holds the original)
-    node_id: str = ""
     #: the tensorcast namespace the producer wrote in; a reader not yet initialized joins it
     namespace: str = ""
-    #: the tensors lie in the producer's ``tc.empty`` buffers (no copy was made): readers on
-    #: its node map them; another node's daemon pulls a copy once (see docs/ray-transport.md)
-    zero_copy: bool = False
 
 
 # ---- the runtime check and registration -----------------------------------------------------
@@ -302,15 +297,6 @@ def _check_tensors(obj_id: str, tensors: Sequence[Any]) -> None:
             )
 
 
-def _in_empty_buffers(tensors: Sequence[Any]) -> bool:
-    """Whether every tensor lies in this process's ``tc.empty`` buffers (register shares
-    them with no copy)."""
-    from tensorcast_ray._store import default_store
-
-    buffers = default_store()._buffers
-    return all(t.numel() > 0 and buffers.find(t) is not None for t in tensors)
-
-
 class TensorcastTransport(TensorTransportManager):
     """Ray's ``TensorTransportManager`` for ``TENSORCAST``: one instance per process, made
     by Ray. Each method says which process Ray calls it in."""
@@ -363,14 +349,15 @@ class TensorcastTransport(TensorTransportManager):
             return known
         tc = _ensure_initialized()
         from tensorcast_ray import _bootstrap
+        from tensorcast_ray._store import default_store
+        from tensorcast_ray._write import _buffer_refs
 
         key = f"{KEY_PREFIX}/{obj_id}:0"
         named = {str(i): t for i, t in enumerate(tensors)}
-        zero_copy = _in_empty_buffers(tensors)
         try:
             result = tc.register(named, key=key)
         except FailedPreconditionError:
-            if not zero_copy:
+            if _buffer_refs(default_store(), named) is None:  # not the frozen-buffer case
                 raise
             # A tc.empty buffer backs one live version: these tensors are already out in an
             # earlier object whose refs are alive. Share a copy this time.
@@ -379,7 +366,6 @@ class TensorcastTransport(TensorTransportManager):
                 "registering a copy",
                 obj_id,
             )
-            zero_copy = False
             result = tc.register({n: t.clone() for n, t in named.items()}, key=key)
         ctx = _bootstrap.current().ctx
         meta = TensorcastTransportMetadata(
@@ -387,9 +373,7 @@ class TensorcastTransport(TensorTransportManager):
             tensor_device="cpu",
             key=result.key,
             artifact_id=result.artifact_id,
-            node_id=str(ctx.node_id or ""),
             namespace=ctx.namespace,
-            zero_copy=zero_copy,
         )
         with self._lock:
             self._produced[obj_id] = meta

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,6 @@ class _Entry:
     #: no longer current (or never was: a pinned version); released when users reach 0
     retired: bool = False
     released: bool = False
-    held_at: float = field(default_factory=time.monotonic)
 
 
 def module_builder(
@@ -263,11 +262,22 @@ class SharedWeights:
         on a thread, so the replica's event loop keeps serving meanwhile."""
         entry = self._acquire_nowait(at_least, version)
         if entry is None:
-            entry = await asyncio.to_thread(self._acquire, at_least, version)
+            loading = asyncio.ensure_future(asyncio.to_thread(self._acquire, at_least, version))
+            try:
+                entry = await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                # The request is gone (e.g. its client disconnected) but its thread goes on
+                # loading: what it pins is left the moment it is pinned.
+                loading.add_done_callback(self._leave_loaded)
+                raise
         try:
             yield entry.weights
         finally:
             self._leave(entry)
+
+    def _leave_loaded(self, loading: asyncio.Future[_Entry]) -> None:
+        if not loading.cancelled() and loading.exception() is None:
+            self._leave(loading.result())
 
     def _acquire_nowait(
         self, at_least: int | str | None, version: int | str | None
@@ -296,7 +306,7 @@ class SharedWeights:
             loaded = self._load(want)
             with self._lock:
                 held = self._entries.get(want)
-                if held is not None and held is not loaded:  # another request won the race
+                if held is not None:  # another request (or a swap) won the race
                     held.users += 1
                     self._retire(loaded)
                     return held
@@ -309,6 +319,11 @@ class SharedWeights:
         key = self._sub._wait(
             _predecessor(floor), 30.0, None, track=False
         )  # latest is at least the floor at once, unless it was deleted meanwhile
+        if _int_version(key) is None:
+            raise FailedPreconditionError(
+                f"{self.name}:latest is {key}, a named version, and at_least compares integer "
+                "versions only: pin it with version= instead"
+            )
         self._swap(self._load(key))
         entry = self._acquire_nowait(at_least, None)
         if entry is None:
@@ -329,11 +344,8 @@ class SharedWeights:
     def _leave(self, entry: _Entry) -> None:
         with self._lock:
             entry.users -= 1
-            done = entry.retired and entry.users == 0 and not entry.released
-            if done:
-                self._drop(entry)
-        if done:
-            self._release_hold(entry)
+            if entry.retired:
+                self._retire(entry)  # the last user of a retired version releases it
 
     # ---- loading and swapping ------------------------------------------------------------------
     def _load(self, key: str) -> _Entry:
@@ -392,7 +404,6 @@ class SharedWeights:
             newer = not self._closed and is_newer(key, self._current.weights.key)
             held = self._entries.get(key)
             if newer and held is not None:  # pinned by a request already: reuse that entry
-                held.retired = False
                 self._retire(entry)
                 entry = held
             if not newer:
@@ -429,8 +440,12 @@ class SharedWeights:
 
     def _renew_loop(self) -> None:
         """[background] Take a fresh hold on every held version well before its ttl ends."""
+        from tensorcast_ray import _bootstrap
+
         period = self._sub.hold_ttl_s / 3
         while not self._stop.wait(period):
+            if not _bootstrap.is_initialized():  # tc.shutdown() ended the session's holds
+                return
             with self._lock:
                 entries = [e for e in self._entries.values() if not e.released]
             for entry in entries:

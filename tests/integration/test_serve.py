@@ -19,7 +19,7 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -328,9 +328,76 @@ def test_bad_requests_get_clear_errors(app: dict[str, Any]) -> None:
                 pass
         assert other.value.status_code.name == "INVALID_ARGUMENT"
         with pytest.raises(tc.ArtifactError) as gone:
-            with w.use(version=1):
+            with w.use(version=10**6):  # never published (or deleted): whatever ran before
                 pass
         assert gone.value.status_code.name == "NOT_FOUND"
     with pytest.raises(tc.ArtifactError) as none:
         SharedWeights("never-published", timeout_s=0.5)
     assert none.value.status_code.name == "DEADLINE_EXCEEDED"
+
+
+def test_a_replica_behind_swaps_forward_and_a_cancelled_load_releases_its_version(
+    app: dict[str, Any],
+) -> None:
+    """``use(at_least=)`` on a replica that is behind swaps forward before the request runs;
+    an async request cancelled while its pinned version loads (a client that went away)
+    leaves that version released once the load ends: no hold kept for ever."""
+    import asyncio
+    import time
+
+    from tensorcast_ray.integrations.serve import SharedWeights
+
+    building, finish_build = threading.Event(), threading.Event()
+    gated = threading.Event()  # set: a build waits for finish_build (a slow load)
+
+    def build(tensors: Any) -> int:
+        if gated.is_set():
+            building.set()
+            finish_build.wait(60)
+        return len(tensors)
+
+    pub = app["pub"]
+    with SharedWeights(NAME, build=build, follow=False) as w:
+        before = w.key
+        new = pub.publish(_state_dict(int(before.split(":")[1]) + 1))
+        assert w.key == before  # not following: behind
+        with w.use(at_least=int(new.split(":")[1])) as got:
+            assert got.key == new and w.key == new
+        assert w.info()["held"] == [new]  # ``before`` released: no request uses it
+
+        entered: list[str] = []
+
+        async def request() -> None:
+            async with w.use_async(version=before) as pinned:  # kept (keep_last=2): a load
+                entered.append(pinned.key)
+
+        async def until(done: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 30
+            while not done():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                await asyncio.sleep(0.01)
+
+        async def cancel_while_loading() -> list[str]:
+            task = asyncio.ensure_future(request())
+            await until(building.is_set, "the pinned version's build to start")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            finish_build.set()  # the load ends after its request is gone
+            await asyncio.get_running_loop().shutdown_default_executor()  # (the load's thread)
+            # the replica's loop runs on: what the load pinned is left and released
+            await until(lambda: w.info()["held"] == [new], "the pinned version's release")
+            return list(w.info()["held"])
+
+        gated.set()
+        assert asyncio.run(cancel_while_loading()) == [new]
+        assert entered == []
+        gated.clear()
+
+        # at_least compares integer versions: a named latest is refused, not waited on
+        named = pub.publish(_state_dict(9), version="best")
+        with pytest.raises(tc.ArtifactError) as refused:
+            with w.use(at_least=int(new.split(":")[1]) + 1):
+                pass
+        assert refused.value.status_code.name == "FAILED_PRECONDITION", refused.value
+        assert named in str(refused.value) and w.key == new
